@@ -1,0 +1,308 @@
+//! The configuration schema as written in TOML. Every struct denies unknown
+//! fields so a typo is an error with a suggestion, never silently ignored.
+
+use crate::units::{Duration, Size};
+use serde::{Deserialize, Deserializer, Serialize, de};
+use std::fmt;
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: Server,
+    #[serde(default)]
+    pub admin: Option<Admin>,
+    #[serde(default)]
+    pub log: Log,
+    #[serde(default)]
+    pub pool: Vec<Pool>,
+    #[serde(default)]
+    pub site: Vec<Site>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    /// Plain HTTP listeners (`host:port`).
+    pub listen: Vec<String>,
+    /// TLS listeners; certificates are chosen by SNI and HTTP/2 is offered via ALPN.
+    pub tls: Option<Tls>,
+    /// Worker threads of the runtime; `None` means the number of cores.
+    pub workers: Option<usize>,
+    /// Accept HTTP/2 with prior knowledge (h2c) on plain listeners.
+    pub h2c: bool,
+    /// Networks whose `X-Forwarded-*` and `x-request-id` headers are trusted.
+    pub trusted_proxies: Vec<String>,
+    /// Add a `Via` header to requests and responses.
+    pub via: bool,
+    /// Time allowed to read a client's HTTP/1 request head; it also bounds how long
+    /// an idle keep-alive connection waits for its next request.
+    pub header_read_timeout: Duration,
+    /// How long graceful shutdown waits for in-flight requests.
+    pub shutdown_timeout: Duration,
+    /// Maximum concurrent client connections per worker process (over it, new connections wait in the backlog).
+    pub max_connections: usize,
+    pub limits: Limits,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            listen: Vec::new(),
+            tls: None,
+            workers: None,
+            h2c: false,
+            trusted_proxies: Vec::new(),
+            via: true,
+            header_read_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
+            max_connections: 65_536,
+            limits: Limits::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Total size of the request head's header fields (over it: 431).
+    pub max_header_size: Size,
+    /// Number of request header fields (over it: 431).
+    pub max_headers: usize,
+    /// Length of the request target (over it: 414).
+    pub max_uri_length: Size,
+    /// Size of a request body (over it: 413).
+    pub max_request_body: Size,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_size: Size::kib(32),
+            max_headers: 100,
+            max_uri_length: Size::kib(8),
+            max_request_body: Size::mib(16),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub listen: Vec<String>,
+    /// Offer HTTP/2 via ALPN.
+    #[serde(default = "yes")]
+    pub http2: bool,
+    pub certificates: Vec<Certificate>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    /// PEM file with the certificate chain.
+    pub cert: String,
+    /// PEM file with the private key.
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub listen: String,
+    /// `env:NAME`, `file:PATH` or a literal token (warned about).
+    #[serde(default, skip_serializing)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// `"stdout"`, `"off"`, or a file path for the JSON access log.
+    pub access: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            access: "stdout".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pool {
+    pub name: String,
+    pub backends: Vec<Backend>,
+    /// Protocol spoken to the backends.
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub tls: UpstreamTls,
+    /// Idle keep-alive connections kept per backend.
+    #[serde(default = "default_max_idle")]
+    pub max_idle_per_backend: usize,
+    /// How long an idle upstream connection is kept.
+    #[serde(default = "default_pool_idle")]
+    pub idle_timeout: Duration,
+}
+
+fn default_max_idle() -> usize {
+    64
+}
+fn default_pool_idle() -> Duration {
+    Duration::from_secs(90)
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// TCP (and TLS) connect.
+    pub connect: Duration,
+    /// From sending the request to receiving the response head.
+    pub response_header: Duration,
+    /// Between two chunks of a response body.
+    pub body_idle: Duration,
+    /// Whole exchange including the response body; `"0"` disables it.
+    pub request: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            response_header: Duration::from_secs(60),
+            body_idle: Duration::from_secs(60),
+            request: Duration::from_secs(0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamTls {
+    /// PEM file of CA certificates to verify backends against (default: system roots).
+    pub ca: Option<String>,
+    /// Server name sent in SNI and verified (default: the backend URL's host).
+    pub sni: Option<String>,
+    /// Skip certificate verification. For labs only.
+    pub insecure: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Backend {
+    pub url: String,
+    pub weight: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendTable {
+    url: String,
+    #[serde(default = "one")]
+    weight: u32,
+}
+fn one() -> u32 {
+    1
+}
+
+impl<'de> Deserialize<'de> for Backend {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = Backend;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a backend URL string or a table { url = \"...\", weight = N }")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Backend, E> {
+                Ok(Backend {
+                    url: v.to_owned(),
+                    weight: 1,
+                })
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Backend, A::Error> {
+                let t = BackendTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(Backend {
+                    url: t.url,
+                    weight: t.weight,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    /// A name for logs and metrics (default: the first host).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Exact host names and `*.suffix` wildcards.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Serve requests whose host matches no site.
+    #[serde(default)]
+    pub default: bool,
+    /// Redirect plain-HTTP requests to HTTPS with 308.
+    #[serde(default)]
+    pub https_redirect: bool,
+    /// Port used in the redirect's `Location` (default 443).
+    #[serde(default)]
+    pub https_port: Option<u16>,
+    /// Add `x-rampart-*` explanation headers to responses.
+    #[serde(default)]
+    pub explain: bool,
+    #[serde(default)]
+    pub route: Vec<Route>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Prefix match; the longest matching prefix wins.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Exact match on the path.
+    #[serde(default)]
+    pub exact: Option<String>,
+    /// Glob match on the path (`*` within a segment, `**` across segments).
+    #[serde(default)]
+    pub glob: Option<String>,
+    pub pool: String,
+    /// Remove the matched prefix before forwarding (prefix routes only).
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Replace the matched prefix with this before forwarding (prefix routes only).
+    #[serde(default)]
+    pub rewrite_prefix: Option<String>,
+    /// `"preserve"` (default), `"backend"` (the backend's host:port), or a literal host.
+    #[serde(default = "preserve")]
+    pub host_header: String,
+    /// Tunnel WebSocket and other HTTP/1.1 upgrades.
+    #[serde(default = "yes")]
+    pub websocket: bool,
+    /// Idle timeout of an upgraded (tunnelled) connection.
+    #[serde(default = "default_tunnel_idle")]
+    pub tunnel_idle_timeout: Duration,
+}
+
+fn preserve() -> String {
+    "preserve".into()
+}
+fn default_tunnel_idle() -> Duration {
+    Duration::from_secs(300)
+}

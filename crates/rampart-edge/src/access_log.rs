@@ -1,0 +1,137 @@
+//! JSON access log: one line per request, written by a background task so the
+//! request path never blocks on I/O. The queue is bounded; when the writer
+//! falls behind, lines are dropped and counted (`rampart_access_log_dropped_total`).
+
+use prometheus_client::metrics::counter::Counter;
+use serde::Serialize;
+use std::path::PathBuf;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+const QUEUE: usize = 16 * 1024;
+
+#[derive(Serialize)]
+pub struct Entry<'a> {
+    pub time: String,
+    pub request_id: &'a str,
+    pub client_ip: String,
+    pub host: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub protocol: &'a str,
+    pub status: u16,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub duration_ms: f64,
+    pub site: &'a str,
+    pub route: &'a str,
+    pub upstream: &'a str,
+    pub reason: &'a str,
+}
+
+#[derive(Clone)]
+pub struct AccessLog {
+    tx: Option<mpsc::Sender<Vec<u8>>>,
+    dropped: Counter,
+}
+
+pub enum Target {
+    Off,
+    Stdout,
+    File(PathBuf),
+}
+
+impl AccessLog {
+    pub fn disabled(dropped: Counter) -> AccessLog {
+        AccessLog { tx: None, dropped }
+    }
+
+    /// Start the writer task for a target.
+    pub async fn open(target: Target, dropped: Counter) -> std::io::Result<AccessLog> {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+        let mut out: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = match target {
+            Target::Off => return Ok(AccessLog::disabled(dropped)),
+            Target::Stdout => Box::new(tokio::io::stdout()),
+            Target::File(p) => Box::new(tokio::fs::OpenOptions::new().create(true).append(true).open(p).await?),
+        };
+        tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(64 * 1024);
+            while let Some(line) = rx.recv().await {
+                buf.extend_from_slice(&line);
+                // Drain whatever else is queued, then write once.
+                while buf.len() < 256 * 1024 {
+                    match rx.try_recv() {
+                        Ok(l) => buf.extend_from_slice(&l),
+                        Err(_) => break,
+                    }
+                }
+                if out.write_all(&buf).await.is_err() || out.flush().await.is_err() {
+                    tracing::warn!("access log write failed");
+                }
+                buf.clear();
+            }
+        });
+        Ok(AccessLog { tx: Some(tx), dropped })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    pub fn log(&self, entry: &Entry<'_>) {
+        let Some(tx) = &self.tx else { return };
+        let mut line = Vec::with_capacity(320);
+        if serde_json::to_writer(&mut line, entry).is_err() {
+            return;
+        }
+        line.push(b'\n');
+        if tx.try_send(line).is_err() {
+            self.dropped.inc();
+        }
+    }
+}
+
+/// RFC 3339 UTC timestamp with milliseconds, without pulling in a date crate.
+pub fn now_rfc3339() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let ms = now.subsec_millis();
+    let days = i64::try_from(secs / 86400).unwrap_or(0);
+    let rem = secs % 86400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(20_415), (2025, 11, 24));
+        assert_eq!(now_rfc3339().len(), 24);
+    }
+}

@@ -1,0 +1,136 @@
+//! Admin listener: `/healthz`, `/readyz`, `/metrics`, and the `/admin/` API
+//! (status, config with secrets redacted, reload). Everything under `/admin/`
+//! needs the bearer token when one is configured; with none configured, the
+//! read-only endpoints answer and the mutating ones are refused.
+
+use crate::Shared;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use subtle::ConstantTimeEq;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    let admin = Router::new()
+        .route("/admin/status", get(status))
+        .route("/admin/config", get(config))
+        .route("/admin/reload", post(reload))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), auth));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(admin)
+        .with_state(shared)
+}
+
+async fn auth(State(shared): State<Arc<Shared>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let snap = shared.snapshot.load();
+    match &snap.validated.admin_token {
+        Some(token) => {
+            let given = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+                next.run(req).await
+            } else {
+                let mut r = (
+                    StatusCode::UNAUTHORIZED,
+                    Json(json!({"error": "a valid bearer token is required"})),
+                )
+                    .into_response();
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"rampart\""),
+                );
+                r
+            }
+        }
+        None if req.method() == Method::GET || req.method() == Method::HEAD => next.run(req).await,
+        None => (
+            StatusCode::FORBIDDEN,
+            Json(json!({"error": "no admin token is configured (admin.token), so mutating endpoints are disabled"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let body = shared.metrics.encode();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn status(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let snap = shared.snapshot.load();
+    let loaded = snap
+        .loaded_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let listeners: Vec<serde_json::Value> = shared
+        .listener_list()
+        .into_iter()
+        .map(|(spec, kind, addr)| json!({"listen": spec, "kind": kind, "address": addr.to_string()}))
+        .collect();
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": shared.started.elapsed().as_secs(),
+        "config": {
+            "version": snap.version,
+            "hash": snap.validated.hash,
+            "loaded_at_unix": loaded,
+            "warnings": snap.validated.warnings,
+        },
+        "listeners": listeners,
+        "open_connections": shared.conns.active(),
+        "ready": shared.ready.load(Ordering::SeqCst),
+    }))
+}
+
+async fn config(State(shared): State<Arc<Shared>>) -> Response {
+    let snap = shared.snapshot.load();
+    let mut v = serde_json::to_value(&snap.validated.config).unwrap_or_default();
+    if let Some(admin) = v.get_mut("admin").and_then(|a| a.as_object_mut())
+        && snap.validated.admin_token.is_some()
+    {
+        admin.insert("token".into(), json!("<redacted>"));
+    }
+    Json(v).into_response()
+}
+
+async fn reload(State(shared): State<Arc<Shared>>) -> Response {
+    match shared.reload().await {
+        Ok(r) => (
+            StatusCode::OK,
+            Json(json!({"ok": true, "version": r.version, "hash": r.hash, "warnings": r.warnings})),
+        )
+            .into_response(),
+        Err(errors) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"ok": false, "errors": errors.messages()})),
+        )
+            .into_response(),
+    }
+}

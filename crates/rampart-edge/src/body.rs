@@ -1,0 +1,275 @@
+//! Body wrappers. Bodies stream: nothing here buffers a whole body.
+//!
+//! - [`UpstreamBody`]: the client's request body on its way upstream, counted and
+//!   cut off at the configured limit (the handler then answers 413).
+//! - [`EdgeBody`]: the response body on its way to the client, with the idle and
+//!   whole-request timeouts, byte counting, and the access-log/metrics record
+//!   written when the body ends or is dropped.
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Shared between a request body in flight and the handler that sent it.
+#[derive(Default)]
+pub struct RequestBodyState {
+    pub bytes: AtomicU64,
+    pub too_large: AtomicBool,
+    pub client_error: AtomicBool,
+}
+
+pub enum UpstreamBody {
+    Empty,
+    Stream {
+        inner: Incoming,
+        limit: u64,
+        state: Arc<RequestBodyState>,
+    },
+}
+
+#[derive(Debug)]
+pub struct BodyTooLarge;
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("request body exceeds the configured limit")
+    }
+}
+impl std::error::Error for BodyTooLarge {}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Empty => Poll::Ready(None),
+            UpstreamBody::Stream { inner, limit, state } => match ready!(Pin::new(inner).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Some(d) = frame.data_ref() {
+                        let n = state.bytes.fetch_add(d.len() as u64, Ordering::Relaxed) + d.len() as u64;
+                        if n > *limit {
+                            state.too_large.store(true, Ordering::Relaxed);
+                            return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                        }
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Some(Err(e)) => {
+                    state.client_error.store(true, Ordering::Relaxed);
+                    Poll::Ready(Some(Err(Box::new(e))))
+                }
+                None => Poll::Ready(None),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Empty => true,
+            UpstreamBody::Stream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Empty => SizeHint::with_exact(0),
+            UpstreamBody::Stream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+/// What happened to a response body; reported to [`Completion::finish`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyOutcome {
+    Complete,
+    IdleTimeout,
+    RequestTimeout,
+    UpstreamError,
+    /// The client went away before the body ended.
+    Aborted,
+}
+
+/// Called once when a response body ends, fails, or is dropped.
+pub trait Completion: Send + 'static {
+    fn finish(self: Box<Self>, outcome: BodyOutcome, bytes_out: u64);
+}
+
+enum Kind {
+    Upstream(Incoming),
+    Full(Option<Bytes>),
+}
+
+pub struct EdgeBody {
+    kind: Kind,
+    idle: Duration,
+    deadline: Option<Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+    bytes: u64,
+    done: Option<Box<dyn Completion>>,
+}
+
+#[derive(Debug)]
+pub struct BodyTimeout(&'static str);
+impl std::fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+impl std::error::Error for BodyTimeout {}
+
+impl EdgeBody {
+    pub fn full(b: impl Into<Bytes>) -> EdgeBody {
+        let b: Bytes = b.into();
+        EdgeBody {
+            kind: Kind::Full(if b.is_empty() { None } else { Some(b) }),
+            idle: Duration::ZERO,
+            deadline: None,
+            timer: None,
+            armed: false,
+            bytes: 0,
+            done: None,
+        }
+    }
+
+    pub fn empty() -> EdgeBody {
+        EdgeBody::full(Bytes::new())
+    }
+
+    /// Stream an upstream body with an idle timeout between frames and an optional deadline.
+    pub fn upstream(inner: Incoming, idle: Duration, deadline: Option<Instant>) -> EdgeBody {
+        EdgeBody {
+            kind: Kind::Upstream(inner),
+            idle,
+            deadline,
+            timer: None,
+            armed: false,
+            bytes: 0,
+            done: None,
+        }
+    }
+
+    pub fn on_complete(mut self, c: Box<dyn Completion>) -> EdgeBody {
+        self.done = Some(c);
+        self
+    }
+
+    fn finish(&mut self, outcome: BodyOutcome) {
+        if let Some(c) = self.done.take() {
+            c.finish(outcome, self.bytes);
+        }
+    }
+
+    /// Arm the timer for the current wait: the nearer of idle expiry and the deadline.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<BodyOutcome> {
+        if !self.armed {
+            let now = Instant::now();
+            let mut at = now + self.idle;
+            if let Some(d) = self.deadline {
+                at = at.min(d);
+            }
+            match &mut self.timer {
+                Some(t) => t.as_mut().reset(at),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+            self.armed = true;
+        }
+        match &mut self.timer {
+            Some(t) => {
+                ready!(t.as_mut().poll(cx));
+                let expired_deadline = self.deadline.is_some_and(|d| Instant::now() >= d);
+                Poll::Ready(if expired_deadline {
+                    BodyOutcome::RequestTimeout
+                } else {
+                    BodyOutcome::IdleTimeout
+                })
+            }
+            None => Poll::Pending,
+        }
+    }
+}
+
+use std::future::Future;
+
+impl Body for EdgeBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
+            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream(inner) => Pin::new(inner)
+                .poll_frame(cx)
+                .map(|o| o.map(|r| r.map_err(BoxError::from))),
+        };
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.armed = false;
+                if let Some(d) = frame.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish(BodyOutcome::UpstreamError);
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                this.finish(BodyOutcome::Complete);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if this.idle.is_zero() && this.deadline.is_none() {
+                    return Poll::Pending;
+                }
+                match this.poll_timer(cx) {
+                    Poll::Ready(outcome) => {
+                        this.finish(outcome);
+                        let msg = if outcome == BodyOutcome::RequestTimeout {
+                            "upstream request timeout"
+                        } else {
+                            "upstream body idle timeout"
+                        };
+                        Poll::Ready(Some(Err(Box::new(BodyTimeout(msg)))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(b) => b.is_none(),
+            Kind::Upstream(i) => i.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream(i) => i.size_hint(),
+        }
+    }
+}
+
+impl Drop for EdgeBody {
+    fn drop(&mut self) {
+        // A body dropped with nothing left to send (e.g. HEAD, 304) still completed.
+        let outcome = if self.is_end_stream() {
+            BodyOutcome::Complete
+        } else {
+            BodyOutcome::Aborted
+        };
+        self.finish(outcome);
+    }
+}

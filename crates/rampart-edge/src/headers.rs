@@ -1,0 +1,233 @@
+//! Header handling between client and upstream: hop-by-hop removal (RFC 9110
+//! §7.6.1), `X-Forwarded-*`, `Via`, request ids and the client address.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use rampart_config::Cidr;
+use std::net::IpAddr;
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_RAMPART_REASON: HeaderName = HeaderName::from_static("x-rampart-reason");
+pub static X_RAMPART_UPSTREAM: HeaderName = HeaderName::from_static("x-rampart-upstream");
+pub static X_RAMPART_ROUTE: HeaderName = HeaderName::from_static("x-rampart-route");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Remove hop-by-hop headers: the fixed set and every header named in `Connection`.
+/// `TE: trailers` is kept when `keep_te_trailers` (it is end-to-end in meaning for HTTP/2 and gRPC).
+pub fn remove_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+        h.remove(header::CONNECTION);
+    }
+    h.remove(&KEEP_ALIVE);
+    h.remove(&PROXY_CONNECTION);
+    h.remove(header::TRANSFER_ENCODING);
+    h.remove(header::UPGRADE);
+    h.remove(header::TRAILER);
+    if h.contains_key(header::TE) {
+        let trailers = keep_te_trailers
+            && h.get_all(header::TE)
+                .iter()
+                .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        if !trailers {
+            h.remove(header::TE);
+        }
+    }
+}
+
+/// The upgrade protocol a request asks for (`Connection: upgrade` + `Upgrade: x`), if any.
+pub fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
+    let conn_upgrade = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !conn_upgrade {
+        return None;
+    }
+    h.get(header::UPGRADE).cloned()
+}
+
+pub fn is_trusted(trusted: &[Cidr], ip: IpAddr) -> bool {
+    trusted.iter().any(|c| c.contains(ip))
+}
+
+/// The client address: the socket peer, or, when the peer is a trusted proxy, the
+/// right-most address in `X-Forwarded-For` that is not itself trusted.
+pub fn client_ip(h: &HeaderMap, peer: IpAddr, trusted: &[Cidr]) -> IpAddr {
+    if !is_trusted(trusted, peer) {
+        return peer;
+    }
+    let hops: Vec<IpAddr> = h
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| s.trim().parse::<IpAddr>().ok())
+        .collect();
+    for ip in hops.iter().rev() {
+        if !is_trusted(trusted, *ip) {
+            return *ip;
+        }
+    }
+    hops.first().copied().unwrap_or(peer)
+}
+
+/// Set `X-Forwarded-For`/`-Proto`/`-Host`. From a trusted proxy the existing values are
+/// kept and the peer appended to `X-Forwarded-For`; from anyone else they are replaced.
+pub fn set_forwarded(
+    h: &mut HeaderMap,
+    peer: IpAddr,
+    trusted_peer: bool,
+    proto: &'static str,
+    host: Option<&HeaderValue>,
+) {
+    let peer_s = peer.to_string();
+    let xff = if trusted_peer {
+        let prior: Vec<&str> = h
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if prior.is_empty() {
+            peer_s
+        } else {
+            format!("{}, {peer_s}", prior.join(", "))
+        }
+    } else {
+        peer_s
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(&X_FORWARDED_FOR, v);
+    }
+    if !(trusted_peer && h.contains_key(&X_FORWARDED_PROTO)) {
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if !(trusted_peer && h.contains_key(&X_FORWARDED_HOST))
+        && let Some(host) = host
+    {
+        h.insert(&X_FORWARDED_HOST, host.clone());
+    }
+}
+
+/// Append our `Via` entry (`1.1 rampart`, `2 rampart`) to any existing one.
+pub fn append_via(h: &mut HeaderMap, version: http::Version) {
+    let ours: &'static str = match version {
+        http::Version::HTTP_2 => "2 rampart",
+        http::Version::HTTP_10 => "1.0 rampart",
+        _ => "1.1 rampart",
+    };
+    match h.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(prev) => {
+            if let Ok(v) = HeaderValue::from_str(&format!("{prev}, {ours}")) {
+                h.insert(header::VIA, v);
+            }
+        }
+        None => {
+            h.insert(header::VIA, HeaderValue::from_static(ours));
+        }
+    }
+}
+
+/// A new request id: 32 lower-case hex digits from a fast random source.
+pub fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
+    for (i, byte) in a.to_be_bytes().iter().chain(b.to_be_bytes().iter()).enumerate() {
+        out[2 * i] = HEX[usize::from(byte >> 4)];
+        out[2 * i + 1] = HEX[usize::from(byte & 0xf)];
+    }
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// An incoming request id is honoured only from a trusted proxy and only if it is sane.
+pub fn acceptable_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+}
+
+/// Bytes the request head's header fields take on the wire (`name: value\r\n`).
+pub fn header_bytes(h: &HeaderMap) -> usize {
+    h.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+                h.append(k, v);
+            }
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop() {
+        let mut h = map(&[
+            ("connection", "close, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "gzip"),
+            ("upgrade", "h2c"),
+            ("proxy-connection", "keep-alive"),
+            ("x-keep", "yes"),
+        ]);
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+        let mut h = map(&[("te", "trailers")]);
+        remove_hop_by_hop(&mut h, true);
+        assert!(h.contains_key("te"));
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))
+    }
+
+    #[test]
+    fn client_address() {
+        let trusted: Vec<Cidr> = ["10.0.0.0/8"].iter().filter_map(|s| s.parse().ok()).collect();
+        let h = map(&[("x-forwarded-for", "1.1.1.1, 2.2.2.2"), ("x-forwarded-for", "10.0.0.5")]);
+        assert_eq!(client_ip(&h, ip("10.0.0.9"), &trusted), ip("2.2.2.2"));
+        assert_eq!(client_ip(&h, ip("8.8.8.8"), &trusted), ip("8.8.8.8"), "untrusted peer");
+    }
+
+    #[test]
+    fn forwarded() {
+        let mut h = map(&[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-proto", "https")]);
+        set_forwarded(&mut h, ip("10.0.0.1"), true, "http", None);
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 10.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        let mut h = map(&[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-proto", "https")]);
+        set_forwarded(&mut h, ip("9.9.9.9"), false, "http", None);
+        assert_eq!(h["x-forwarded-for"], "9.9.9.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn ids() {
+        let a = new_request_id();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, new_request_id());
+        assert!(acceptable_request_id(&a));
+        assert!(!acceptable_request_id(&HeaderValue::from_static("a b")));
+    }
+}

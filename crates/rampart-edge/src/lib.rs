@@ -1,0 +1,377 @@
+//! Rampart's data plane. The pipeline lives in [`proxy`]; the running
+//! configuration is an immutable [`snapshot::Snapshot`] swapped atomically on
+//! reload; [`listener`] accepts connections; [`admin`] serves health, metrics
+//! and the admin API.
+
+pub mod access_log;
+pub mod admin;
+pub mod body;
+pub mod headers;
+pub mod listener;
+pub mod metrics;
+pub mod proxy;
+pub mod reason;
+pub mod routing;
+pub mod snapshot;
+pub mod tls;
+pub mod upstream;
+
+use access_log::{AccessLog, Target};
+use arc_swap::ArcSwap;
+use listener::{ConnTracker, Kind, ListenerHandle};
+use metrics::{Metrics, ResultLabels};
+use rampart_config::{ConfigErrors, FieldError, Validated};
+use snapshot::Snapshot;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// State shared by every connection and the admin API. What must survive a
+/// reload lives here; what a reload replaces lives in the snapshot.
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub metrics: Arc<Metrics>,
+    access_log_slot: ArcSwap<(String, AccessLog)>,
+    pub access_log: AccessLogHandle,
+    pub started: Instant,
+    pub ready: AtomicBool,
+    pub conns: ConnTracker,
+    config_path: Option<PathBuf>,
+    shutdown: watch::Sender<bool>,
+    listeners: Mutex<Vec<ListenerHandle>>,
+    reload_lock: tokio::sync::Mutex<()>,
+    versions: AtomicU64,
+    me: std::sync::Weak<Shared>,
+}
+
+/// Cheap access to the current access log (it can change on reload).
+pub struct AccessLogHandle {
+    slot: std::sync::Weak<Shared>,
+}
+
+impl AccessLogHandle {
+    pub fn enabled(&self) -> bool {
+        self.slot
+            .upgrade()
+            .is_some_and(|s| s.access_log_slot.load().1.enabled())
+    }
+    pub fn log(&self, e: &access_log::Entry<'_>) {
+        if let Some(s) = self.slot.upgrade() {
+            s.access_log_slot.load().1.log(e);
+        }
+    }
+}
+
+/// What a successful reload reports.
+pub struct Reloaded {
+    pub version: u64,
+    pub hash: String,
+    pub warnings: Vec<String>,
+}
+
+impl Shared {
+    pub fn shutdown_rx(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    pub fn listener_list(&self) -> Vec<(String, &'static str, SocketAddr)> {
+        self.listeners
+            .lock()
+            .map(|l| l.iter().map(|h| (h.spec.clone(), h.kind.as_str(), h.addr)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Re-read the config file, validate it whole, then swap it in. A bad config
+    /// changes nothing and comes back as the same errors `rampart check` prints.
+    pub async fn reload(&self) -> Result<Reloaded, ConfigErrors> {
+        let _serial = self.reload_lock.lock().await;
+        let result = self.reload_inner().await;
+        let label = if result.is_ok() { "success" } else { "failure" };
+        self.metrics
+            .reloads
+            .get_or_create(&ResultLabels { result: label })
+            .inc();
+        match &result {
+            Ok(r) => tracing::info!(version = r.version, hash = %r.hash, "configuration reloaded"),
+            Err(e) => {
+                tracing::error!(errors = %e, "configuration reload rejected; the running configuration is unchanged")
+            }
+        }
+        result
+    }
+
+    async fn reload_inner(&self) -> Result<Reloaded, ConfigErrors> {
+        let Some(path) = &self.config_path else {
+            return Err(ConfigErrors(vec![FieldError::new(
+                "",
+                "this edge was not started from a config file",
+            )]));
+        };
+        let validated = rampart_config::load_file(path)?;
+        let old = self.snapshot.load_full();
+        let version = self.versions.fetch_add(1, Ordering::SeqCst) + 1;
+        let snap = Snapshot::build(validated, version, &self.metrics, Some(&old))?;
+        let Some(me) = self.me.upgrade() else {
+            return Err(ConfigErrors(vec![FieldError::new("", "edge is shutting down")]));
+        };
+
+        // Bind what is new before swapping, so a bind failure changes nothing.
+        let wanted = listener_specs(&snap.validated);
+        let current: Vec<(String, Kind)> = self
+            .listeners
+            .lock()
+            .map(|l| l.iter().map(|h| (h.spec.clone(), h.kind)).collect())
+            .unwrap_or_default();
+        let mut fresh = Vec::new();
+        let mut errs = ConfigErrors::default();
+        for (path, spec, kind) in &wanted {
+            if current.iter().any(|(s, k)| s == spec && k == kind) {
+                continue;
+            }
+            match spec
+                .parse::<SocketAddr>()
+                .map_err(|e| e.to_string())
+                .and_then(|a| listener::bind(a).map_err(|e| e.to_string()))
+            {
+                Ok(l) => fresh.push((spec.clone(), *kind, l)),
+                Err(e) => errs.push(path.clone(), format!("cannot listen on {spec}: {e}")),
+            }
+        }
+        errs.into_result(())?;
+
+        let access = snap.validated.config.log.access.clone();
+        if access != self.access_log_slot.load().0 {
+            let log = open_access_log(&snap.validated, &self.metrics)
+                .await
+                .map_err(|e| ConfigErrors(vec![FieldError::new("log.access", e.to_string())]))?;
+            self.access_log_slot.store(Arc::new((access, log)));
+        }
+
+        let report = Reloaded {
+            version,
+            hash: snap.validated.hash.clone(),
+            warnings: snap.validated.warnings.clone(),
+        };
+        if old.validated.config.admin.as_ref().map(|a| &a.listen)
+            != snap.validated.config.admin.as_ref().map(|a| &a.listen)
+        {
+            tracing::warn!("admin.listen changed; the admin listener moves only on restart");
+        }
+        self.snapshot.store(Arc::new(snap));
+
+        let mut handles = match self.listeners.lock() {
+            Ok(h) => h,
+            Err(p) => p.into_inner(),
+        };
+        handles.retain(|h| {
+            let keep = wanted.iter().any(|(_, s, k)| *s == h.spec && *k == h.kind);
+            if !keep {
+                tracing::info!(listen = %h.spec, kind = h.kind.as_str(), "listener removed");
+                h.stop();
+            }
+            keep
+        });
+        for (spec, kind, l) in fresh {
+            match listener::spawn(me.clone(), spec.clone(), kind, l) {
+                Ok(h) => {
+                    tracing::info!(listen = %spec, address = %h.addr, kind = kind.as_str(), "listener added");
+                    handles.push(h);
+                }
+                Err(e) => tracing::error!(listen = %spec, error = %e, "listener could not start"),
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// `(field path, address, kind)` for every listener a config asks for.
+fn listener_specs(v: &Validated) -> Vec<(String, String, Kind)> {
+    let s = &v.config.server;
+    let mut out: Vec<(String, String, Kind)> = s
+        .listen
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (format!("server.listen[{i}]"), l.clone(), Kind::Plain))
+        .collect();
+    if let Some(t) = &s.tls {
+        out.extend(
+            t.listen
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (format!("server.tls.listen[{i}]"), l.clone(), Kind::Tls)),
+        );
+    }
+    out
+}
+
+async fn open_access_log(v: &Validated, metrics: &Metrics) -> std::io::Result<AccessLog> {
+    let target = match v.config.log.access.as_str() {
+        "off" => Target::Off,
+        "stdout" => Target::Stdout,
+        p => Target::File(v.resolve_path(p)),
+    };
+    AccessLog::open(target, metrics.access_log_dropped.clone()).await
+}
+
+/// Build everything a config needs without binding anything: what `rampart check`
+/// runs after validation, so certificate and CA problems are caught too.
+pub fn check(v: Validated) -> Result<String, ConfigErrors> {
+    let summary = v.summary();
+    let metrics = Metrics::new();
+    Snapshot::build(v, 1, &metrics, None).map(|_| summary)
+}
+
+/// A running edge.
+pub struct Edge {
+    shared: Arc<Shared>,
+    admin_addr: Option<SocketAddr>,
+    admin_stop: watch::Sender<bool>,
+}
+
+/// What graceful shutdown saw.
+#[derive(Debug)]
+pub struct ShutdownReport {
+    /// Connections still open when the deadline passed (closed forcibly).
+    pub abandoned: usize,
+}
+
+impl Edge {
+    /// Build the first snapshot, bind every listener and the admin API, and start serving.
+    pub async fn start(validated: Validated, config_path: Option<PathBuf>) -> anyhow::Result<Edge> {
+        let metrics = Metrics::new();
+        for w in &validated.warnings {
+            tracing::warn!("{w}");
+        }
+        let admin_cfg = validated.config.admin.clone();
+        let snap = Snapshot::build(validated, 1, &metrics, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let log = open_access_log(&snap.validated, &metrics).await?;
+        let access = snap.validated.config.log.access.clone();
+        let wanted = listener_specs(&snap.validated);
+        let (shutdown, _) = watch::channel(false);
+        let shared = Arc::new_cyclic(|me| Shared {
+            snapshot: ArcSwap::from_pointee(snap),
+            metrics,
+            access_log_slot: ArcSwap::from_pointee((access, log)),
+            access_log: AccessLogHandle { slot: me.clone() },
+            started: Instant::now(),
+            ready: AtomicBool::new(false),
+            conns: ConnTracker::default(),
+            config_path,
+            shutdown,
+            listeners: Mutex::new(Vec::new()),
+            reload_lock: tokio::sync::Mutex::new(()),
+            versions: AtomicU64::new(1),
+            me: me.clone(),
+        });
+
+        let mut bound = Vec::new();
+        for (_, spec, kind) in &wanted {
+            let addr: SocketAddr = spec.parse()?;
+            let l = listener::bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {spec}: {e}"))?;
+            bound.push((spec.clone(), *kind, l));
+        }
+        let mut handles = Vec::new();
+        for (spec, kind, l) in bound {
+            let h = listener::spawn(shared.clone(), spec, kind, l)?;
+            tracing::info!(address = %h.addr, kind = kind.as_str(), "listening");
+            handles.push(h);
+        }
+        if let Ok(mut l) = shared.listeners.lock() {
+            *l = handles;
+        }
+
+        let (admin_stop, mut admin_stop_rx) = watch::channel(false);
+        let admin_addr = match admin_cfg {
+            Some(a) => {
+                let addr: SocketAddr = a.listen.parse()?;
+                let l = listener::bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr} (admin): {e}"))?;
+                let local = l.local_addr()?;
+                let app = admin::router(shared.clone());
+                tokio::spawn(async move {
+                    let stop = async move {
+                        let _ = admin_stop_rx.changed().await;
+                    };
+                    if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop).await {
+                        tracing::error!(error = %e, "admin listener failed");
+                    }
+                });
+                if shared.snapshot.load().validated.admin_token.is_none() {
+                    tracing::warn!(address = %local, "admin API has no token (admin.token): read-only endpoints are open, mutating endpoints are disabled");
+                }
+                tracing::info!(address = %local, "admin listening");
+                Some(local)
+            }
+            None => None,
+        };
+        shared.ready.store(true, Ordering::SeqCst);
+        Ok(Edge {
+            shared,
+            admin_addr,
+            admin_stop,
+        })
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    fn addrs(&self, kind: Kind) -> Vec<SocketAddr> {
+        self.shared
+            .listeners
+            .lock()
+            .map(|l| l.iter().filter(|h| h.kind == kind).map(|h| h.addr).collect())
+            .unwrap_or_default()
+    }
+
+    /// Bound plain-HTTP listener addresses, in config order.
+    pub fn http_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs(Kind::Plain)
+    }
+
+    /// Bound TLS listener addresses, in config order.
+    pub fn tls_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs(Kind::Tls)
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    pub async fn reload(&self) -> Result<Reloaded, ConfigErrors> {
+        self.shared.reload().await
+    }
+
+    /// The configured drain deadline (`server.shutdown_timeout`).
+    pub fn shutdown_timeout(&self) -> Duration {
+        self.shared
+            .snapshot
+            .load()
+            .validated
+            .config
+            .server
+            .shutdown_timeout
+            .get()
+    }
+
+    /// Graceful shutdown: stop accepting, let in-flight requests finish (idle
+    /// keep-alive connections are closed), and give up on what remains after `grace`.
+    pub async fn shutdown(self, grace: Duration) -> ShutdownReport {
+        self.shared.ready.store(false, Ordering::SeqCst);
+        if let Ok(l) = self.shared.listeners.lock() {
+            for h in l.iter() {
+                h.stop();
+            }
+        }
+        let _ = self.shared.shutdown.send(true);
+        let drained = tokio::time::timeout(grace, self.shared.conns.drained()).await.is_ok();
+        let abandoned = if drained { 0 } else { self.shared.conns.active() };
+        if abandoned > 0 {
+            tracing::warn!(abandoned, "shutdown deadline passed with connections still open");
+        }
+        let _ = self.admin_stop.send(true);
+        ShutdownReport { abandoned }
+    }
+}

@@ -1,0 +1,228 @@
+//! Listeners: bind, accept, TLS handshake, and serving HTTP/1.1 and HTTP/2 on
+//! each connection until it closes or graceful shutdown asks it to finish.
+
+use crate::Shared;
+use crate::metrics::ListenerLabels;
+use crate::proxy::{self, ConnInfo};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Plain,
+    Tls,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Plain => "http",
+            Kind::Tls => "https",
+        }
+    }
+}
+
+/// A bound listener and the switch that stops its accept loop.
+pub struct ListenerHandle {
+    pub spec: String,
+    pub kind: Kind,
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+}
+
+impl ListenerHandle {
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Open connections, so shutdown can wait for them to drain.
+#[derive(Default)]
+pub struct ConnTracker {
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+pub struct ConnGuard<'a> {
+    tracker: &'a ConnTracker,
+    gauge: Gauge,
+}
+
+impl ConnTracker {
+    fn enter(&self, gauge: Gauge) -> ConnGuard<'_> {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        gauge.inc();
+        ConnGuard { tracker: self, gauge }
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Wait until no connection is open.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.active() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for ConnGuard<'_> {
+    fn drop(&mut self) {
+        self.gauge.dec();
+        if self.tracker.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.tracker.idle.notify_waiters();
+        }
+    }
+}
+
+/// Bind a listening socket with `SO_REUSEADDR` and a deep backlog.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(4096)?;
+    TcpListener::from_std(sock.into())
+}
+
+pub fn spawn(shared: Arc<Shared>, spec: String, kind: Kind, listener: TcpListener) -> std::io::Result<ListenerHandle> {
+    let addr = listener.local_addr()?;
+    let (stop, stop_rx) = watch::channel(false);
+    let labels = ListenerLabels {
+        listener: format!("{}://{}", kind.as_str(), addr),
+    };
+    let open = shared.metrics.open_connections.get_or_create(&labels).clone();
+    let total = shared.metrics.connections.get_or_create(&labels).clone();
+    tokio::spawn(accept_loop(shared, listener, kind, stop_rx, open, total));
+    Ok(ListenerHandle { spec, kind, addr, stop })
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    kind: Kind,
+    mut stop: watch::Receiver<bool>,
+    open: Gauge,
+    total: Counter,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.changed() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                total.inc();
+                tokio::spawn(serve_conn(shared.clone(), stream, peer, kind, open.clone()));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+fn builder(shared: &Shared, kind: Kind) -> auto::Builder<TokioExecutor> {
+    let snap = shared.snapshot.load();
+    let s = &snap.validated.config.server;
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    let head_budget = snap.limits.max_header_bytes + snap.limits.max_uri + 4096;
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(s.header_read_timeout.get())
+        .max_buf_size(head_budget.max(8192))
+        .max_headers(snap.limits.max_headers);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(head_budget).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    if kind == Kind::Plain && !s.h2c {
+        b = b.http1_only();
+    }
+    b
+}
+
+async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, kind: Kind, open: Gauge) {
+    let _guard = shared.conns.enter(open);
+    let _ = stream.set_nodelay(true);
+    let mut shutdown = shared.shutdown_rx();
+    let info = Arc::new(ConnInfo {
+        peer,
+        tls: kind == Kind::Tls,
+    });
+    let svc_shared = shared.clone();
+    let svc = service_fn(move |req| proxy::handle(svc_shared.clone(), info.clone(), req));
+    let b = builder(&shared, kind);
+    match kind {
+        Kind::Plain => serve(&b, TokioIo::new(stream), svc, &mut shutdown).await,
+        Kind::Tls => {
+            let snap = shared.snapshot.load();
+            let Some(cfg) = snap.tls.clone() else { return };
+            let timeout = snap.validated.config.server.header_read_timeout.get();
+            drop(snap);
+            let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => serve(&b, TokioIo::new(tls), svc, &mut shutdown).await,
+                Ok(Err(e)) => {
+                    shared.metrics.tls_handshake_failures.inc();
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    shared.metrics.tls_handshake_failures.inc();
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                }
+            }
+        }
+    }
+}
+
+async fn serve<I, S>(b: &auto::Builder<TokioExecutor>, io: I, svc: S, shutdown: &mut watch::Receiver<bool>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<crate::body::EdgeBody>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = b.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    if *shutdown.borrow() {
+        conn.as_mut().graceful_shutdown();
+    } else {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::trace!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = shutdown.changed() => conn.as_mut().graceful_shutdown(),
+        }
+    }
+    let _ = conn.await;
+}

@@ -1,0 +1,210 @@
+//! Prometheus metrics, all prefixed `rampart_`. Per-route handles are looked up
+//! once when a config snapshot is built, so the request path only touches atomics.
+
+use crate::reason::Reason;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub site: String,
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub site: String,
+    pub route: String,
+    pub class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamErrorLabels {
+    pub pool: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ])
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    bytes_in: Family<RouteLabels, Counter>,
+    bytes_out: Family<RouteLabels, Counter>,
+    upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    pub open_connections: Family<ListenerLabels, Gauge>,
+    pub connections: Family<ListenerLabels, Counter>,
+    pub reloads: Family<ResultLabels, Counter>,
+    pub access_log_dropped: Counter,
+    pub tls_handshake_failures: Counter,
+}
+
+/// Handles for one route: incrementing them is lock-free.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    /// Indexed by status class: 1xx .. 5xx.
+    by_class: [Counter; 5],
+    pub duration: Histogram,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+}
+
+impl RouteMetrics {
+    pub fn count_status(&self, status: u16) {
+        let i = usize::from((status / 100).clamp(1, 5)) - 1;
+        self.by_class[i].inc();
+    }
+}
+
+/// Handles for one pool's upstream errors.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    errors: Arc<[(Reason, Counter)]>,
+}
+
+impl PoolMetrics {
+    pub fn upstream_error(&self, reason: Reason) {
+        if let Some((_, c)) = self.errors.iter().find(|(r, _)| *r == reason) {
+            c.inc();
+        }
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("rampart");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by site, route and status class",
+            requests.clone(),
+        );
+        let duration = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to the end of the response body",
+            duration.clone(),
+        );
+        let bytes_in = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "request_body_bytes",
+            "Request body bytes received from clients",
+            bytes_in.clone(),
+        );
+        let bytes_out = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "response_body_bytes",
+            "Response body bytes sent to clients",
+            bytes_out.clone(),
+        );
+        let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Failed upstream exchanges, by pool and reason",
+            upstream_errors.clone(),
+        );
+        let open_connections = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "open_connections",
+            "Client connections currently open",
+            open_connections.clone(),
+        );
+        let connections = Family::<ListenerLabels, Counter>::default();
+        registry.register("connections", "Client connections accepted", connections.clone());
+        let reloads = Family::<ResultLabels, Counter>::default();
+        registry.register("config_reloads", "Configuration reloads, by result", reloads.clone());
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped",
+            "Access log lines dropped because the writer fell behind",
+            access_log_dropped.clone(),
+        );
+        let tls_handshake_failures = Counter::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed",
+            tls_handshake_failures.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            requests,
+            duration,
+            bytes_in,
+            bytes_out,
+            upstream_errors,
+            open_connections,
+            connections,
+            reloads,
+            access_log_dropped,
+            tls_handshake_failures,
+        })
+    }
+
+    pub fn route(&self, site: &str, route: &str) -> RouteMetrics {
+        let labels = RouteLabels {
+            site: site.to_string(),
+            route: route.to_string(),
+        };
+        let class = |c: &'static str| {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    site: site.to_string(),
+                    route: route.to_string(),
+                    class: c,
+                })
+                .clone()
+        };
+        RouteMetrics {
+            by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            duration: self.duration.get_or_create(&labels).clone(),
+            bytes_in: self.bytes_in.get_or_create(&labels).clone(),
+            bytes_out: self.bytes_out.get_or_create(&labels).clone(),
+        }
+    }
+
+    pub fn pool(&self, pool: &str) -> PoolMetrics {
+        let errors: Vec<(Reason, Counter)> = Reason::ALL
+            .iter()
+            .filter(|r| r.is_upstream_error())
+            .map(|r| {
+                let c = self
+                    .upstream_errors
+                    .get_or_create(&UpstreamErrorLabels {
+                        pool: pool.to_string(),
+                        reason: r.as_str(),
+                    })
+                    .clone();
+                (*r, c)
+            })
+            .collect();
+        PoolMetrics { errors: errors.into() }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,541 @@
+//! The request pipeline, top to bottom:
+//!
+//! request id → limits (URI 414, headers 431, body 413) → host → site → HTTPS
+//! redirect → route → backend → upstream request (rewrite, hop-by-hop removal,
+//! `X-Forwarded-*`, `Via`) → send with timeouts → response (hop-by-hop removal,
+//! `Via`, `x-request-id`, explanation) → streamed body → access log and metrics
+//! when the body ends.
+
+use crate::Shared;
+use crate::access_log::{Entry, now_rfc3339};
+use crate::body::{BodyOutcome, Completion, EdgeBody, RequestBodyState, UpstreamBody};
+use crate::headers::{self, X_RAMPART_REASON, X_RAMPART_ROUTE, X_RAMPART_UPSTREAM, X_REQUEST_ID};
+use crate::reason::Reason;
+use crate::routing::Matched;
+use crate::snapshot::{HostMode, Rewrite, RouteEntry, Snapshot};
+use crate::upstream::{Backend, classify};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use rampart_config::Protocol;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+/// What the pipeline knows about the client connection.
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// Everything the access log and metrics need, finished when the response body ends.
+struct Record {
+    shared: Arc<Shared>,
+    snap: Arc<Snapshot>,
+    start: Instant,
+    request_id: HeaderValue,
+    client_ip: IpAddr,
+    host: String,
+    method: Method,
+    path: String,
+    version: Version,
+    status: u16,
+    route: Option<Arc<RouteEntry>>,
+    upstream: Option<Arc<str>>,
+    reason: Reason,
+    body_state: Option<Arc<RequestBodyState>>,
+}
+
+impl Completion for Record {
+    fn finish(self: Box<Self>, outcome: BodyOutcome, bytes_out: u64) {
+        let mut reason = self.reason;
+        match outcome {
+            BodyOutcome::IdleTimeout => reason = Reason::UpstreamBodyIdleTimeout,
+            BodyOutcome::RequestTimeout => reason = Reason::UpstreamRequestTimeout,
+            BodyOutcome::UpstreamError => reason = Reason::UpstreamBodyError,
+            BodyOutcome::Complete | BodyOutcome::Aborted => {}
+        }
+        let elapsed = self.start.elapsed();
+        let bytes_in = self.body_state.as_ref().map_or(0, |s| s.bytes.load(Ordering::Relaxed));
+        let m = self.route.as_ref().map_or(&self.snap.unmatched, |r| &r.metrics);
+        m.count_status(self.status);
+        m.duration.observe(elapsed.as_secs_f64());
+        m.bytes_in.inc_by(bytes_in);
+        m.bytes_out.inc_by(bytes_out);
+        if reason != self.reason
+            && let Some(r) = &self.route
+        {
+            r.pool.metrics.upstream_error(reason);
+        }
+        let log = &self.shared.access_log;
+        if log.enabled() {
+            log.log(&Entry {
+                time: now_rfc3339(),
+                request_id: self.request_id.to_str().unwrap_or("-"),
+                client_ip: self.client_ip.to_string(),
+                host: &self.host,
+                method: self.method.as_str(),
+                path: &self.path,
+                protocol: version_str(self.version),
+                status: self.status,
+                bytes_in,
+                bytes_out,
+                duration_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
+                site: self.route.as_ref().map_or("-", |r| &r.site),
+                route: self.route.as_ref().map_or("-", |r| &r.id),
+                upstream: self.upstream.as_deref().unwrap_or("-"),
+                reason: reason.as_str(),
+            });
+        }
+    }
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// A response the edge makes itself, with a JSON body naming the reason.
+fn local_response(reason: Reason, rec: Record, extra: Option<(header::HeaderName, HeaderValue)>) -> Response<EdgeBody> {
+    let status = reason.status();
+    let body = format!(
+        "{{\"status\":{},\"reason\":\"{}\",\"request_id\":\"{}\"}}\n",
+        status.as_u16(),
+        reason.as_str(),
+        rec.request_id.to_str().unwrap_or("-")
+    );
+    let mut resp = Response::new(EdgeBody::empty());
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(X_REQUEST_ID.clone(), rec.request_id.clone());
+    h.insert(X_RAMPART_REASON.clone(), HeaderValue::from_static(reason.as_str()));
+    if matches!(
+        reason,
+        Reason::HeadersTooLarge | Reason::UriTooLong | Reason::BadRequest | Reason::RequestBodyTooLarge
+    ) {
+        // After a framing or size problem the rest of the connection cannot be trusted.
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let Some((k, v)) = extra {
+        h.insert(k, v);
+    }
+    let is_head = rec.method == Method::HEAD;
+    let mut rec = rec;
+    rec.status = status.as_u16();
+    rec.reason = reason;
+    let body = if is_head {
+        EdgeBody::empty()
+    } else {
+        EdgeBody::full(body)
+    };
+    *resp.body_mut() = body.on_complete(Box::new(rec));
+    resp
+}
+
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    mut req: Request<Incoming>,
+) -> Result<Response<EdgeBody>, Infallible> {
+    let start = Instant::now();
+    let snap = shared.snapshot.load_full();
+    let peer = conn.peer.ip();
+    let trusted_peer = headers::is_trusted(&snap.trusted, peer);
+
+    let request_id = match req.headers().get(&X_REQUEST_ID) {
+        Some(v) if trusted_peer && headers::acceptable_request_id(v) => v.clone(),
+        _ => headers::new_request_id(),
+    };
+    let host_value: Option<HeaderValue> = req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let host_str = host_value
+        .as_ref()
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+
+    let mut rec = Record {
+        shared: shared.clone(),
+        snap: snap.clone(),
+        start,
+        request_id,
+        client_ip: headers::client_ip(req.headers(), peer, &snap.trusted),
+        host: host_str,
+        method: req.method().clone(),
+        path: req.uri().path().to_string(),
+        version: req.version(),
+        status: 0,
+        route: None,
+        upstream: None,
+        reason: Reason::Proxied,
+        body_state: None,
+    };
+
+    // Limits.
+    let target_len = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
+    if target_len > snap.limits.max_uri {
+        return Ok(local_response(Reason::UriTooLong, rec, None));
+    }
+    if req.headers().len() > snap.limits.max_headers
+        || headers::header_bytes(req.headers()) > snap.limits.max_header_bytes
+    {
+        return Ok(local_response(Reason::HeadersTooLarge, rec, None));
+    }
+    if req.method() == Method::CONNECT {
+        return Ok(local_response(Reason::MethodNotAllowed, rec, None));
+    }
+    let Some(host_value) = host_value else {
+        return Ok(local_response(Reason::BadRequest, rec, None));
+    };
+
+    // Site and route.
+    let Some(site_idx) = snap.router.site(&rec.host) else {
+        return Ok(local_response(Reason::NoMatchingSite, rec, None));
+    };
+    let site = &snap.sites[site_idx];
+    if site.https_redirect && !conn.tls {
+        let host = crate::routing::strip_port(&rec.host);
+        let port = if site.https_port == 443 {
+            String::new()
+        } else {
+            format!(":{}", site.https_port)
+        };
+        let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let loc = HeaderValue::from_str(&format!("https://{host}{port}{pq}")).ok();
+        return Ok(local_response(
+            Reason::HttpsRedirect,
+            rec,
+            loc.map(|v| (header::LOCATION, v)),
+        ));
+    }
+    let Some((route, matched)) = snap.router.sites[site_idx].route(req.uri().path()) else {
+        return Ok(local_response(Reason::NoMatchingRoute, rec, None));
+    };
+    let route = route.clone();
+    rec.route = Some(route.clone());
+    let explain = site.explain;
+
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > snap.limits.max_body
+    {
+        return Ok(local_response(Reason::RequestBodyTooLarge, rec, None));
+    }
+
+    let Some(backend) = route.pool.pick() else {
+        return Ok(local_response(Reason::UpstreamConnectError, rec, None));
+    };
+    rec.upstream = Some(backend.label.clone());
+
+    // Upgrades (WebSocket and friends) are HTTP/1.1 only.
+    let upgrade = if route.websocket && req.version() == Version::HTTP_11 {
+        headers::upgrade_protocol(req.headers())
+    } else {
+        None
+    };
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+
+    let (parts, body) = req.into_parts();
+    let pq = rewrite_path(&parts.uri, &route.rewrite, matched);
+    let uri = match Uri::builder()
+        .scheme(backend.scheme.clone())
+        .authority(backend.authority.clone())
+        .path_and_query(pq.as_str())
+        .build()
+    {
+        Ok(u) => u,
+        Err(_) => return Ok(local_response(Reason::BadRequest, rec, None)),
+    };
+
+    let mut h = parts.headers;
+    headers::remove_hop_by_hop(&mut h, route.pool.protocol == Protocol::Http2);
+    if let Some(proto) = &upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, proto.clone());
+    }
+    h.insert(header::HOST, upstream_host(&route.host, &host_value, backend));
+    headers::set_forwarded(
+        &mut h,
+        peer,
+        trusted_peer,
+        if conn.tls { "https" } else { "http" },
+        Some(&host_value),
+    );
+    if snap.via {
+        headers::append_via(&mut h, parts.version);
+    }
+    h.insert(X_REQUEST_ID.clone(), rec.request_id.clone());
+
+    let body = if body.is_end_stream() {
+        UpstreamBody::Empty
+    } else {
+        let state = Arc::new(RequestBodyState::default());
+        rec.body_state = Some(state.clone());
+        UpstreamBody::Stream {
+            inner: body,
+            limit: snap.limits.max_body,
+            state,
+        }
+    };
+    let mut up = Request::new(body);
+    *up.method_mut() = parts.method;
+    *up.uri_mut() = uri;
+    *up.headers_mut() = h;
+    *up.version_mut() = match route.pool.protocol {
+        Protocol::Http1 => Version::HTTP_11,
+        Protocol::Http2 => Version::HTTP_2,
+    };
+
+    // Send, bounded by the response-header timeout and the whole-request deadline.
+    let t = &route.pool.timeouts;
+    let deadline = (!t.request.is_zero()).then(|| start + t.request.get());
+    let header_deadline = {
+        let d = Instant::now() + t.response_header.get();
+        deadline.map_or(d, |r| r.min(d))
+    };
+    let result = tokio::time::timeout_at(header_deadline, route.pool.client.request(up)).await;
+    let resp = match result {
+        Err(_) => {
+            let reason = if deadline.is_some_and(|d| d <= header_deadline) {
+                Reason::UpstreamRequestTimeout
+            } else {
+                Reason::UpstreamHeaderTimeout
+            };
+            route.pool.metrics.upstream_error(reason);
+            return Ok(local_response(reason, rec, None));
+        }
+        Ok(Err(e)) => {
+            let state = rec.body_state.clone();
+            let reason = if state.as_ref().is_some_and(|s| s.too_large.load(Ordering::Relaxed)) {
+                Reason::RequestBodyTooLarge
+            } else if state.as_ref().is_some_and(|s| s.client_error.load(Ordering::Relaxed)) {
+                Reason::ClientBodyError
+            } else {
+                let r = classify(&e);
+                route.pool.metrics.upstream_error(r);
+                r
+            };
+            tracing::debug!(error = ?e, reason = reason.as_str(), upstream = %backend.label, "upstream request failed");
+            return Ok(local_response(reason, rec, None));
+        }
+        Ok(Ok(r)) => r,
+    };
+
+    let (mut rparts, rbody) = resp.into_parts();
+    rec.status = rparts.status.as_u16();
+
+    if rparts.status == StatusCode::SWITCHING_PROTOCOLS {
+        let (Some(client_upgrade), Some(_)) = (client_upgrade, upgrade) else {
+            // A 101 nobody asked for cannot be relayed.
+            route.pool.metrics.upstream_error(Reason::UpstreamInvalidResponse);
+            return Ok(local_response(Reason::UpstreamInvalidResponse, rec, None));
+        };
+        let mut upstream_resp = Response::from_parts(rparts.clone(), ());
+        let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
+        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, route.tunnel_idle));
+        let proto = rparts.headers.get(header::UPGRADE).cloned();
+        headers::remove_hop_by_hop(&mut rparts.headers, false);
+        rparts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(p) = proto {
+            rparts.headers.insert(header::UPGRADE, p);
+        }
+        finish_headers(&mut rparts.headers, &rec, snap.via, explain, &route, backend);
+        return Ok(Response::from_parts(
+            rparts,
+            EdgeBody::empty().on_complete(Box::new(rec)),
+        ));
+    }
+
+    headers::remove_hop_by_hop(&mut rparts.headers, false);
+    finish_headers(&mut rparts.headers, &rec, snap.via, explain, &route, backend);
+    rparts.version = Version::HTTP_11;
+    let body = EdgeBody::upstream(rbody, t.body_idle.get(), deadline).on_complete(Box::new(rec));
+    Ok(Response::from_parts(rparts, body))
+}
+
+fn finish_headers(
+    h: &mut http::HeaderMap,
+    rec: &Record,
+    via: bool,
+    explain: bool,
+    route: &RouteEntry,
+    backend: &Backend,
+) {
+    if via {
+        headers::append_via(h, Version::HTTP_11);
+    }
+    h.insert(X_REQUEST_ID.clone(), rec.request_id.clone());
+    if explain {
+        if let Ok(v) = HeaderValue::from_str(&route.id) {
+            h.insert(X_RAMPART_ROUTE.clone(), v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&backend.label) {
+            h.insert(X_RAMPART_UPSTREAM.clone(), v);
+        }
+        h.insert(
+            X_RAMPART_REASON.clone(),
+            HeaderValue::from_static(Reason::Proxied.as_str()),
+        );
+    }
+}
+
+fn upstream_host(mode: &HostMode, client_host: &HeaderValue, backend: &Backend) -> HeaderValue {
+    match mode {
+        HostMode::Preserve => client_host.clone(),
+        HostMode::Backend => backend.host_value.clone(),
+        HostMode::Fixed(v) => v.clone(),
+    }
+}
+
+/// The path and query sent upstream, after any prefix strip or rewrite.
+fn rewrite_path(uri: &Uri, rewrite: &Rewrite, matched: Matched<'_>) -> String {
+    let path = uri.path();
+    let new_path = match (rewrite, matched) {
+        (Rewrite::Strip, Matched::Prefix(p)) => {
+            let rest = &path[p.len().min(path.len())..];
+            if rest.starts_with('/') {
+                rest.to_string()
+            } else {
+                format!("/{rest}")
+            }
+        }
+        (Rewrite::Replace(with), Matched::Prefix(p)) => {
+            let rest = &path[p.len().min(path.len())..];
+            if with.ends_with('/') && rest.starts_with('/') {
+                format!("{with}{}", &rest[1..])
+            } else {
+                format!("{with}{rest}")
+            }
+        }
+        _ => path.to_string(),
+    };
+    match uri.query() {
+        Some(q) => format!("{new_path}?{q}"),
+        None => new_path,
+    }
+}
+
+/// Relay an upgraded connection both ways until either side closes or it is idle too long.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, idle: Duration) {
+    let (c, u) = tokio::join!(client, upstream);
+    let (Ok(c), Ok(u)) = (c, u) else {
+        tracing::debug!("upgrade failed on one side; tunnel not opened");
+        return;
+    };
+    let activity = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let epoch = Instant::now();
+    let mut c = Activity {
+        io: TokioIo::new(c),
+        last: activity.clone(),
+        epoch,
+    };
+    let mut u = Activity {
+        io: TokioIo::new(u),
+        last: activity.clone(),
+        epoch,
+    };
+    let copy = tokio::io::copy_bidirectional(&mut c, &mut u);
+    tokio::pin!(copy);
+    loop {
+        let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+        let wake = epoch + last + idle;
+        tokio::select! {
+            _ = &mut copy => return,
+            _ = tokio::time::sleep_until(wake) => {
+                let now_last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                if now_last == last {
+                    tracing::debug!("tunnel idle timeout");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Records the time of the last byte read, for the tunnel's idle timeout.
+struct Activity<T> {
+    io: T,
+    last: Arc<std::sync::atomic::AtomicU64>,
+    epoch: Instant,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.last.store(ms, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uri(s: &str) -> Uri {
+        s.parse().unwrap_or_default()
+    }
+
+    #[test]
+    fn rewrites() {
+        let u = uri("/api/users?x=1");
+        assert_eq!(rewrite_path(&u, &Rewrite::Strip, Matched::Prefix("/api")), "/users?x=1");
+        assert_eq!(
+            rewrite_path(&u, &Rewrite::Strip, Matched::Prefix("/api/")),
+            "/users?x=1"
+        );
+        assert_eq!(
+            rewrite_path(&uri("/api"), &Rewrite::Strip, Matched::Prefix("/api")),
+            "/"
+        );
+        assert_eq!(
+            rewrite_path(&u, &Rewrite::Replace("/v2/".into()), Matched::Prefix("/api/")),
+            "/v2/users?x=1"
+        );
+        assert_eq!(
+            rewrite_path(&u, &Rewrite::Replace("/v2".into()), Matched::Prefix("/api")),
+            "/v2/users?x=1"
+        );
+        assert_eq!(
+            rewrite_path(&u, &Rewrite::None, Matched::Prefix("/api")),
+            "/api/users?x=1"
+        );
+    }
+}

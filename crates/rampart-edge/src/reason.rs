@@ -1,0 +1,120 @@
+//! Reason codes: why the edge answered the way it did. They appear in the
+//! `x-rampart-reason` header, the access log and the metrics.
+
+use http::StatusCode;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The upstream answered; nothing to explain.
+    Proxied,
+    NoMatchingSite,
+    NoMatchingRoute,
+    HttpsRedirect,
+    UriTooLong,
+    HeadersTooLarge,
+    RequestBodyTooLarge,
+    BadRequest,
+    MethodNotAllowed,
+    UpstreamConnectRefused,
+    UpstreamConnectTimeout,
+    UpstreamConnectError,
+    UpstreamDnsError,
+    UpstreamTlsError,
+    UpstreamReset,
+    UpstreamInvalidResponse,
+    UpstreamHeaderTimeout,
+    UpstreamRequestTimeout,
+    UpstreamBodyIdleTimeout,
+    UpstreamBodyError,
+    ClientBodyError,
+    UpgradeFailed,
+    ShuttingDown,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 23] = [
+        Reason::Proxied,
+        Reason::NoMatchingSite,
+        Reason::NoMatchingRoute,
+        Reason::HttpsRedirect,
+        Reason::UriTooLong,
+        Reason::HeadersTooLarge,
+        Reason::RequestBodyTooLarge,
+        Reason::BadRequest,
+        Reason::MethodNotAllowed,
+        Reason::UpstreamConnectRefused,
+        Reason::UpstreamConnectTimeout,
+        Reason::UpstreamConnectError,
+        Reason::UpstreamDnsError,
+        Reason::UpstreamTlsError,
+        Reason::UpstreamReset,
+        Reason::UpstreamInvalidResponse,
+        Reason::UpstreamHeaderTimeout,
+        Reason::UpstreamRequestTimeout,
+        Reason::UpstreamBodyIdleTimeout,
+        Reason::UpstreamBodyError,
+        Reason::ClientBodyError,
+        Reason::UpgradeFailed,
+        Reason::ShuttingDown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Proxied => "PROXIED",
+            Reason::NoMatchingSite => "NO_MATCHING_SITE",
+            Reason::NoMatchingRoute => "NO_MATCHING_ROUTE",
+            Reason::HttpsRedirect => "HTTPS_REDIRECT",
+            Reason::UriTooLong => "URI_TOO_LONG",
+            Reason::HeadersTooLarge => "REQUEST_HEADERS_TOO_LARGE",
+            Reason::RequestBodyTooLarge => "REQUEST_BODY_TOO_LARGE",
+            Reason::BadRequest => "BAD_REQUEST",
+            Reason::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Reason::UpstreamConnectRefused => "UPSTREAM_CONNECT_REFUSED",
+            Reason::UpstreamConnectTimeout => "UPSTREAM_CONNECT_TIMEOUT",
+            Reason::UpstreamConnectError => "UPSTREAM_CONNECT_ERROR",
+            Reason::UpstreamDnsError => "UPSTREAM_DNS_ERROR",
+            Reason::UpstreamTlsError => "UPSTREAM_TLS_ERROR",
+            Reason::UpstreamReset => "UPSTREAM_RESET",
+            Reason::UpstreamInvalidResponse => "UPSTREAM_INVALID_RESPONSE",
+            Reason::UpstreamHeaderTimeout => "UPSTREAM_HEADER_TIMEOUT",
+            Reason::UpstreamRequestTimeout => "UPSTREAM_REQUEST_TIMEOUT",
+            Reason::UpstreamBodyIdleTimeout => "UPSTREAM_BODY_IDLE_TIMEOUT",
+            Reason::UpstreamBodyError => "UPSTREAM_BODY_ERROR",
+            Reason::ClientBodyError => "CLIENT_BODY_ERROR",
+            Reason::UpgradeFailed => "UPGRADE_FAILED",
+            Reason::ShuttingDown => "SHUTTING_DOWN",
+        }
+    }
+
+    /// The status the edge answers with when it generates the response itself.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Reason::Proxied => StatusCode::OK,
+            Reason::NoMatchingSite | Reason::NoMatchingRoute => StatusCode::NOT_FOUND,
+            Reason::HttpsRedirect => StatusCode::PERMANENT_REDIRECT,
+            Reason::UriTooLong => StatusCode::URI_TOO_LONG,
+            Reason::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Reason::RequestBodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Reason::BadRequest | Reason::ClientBodyError => StatusCode::BAD_REQUEST,
+            Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Reason::UpstreamConnectTimeout
+            | Reason::UpstreamHeaderTimeout
+            | Reason::UpstreamRequestTimeout
+            | Reason::UpstreamBodyIdleTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Reason::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::UpstreamConnectRefused
+            | Reason::UpstreamConnectError
+            | Reason::UpstreamDnsError
+            | Reason::UpstreamTlsError
+            | Reason::UpstreamReset
+            | Reason::UpstreamInvalidResponse
+            | Reason::UpstreamBodyError
+            | Reason::UpgradeFailed => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// Whether this reason is an upstream failure (counted in `rampart_upstream_errors_total`).
+    pub fn is_upstream_error(self) -> bool {
+        self.as_str().starts_with("UPSTREAM_") || self == Reason::UpgradeFailed
+    }
+}

@@ -1,0 +1,195 @@
+//! The running configuration: one immutable snapshot, built and checked whole
+//! from a validated config, then swapped in atomically. Requests in flight keep
+//! the snapshot they started with.
+
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::routing::{PathMatch, Router};
+use crate::upstream::{self, Pool};
+use http::HeaderValue;
+use rampart_config::{Cidr, ConfigErrors, Validated};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+pub enum Rewrite {
+    None,
+    Strip,
+    Replace(String),
+}
+
+pub enum HostMode {
+    Preserve,
+    Backend,
+    Fixed(HeaderValue),
+}
+
+pub struct RouteEntry {
+    pub site: Arc<str>,
+    /// Label for logs and metrics: `/prefix`, `=/exact` or `~/glob/*`.
+    pub id: Arc<str>,
+    pub pool: Arc<Pool>,
+    pub rewrite: Rewrite,
+    pub host: HostMode,
+    pub websocket: bool,
+    pub tunnel_idle: Duration,
+    pub metrics: RouteMetrics,
+}
+
+pub struct SiteInfo {
+    pub name: Arc<str>,
+    pub https_redirect: bool,
+    pub https_port: u16,
+    pub explain: bool,
+}
+
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_uri: usize,
+    pub max_body: u64,
+}
+
+pub struct Snapshot {
+    pub version: u64,
+    pub loaded_at: SystemTime,
+    pub validated: Validated,
+    pub router: Router<Arc<RouteEntry>>,
+    pub sites: Vec<SiteInfo>,
+    pub pools: HashMap<String, Arc<Pool>>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub trusted: Vec<Cidr>,
+    pub limits: Limits,
+    pub via: bool,
+    /// Metrics for requests that matched no route.
+    pub unmatched: RouteMetrics,
+}
+
+impl Snapshot {
+    /// Build a snapshot; pools whose config did not change are carried over from
+    /// `previous`, keeping their idle connections and balancing position.
+    pub fn build(
+        validated: Validated,
+        version: u64,
+        metrics: &Metrics,
+        previous: Option<&Snapshot>,
+    ) -> Result<Snapshot, ConfigErrors> {
+        let mut errs = ConfigErrors::default();
+        let cfg = &validated.config;
+        let base = validated.base_dir.clone();
+
+        let mut pools = HashMap::new();
+        for (i, p) in cfg.pool.iter().enumerate() {
+            let reuse = previous
+                .and_then(|s| s.pools.get(&p.name))
+                .filter(|old| old.fingerprint == upstream::fingerprint(p));
+            match reuse {
+                Some(old) => {
+                    pools.insert(p.name.clone(), old.clone());
+                }
+                None => match Pool::build(p, &base, metrics.pool(&p.name)) {
+                    Ok(pool) => {
+                        pools.insert(p.name.clone(), Arc::new(pool));
+                    }
+                    Err(e) => errs.push(format!("pool[{i}]"), e),
+                },
+            }
+        }
+
+        let tls = match &cfg.server.tls {
+            Some(t) => match crate::tls::server_config(&t.certificates, t.http2, &base) {
+                Ok(c) => Some(c),
+                Err(list) => {
+                    for (path, msg) in list {
+                        errs.push(path, msg);
+                    }
+                    None
+                }
+            },
+            None => None,
+        };
+
+        let mut router = Router::new();
+        let mut sites = Vec::with_capacity(cfg.site.len());
+        for s in &cfg.site {
+            let hosts: Vec<String> = s
+                .hosts
+                .iter()
+                .filter_map(|h| rampart_config::normalise_host_pattern(h).ok())
+                .collect();
+            let name: Arc<str> = Arc::from(
+                s.name
+                    .clone()
+                    .or_else(|| hosts.first().cloned())
+                    .unwrap_or_else(|| "default".into())
+                    .as_str(),
+            );
+            let mut routes = Vec::with_capacity(s.route.len());
+            for r in &s.route {
+                let Some(pool) = pools.get(&r.pool).cloned() else {
+                    continue;
+                };
+                let (m, id) = if let Some(p) = &r.exact {
+                    (PathMatch::Exact(p.clone()), format!("={p}"))
+                } else if let Some(g) = &r.glob {
+                    (PathMatch::Glob(g.clone()), format!("~{g}"))
+                } else {
+                    let p = r.path.clone().unwrap_or_else(|| "/".into());
+                    (PathMatch::Prefix(p.clone()), p)
+                };
+                let rewrite = if r.strip_prefix {
+                    Rewrite::Strip
+                } else if let Some(rw) = &r.rewrite_prefix {
+                    Rewrite::Replace(rw.clone())
+                } else {
+                    Rewrite::None
+                };
+                let host = match r.host_header.as_str() {
+                    "preserve" => HostMode::Preserve,
+                    "backend" => HostMode::Backend,
+                    other => {
+                        HostMode::Fixed(HeaderValue::from_str(other).unwrap_or(HeaderValue::from_static("invalid")))
+                    }
+                };
+                let entry = RouteEntry {
+                    site: name.clone(),
+                    metrics: metrics.route(&name, &id),
+                    id: Arc::from(id.as_str()),
+                    pool,
+                    rewrite,
+                    host,
+                    websocket: r.websocket,
+                    tunnel_idle: r.tunnel_idle_timeout.get(),
+                };
+                routes.push((m, Arc::new(entry)));
+            }
+            router.add_site(&hosts, s.default, routes);
+            sites.push(SiteInfo {
+                name,
+                https_redirect: s.https_redirect,
+                https_port: s.https_port.unwrap_or(443),
+                explain: s.explain,
+            });
+        }
+
+        errs.into_result(())?;
+        let l = &cfg.server.limits;
+        Ok(Snapshot {
+            version,
+            loaded_at: SystemTime::now(),
+            router,
+            sites,
+            pools,
+            tls,
+            trusted: validated.trusted_proxies.clone(),
+            limits: Limits {
+                max_header_bytes: l.max_header_size.as_usize(),
+                max_headers: l.max_headers,
+                max_uri: l.max_uri_length.as_usize(),
+                max_body: l.max_request_body.bytes(),
+            },
+            via: cfg.server.via,
+            unmatched: metrics.route("-", "-"),
+            validated,
+        })
+    }
+}

@@ -1,0 +1,285 @@
+//! Upstream pools: backends, balancing, pooled keep-alive connections over
+//! HTTP/1.1 or HTTP/2, plain or TLS, and the classification of failures into
+//! reason codes.
+
+use crate::body::UpstreamBody;
+use crate::metrics::PoolMetrics;
+use crate::reason::Reason;
+use http::HeaderValue;
+use http::uri::{Authority, Scheme};
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rampart_config::{Pool as PoolConfig, Protocol, Timeouts};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+
+pub struct Backend {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// `host:port` as a header value, for `host_header = "backend"`.
+    pub host_value: HeaderValue,
+    /// The URL as configured, for logs and the admin API.
+    pub label: Arc<str>,
+}
+
+pub struct Pool {
+    pub name: Arc<str>,
+    pub backends: Vec<Backend>,
+    /// Cumulative weights, for weighted round-robin.
+    cumulative: Vec<u32>,
+    next: AtomicUsize,
+    pub client: UpstreamClient,
+    pub timeouts: Timeouts,
+    pub protocol: Protocol,
+    pub metrics: PoolMetrics,
+    /// The pool's config as JSON: a reload reuses the pool (and its idle connections)
+    /// when this is unchanged.
+    pub fingerprint: String,
+}
+
+impl Pool {
+    pub fn build(cfg: &PoolConfig, base_dir: &Path, metrics: PoolMetrics) -> Result<Pool, String> {
+        let mut backends = Vec::with_capacity(cfg.backends.len());
+        let mut cumulative = Vec::with_capacity(cfg.backends.len());
+        let mut total = 0u32;
+        for b in &cfg.backends {
+            let uri = rampart_config::check_backend_url(&b.url)?;
+            let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
+            let authority = uri
+                .authority()
+                .cloned()
+                .ok_or_else(|| format!("`{}` has no host", b.url))?;
+            let host_value = HeaderValue::from_str(authority.as_str()).map_err(|e| format!("`{}`: {e}", b.url))?;
+            total += b.weight;
+            cumulative.push(total);
+            backends.push(Backend {
+                scheme,
+                authority,
+                host_value,
+                label: Arc::from(b.url.as_str()),
+            });
+        }
+        let client = build_client(cfg, base_dir)?;
+        Ok(Pool {
+            name: Arc::from(cfg.name.as_str()),
+            backends,
+            cumulative,
+            next: AtomicUsize::new(0),
+            client,
+            timeouts: cfg.timeouts.clone(),
+            protocol: cfg.protocol,
+            metrics,
+            fingerprint: fingerprint(cfg),
+        })
+    }
+
+    /// Weighted round-robin.
+    pub fn pick(&self) -> Option<&Backend> {
+        let total = *self.cumulative.last()?;
+        let n = u32::try_from(self.next.fetch_add(1, Ordering::Relaxed) % total as usize).unwrap_or(0);
+        let i = self.cumulative.partition_point(|c| *c <= n);
+        self.backends.get(i)
+    }
+}
+
+pub fn fingerprint(cfg: &PoolConfig) -> String {
+    serde_json::to_string(cfg).unwrap_or_default()
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// System roots, loaded once per process (reading them is slow).
+fn native_roots() -> Arc<RootCertStore> {
+    static ROOTS: OnceLock<Arc<RootCertStore>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let mut store = RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            for e in &found.errors {
+                tracing::warn!(error = %e, "loading system CA certificates");
+            }
+            let (added, ignored) = store.add_parsable_certificates(found.certs);
+            tracing::debug!(added, ignored, "system CA certificates loaded");
+            Arc::new(store)
+        })
+        .clone()
+}
+
+fn build_client(cfg: &PoolConfig, base_dir: &Path) -> Result<UpstreamClient, String> {
+    let provider = provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let tls = if cfg.tls.insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth()
+    } else {
+        let roots = match &cfg.tls.ca {
+            Some(ca) => {
+                let path = if Path::new(ca).is_absolute() {
+                    Path::new(ca).to_path_buf()
+                } else {
+                    base_dir.join(ca)
+                };
+                let mut store = RootCertStore::empty();
+                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&path)
+                    .map_err(|e| format!("tls.ca: cannot read {}: {e}", path.display()))?
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("tls.ca: {}: {e}", path.display()))?;
+                let (added, _) = store.add_parsable_certificates(certs);
+                if added == 0 {
+                    return Err(format!("tls.ca: no usable CA certificate in {}", path.display()));
+                }
+                Arc::new(store)
+            }
+            None => native_roots(),
+        };
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(cfg.timeouts.connect.get()));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+
+    let b = HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+    let b = match &cfg.tls.sni {
+        Some(name) => {
+            let sn = ServerName::try_from(name.clone()).map_err(|e| format!("tls.sni: `{name}`: {e}"))?;
+            b.with_server_name_resolver(FixedServerNameResolver::new(sn))
+        }
+        None => b,
+    };
+    let connector = match cfg.protocol {
+        Protocol::Http1 => b.enable_http1().wrap_connector(http),
+        Protocol::Http2 => b.enable_http2().wrap_connector(http),
+    };
+    let mut cb = Client::builder(TokioExecutor::new());
+    cb.pool_max_idle_per_host(cfg.max_idle_per_backend)
+        .pool_idle_timeout(cfg.idle_timeout.get())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .http2_only(cfg.protocol == Protocol::Http2);
+    Ok(cb.build(connector))
+}
+
+/// Certificate verification turned off (`tls.insecure = true`): the chain is not
+/// checked, but handshake signatures still are.
+#[derive(Debug)]
+struct NoVerify(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Map a client error to a reason code by walking its source chain.
+pub fn classify(err: &hyper_util::client::legacy::Error) -> Reason {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    let mut fallback = if err.is_connect() {
+        Reason::UpstreamConnectError
+    } else {
+        Reason::UpstreamReset
+    };
+    while let Some(e) = src {
+        if e.downcast_ref::<rustls::Error>().is_some() {
+            return Reason::UpstreamTlsError;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            match io.kind() {
+                ConnectionRefused => return Reason::UpstreamConnectRefused,
+                TimedOut if err.is_connect() => return Reason::UpstreamConnectTimeout,
+                TimedOut => return Reason::UpstreamHeaderTimeout,
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof => {
+                    return Reason::UpstreamReset;
+                }
+                _ => {}
+            }
+        }
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() {
+                return Reason::UpstreamInvalidResponse;
+            }
+            if h.is_incomplete_message() || h.is_closed() || h.is_canceled() {
+                fallback = Reason::UpstreamReset;
+            }
+        }
+        let text = e.to_string();
+        if err.is_connect() && text.contains("dns error") {
+            return Reason::UpstreamDnsError;
+        }
+        src = e.source();
+    }
+    fallback
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(backends: &str) -> Option<Pool> {
+        let text = format!(
+            "[server]\nlisten=[\"127.0.0.1:0\"]\n[[pool]]\nname=\"p\"\nbackends={backends}\n[[site]]\ndefault=true\n[[site.route]]\npath=\"/\"\npool=\"p\"\n"
+        );
+        let v = rampart_config::load_str(&text, Path::new(".")).ok()?;
+        let m = crate::metrics::Metrics::new();
+        Pool::build(&v.config.pool[0], Path::new("."), m.pool("p")).ok()
+    }
+
+    #[tokio::test]
+    async fn weighted_round_robin() {
+        let p = pool(r#"["http://a:1", { url = "http://b:1", weight = 3 }]"#);
+        assert!(p.is_some());
+        let Some(p) = p else { return };
+        let mut counts = [0usize; 2];
+        for _ in 0..400 {
+            let b = p.pick().map(|b| b.label.to_string()).unwrap_or_default();
+            counts[usize::from(b.contains("//b"))] += 1;
+        }
+        assert_eq!(counts, [100, 300]);
+    }
+}

@@ -1,0 +1,127 @@
+//! Test harness: start a real edge from config text on ephemeral loopback ports.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use rampart_edge::Edge;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+pub struct TestEdge {
+    pub edge: Option<Edge>,
+    pub dir: PathBuf,
+    pub http: SocketAddr,
+}
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+pub fn temp_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "rampart-test-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+impl TestEdge {
+    /// Start an edge from config text (written to a temp dir, so reload works).
+    pub async fn start(config: &str) -> TestEdge {
+        Self::start_in(temp_dir(), config).await
+    }
+
+    pub async fn start_in(dir: PathBuf, config: &str) -> TestEdge {
+        let path = dir.join("rampart.toml");
+        std::fs::write(&path, config).unwrap();
+        let v = rampart_config::load_file(&path).unwrap_or_else(|e| panic!("config: {e}"));
+        let edge = Edge::start(v, Some(path)).await.unwrap();
+        let http = edge
+            .http_addrs()
+            .first()
+            .copied()
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+        TestEdge {
+            edge: Some(edge),
+            dir,
+            http,
+        }
+    }
+
+    pub fn edge(&self) -> &Edge {
+        self.edge.as_ref().unwrap()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://{}{}", self.edge().admin_addr().unwrap(), path)
+    }
+
+    pub fn rewrite_config(&self, config: &str) {
+        std::fs::write(self.dir.join("rampart.toml"), config).unwrap();
+    }
+}
+
+impl Drop for TestEdge {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// A config with one plain listener, one pool and one default site routing `/` to it.
+pub fn simple(backend: &str, extra_pool: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+[log]
+access = "off"
+[[pool]]
+name = "app"
+backends = ["{backend}"]
+{extra_pool}
+[[site]]
+default = true
+explain = true
+  [[site.route]]
+  path = "/"
+  pool = "app"
+"#
+    )
+}
+
+/// Poll `f` until it is true or the deadline passes.
+pub async fn eventually<F: FnMut() -> bool>(mut f: F, within: Duration) -> bool {
+    let end = tokio::time::Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Send raw bytes and read the whole reply until the server closes or `within` passes.
+pub async fn raw(addr: SocketAddr, bytes: &[u8], within: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(within, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}

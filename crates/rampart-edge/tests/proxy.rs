@@ -1,0 +1,362 @@
+//! The proxy core over real sockets: forwarding, routing, headers, limits,
+//! and every upstream failure mapped to 502/504 with a reason code.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+use common::*;
+use rampart_testkit::{Origin, closed_port};
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn forwards_a_request_and_streams_the_response() {
+    let origin = Origin::start("o1").await.unwrap();
+    let e = TestEdge::start(&simple(&origin.url(), "")).await;
+    let r = client().get(e.url("/hello")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-origin-name"], "o1");
+    assert_eq!(r.headers()["via"], "1.1 rampart");
+    assert_eq!(r.headers()["x-request-id"].len(), 32);
+    assert_eq!(r.headers()["x-rampart-upstream"], origin.url().as_str());
+    assert_eq!(r.text().await.unwrap(), "hello from o1\n");
+
+    let r = client().get(e.url("/large?size=3000000")).send().await.unwrap();
+    assert_eq!(r.headers()["content-length"], "3000000");
+    assert_eq!(r.bytes().await.unwrap().len(), 3_000_000);
+}
+
+#[tokio::test]
+async fn request_bodies_stream_upstream() {
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&simple(&origin.url(), "")).await;
+    let body = vec![b'z'; 2 * 1024 * 1024];
+    let r = client().post(e.url("/echo")).body(body).send().await.unwrap();
+    let j: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(j["body_length"], 2 * 1024 * 1024);
+    assert_eq!(j["method"], "POST");
+}
+
+#[tokio::test]
+async fn routes_by_host_and_path() {
+    let a = Origin::start("a").await.unwrap();
+    let b = Origin::start("b").await.unwrap();
+    let c = Origin::start("c").await.unwrap();
+    let cfg = format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+[log]
+access = "off"
+[[pool]]
+name = "a"
+backends = ["{a}"]
+[[pool]]
+name = "b"
+backends = ["{b}"]
+[[pool]]
+name = "c"
+backends = ["{c}"]
+[[site]]
+hosts = ["example.test", "*.example.test"]
+  [[site.route]]
+  path = "/"
+  pool = "a"
+  [[site.route]]
+  path = "/api/"
+  pool = "b"
+  strip_prefix = true
+  [[site.route]]
+  exact = "/exact"
+  pool = "c"
+  [[site.route]]
+  glob = "/img/*.png"
+  pool = "c"
+  [[site.route]]
+  path = "/v1/"
+  pool = "b"
+  rewrite_prefix = "/v2/"
+  host_header = "backend"
+[[site]]
+hosts = ["other.test"]
+  [[site.route]]
+  path = "/"
+  pool = "c"
+"#,
+        a = a.url(),
+        b = b.url(),
+        c = c.url()
+    );
+    let e = TestEdge::start(&cfg).await;
+    let get = |host: &'static str, path: &'static str| {
+        let url = e.url(path);
+        async move { client().get(url).header("host", host).send().await.unwrap() }
+    };
+    assert_eq!(get("example.test", "/x").await.headers()["x-origin-name"], "a");
+    assert_eq!(get("WWW.Example.Test:80", "/x").await.headers()["x-origin-name"], "a");
+    assert_eq!(get("other.test", "/x").await.headers()["x-origin-name"], "c");
+    assert_eq!(get("example.test", "/exact").await.headers()["x-origin-name"], "c");
+    assert_eq!(get("example.test", "/img/a.png").await.headers()["x-origin-name"], "c");
+    assert_eq!(
+        get("example.test", "/img/a/b.png").await.headers()["x-origin-name"],
+        "a"
+    );
+
+    let j: serde_json::Value = get("example.test", "/api/echo?q=1").await.json().await.unwrap();
+    assert_eq!(j["origin"], "b");
+    assert_eq!(j["path"], "/echo", "prefix stripped");
+    assert_eq!(j["query"], "q=1");
+    assert_eq!(j["headers"]["host"][0], "example.test", "host preserved by default");
+
+    let r = get("example.test", "/v1/echo").await;
+    let j: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(j["path"], "/v2/echo", "prefix rewritten");
+    assert_eq!(
+        j["headers"]["host"][0],
+        b.addr().to_string(),
+        "host rewritten to the backend's"
+    );
+
+    let r = get("nowhere.test", "/").await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["x-rampart-reason"], "NO_MATCHING_SITE");
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_and_forwarding_headers_set() {
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&simple(&origin.url(), "")).await;
+    let r = client()
+        .get(e.url("/echo"))
+        .header("connection", "x-private")
+        .header("x-private", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
+        .header("te", "gzip")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-request-id", "spoofed-id")
+        .header("x-custom", "kept")
+        .send()
+        .await
+        .unwrap();
+    let j: serde_json::Value = r.json().await.unwrap();
+    let h = &j["headers"];
+    for gone in ["x-private", "keep-alive", "proxy-connection", "te"] {
+        assert!(h.get(gone).is_none(), "{gone} should be stripped: {h}");
+    }
+    assert_eq!(h["x-custom"][0], "kept");
+    assert_eq!(h["x-forwarded-for"][0], "127.0.0.1", "untrusted XFF replaced");
+    assert_eq!(h["x-forwarded-proto"][0], "http");
+    assert_eq!(h["via"][0], "1.1 rampart");
+    assert_ne!(h["x-request-id"][0], "spoofed-id", "untrusted request id replaced");
+}
+
+#[tokio::test]
+async fn trusted_proxies_are_appended_to_and_their_request_id_honoured() {
+    let origin = Origin::start("o").await.unwrap();
+    let cfg = simple(&origin.url(), "").replace(
+        "listen = [\"127.0.0.1:0\"]",
+        "listen = [\"127.0.0.1:0\"]\ntrusted_proxies = [\"127.0.0.0/8\"]",
+    );
+    let e = TestEdge::start(&cfg).await;
+    let r = client()
+        .get(e.url("/echo"))
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-proto", "https")
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "abc-123");
+    let j: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(j["headers"]["x-forwarded-for"][0], "6.6.6.6, 127.0.0.1");
+    assert_eq!(j["headers"]["x-forwarded-proto"][0], "https");
+    assert_eq!(j["headers"]["x-request-id"][0], "abc-123");
+}
+
+async fn reason(e: &TestEdge, path: &str) -> (u16, String, Duration) {
+    let t = Instant::now();
+    let r = client().get(e.url(path)).send().await.unwrap();
+    let status = r.status().as_u16();
+    let reason = r
+        .headers()
+        .get("x-rampart-reason")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let body = r.text().await.unwrap();
+    if status >= 500 {
+        assert!(body.contains(&reason), "JSON body names the reason: {body}");
+    }
+    (status, reason, t.elapsed())
+}
+
+#[tokio::test]
+async fn refused_connection_is_502() {
+    let dead = closed_port().await.unwrap();
+    let e = TestEdge::start(&simple(&format!("http://{dead}"), "")).await;
+    let (s, r, _) = reason(&e, "/").await;
+    assert_eq!((s, r.as_str()), (502, "UPSTREAM_CONNECT_REFUSED"));
+}
+
+#[tokio::test]
+async fn reset_connection_is_502() {
+    let origin = Origin::resetting().await.unwrap();
+    let e = TestEdge::start(&simple(&origin.url(), "")).await;
+    let (s, r, _) = reason(&e, "/").await;
+    assert_eq!((s, r.as_str()), (502, "UPSTREAM_RESET"));
+}
+
+#[tokio::test]
+async fn invalid_response_is_502() {
+    let origin = Origin::raw(b"HTTP/1.1 abc\r\nbroken\r\n\r\n").await.unwrap();
+    let e = TestEdge::start(&simple(&origin.url(), "")).await;
+    let (s, r, _) = reason(&e, "/").await;
+    assert_eq!((s, r.as_str()), (502, "UPSTREAM_INVALID_RESPONSE"));
+}
+
+#[tokio::test]
+async fn connect_timeout_is_504() {
+    let hole = rampart_testkit::Blackhole::start().await.unwrap();
+    let e = TestEdge::start(&simple(&hole.url(), "timeouts = { connect = \"200ms\" }")).await;
+    let (s, r, took) = reason(&e, "/").await;
+    assert_eq!((s, r.as_str()), (504, "UPSTREAM_CONNECT_TIMEOUT"));
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_secs(5),
+        "took {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn hanging_upstream_is_504_after_the_header_timeout() {
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&simple(&origin.url(), "timeouts = { response_header = \"300ms\" }")).await;
+    let (s, r, took) = reason(&e, "/hang").await;
+    assert_eq!((s, r.as_str()), (504, "UPSTREAM_HEADER_TIMEOUT"));
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn whole_request_timeout_is_504() {
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&simple(&origin.url(), "timeouts = { request = \"300ms\" }")).await;
+    let (s, r, _) = reason(&e, "/hang").await;
+    assert_eq!((s, r.as_str()), (504, "UPSTREAM_REQUEST_TIMEOUT"));
+}
+
+#[tokio::test]
+async fn stalled_body_is_cut_after_the_idle_timeout() {
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&simple(&origin.url(), "timeouts = { body_idle = \"300ms\" }")).await;
+    let t = Instant::now();
+    let r = client().get(e.url("/stall?after=10")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.is_err(), "the body must end in an error, not hang");
+    assert!(t.elapsed() < Duration::from_secs(5));
+
+    // A slow body whose chunks arrive within the idle timeout is fine.
+    let r = client()
+        .get(e.url("/slow?chunks=4&interval=100ms"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "chunk 0\nchunk 1\nchunk 2\nchunk 3\n");
+}
+
+#[tokio::test]
+async fn limits_give_414_431_413() {
+    let origin = Origin::start("o").await.unwrap();
+    let cfg = simple(&origin.url(), "").replace(
+        "listen = [\"127.0.0.1:0\"]",
+        "listen = [\"127.0.0.1:0\"]\nlimits = { max_uri_length = \"1KiB\", max_header_size = \"4KiB\", max_request_body = \"64KiB\" }",
+    );
+    let e = TestEdge::start(&cfg).await;
+    let long = format!("/{}", "a".repeat(2000));
+    let r = client().get(e.url(&long)).send().await.unwrap();
+    assert_eq!(r.status(), 414);
+    assert_eq!(r.headers()["x-rampart-reason"], "URI_TOO_LONG");
+
+    let r = client()
+        .get(e.url("/"))
+        .header("x-big", "b".repeat(5000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+
+    // Far past the buffer: hyper itself refuses with 431 before the request is parsed.
+    let r = client()
+        .get(e.url("/"))
+        .header("x-big", "b".repeat(60_000))
+        .send()
+        .await;
+    assert!(r.map(|r| r.status() == 431).unwrap_or(true));
+
+    let r = client()
+        .post(e.url("/echo"))
+        .body(vec![0u8; 65 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(r.headers()["x-rampart-reason"], "REQUEST_BODY_TOO_LARGE");
+    assert_eq!(origin.requests(), 0, "nothing over a limit reaches the origin");
+
+    // Chunked (no Content-Length) over the limit: cut off while streaming.
+    let chunks = futures_util::stream::iter((0..20).map(|_| Ok::<_, std::io::Error>(vec![1u8; 8192])));
+    let r = client()
+        .post(e.url("/echo"))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let ok = client()
+        .post(e.url("/echo"))
+        .body(vec![0u8; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+}
+
+#[tokio::test]
+async fn weighted_round_robin_spreads_requests() {
+    let a = Origin::start("a").await.unwrap();
+    let b = Origin::start("b").await.unwrap();
+    let cfg = simple(&a.url(), "").replace(
+        &format!("backends = [\"{}\"]", a.url()),
+        &format!("backends = [\"{}\", {{ url = \"{}\", weight = 3 }}]", a.url(), b.url()),
+    );
+    let e = TestEdge::start(&cfg).await;
+    let c = client();
+    for _ in 0..40 {
+        assert_eq!(c.get(e.url("/")).send().await.unwrap().status(), 200);
+    }
+    assert_eq!((a.requests(), b.requests()), (10, 30));
+}
+
+#[tokio::test]
+async fn http2_upstream() {
+    let origin = Origin::start_h2("h2o").await.unwrap();
+    let e = TestEdge::start(&simple(&origin.url(), "protocol = \"http2\"")).await;
+    let r = client().get(e.url("/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let j: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(j["version"], "HTTP/2.0");
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_when_enabled() {
+    let origin = Origin::start("o").await.unwrap();
+    let cfg = simple(&origin.url(), "").replace("listen = [\"127.0.0.1:0\"]", "listen = [\"127.0.0.1:0\"]\nh2c = true");
+    let e = TestEdge::start(&cfg).await;
+    let c = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = c.get(e.url("/")).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.text().await.unwrap(), "hello from o\n");
+}

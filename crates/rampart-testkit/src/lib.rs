@@ -1,0 +1,475 @@
+//! Test origin with fault injection, used by Rampart's integration tests and
+//! by `rampart demo` as its built-in origin.
+//!
+//! Per-request behaviour is chosen by path and query, so one origin serves every case:
+//!
+//! | request | behaviour |
+//! | --- | --- |
+//! | `/status/{code}` | respond with that status |
+//! | `?delay=200ms` (any path) | wait before sending the response head |
+//! | `/hang` | accept the request and never answer |
+//! | `/slow?chunks=5&interval=100ms` | a body sent in chunks with pauses between them |
+//! | `/stall?after=N` | send N body bytes, then stop sending (connection kept open) |
+//! | `/large?size=1048576` | a body of that many bytes, streamed |
+//! | `/echo`, `…/echo` | JSON with method, path, query, headers and body length received |
+//! | `/ws` | WebSocket echo |
+//! | anything else | `200`, body `hello from {name}` |
+//!
+//! Connection-level faults use their own origin: [`Origin::resetting`] resets every
+//! connection after reading the request head; [`Origin::raw`] answers every request
+//! with fixed bytes (for invalid responses); [`closed_port`] has nothing listening.
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+/// A running test origin. Dropping it stops the accept loop.
+pub struct Origin {
+    addr: SocketAddr,
+    name: Arc<str>,
+    requests: Arc<AtomicU64>,
+    connections: Arc<AtomicU64>,
+    stop: watch::Sender<bool>,
+}
+
+impl Origin {
+    /// Start an HTTP/1.1 origin on an ephemeral loopback port.
+    pub async fn start(name: &str) -> std::io::Result<Origin> {
+        Self::start_on(
+            "127.0.0.1:0".parse().map_err(std::io::Error::other)?,
+            name,
+            Mode::Http { h2: false },
+        )
+        .await
+    }
+
+    /// Start an origin that speaks HTTP/2 with prior knowledge (h2c).
+    pub async fn start_h2(name: &str) -> std::io::Result<Origin> {
+        Self::start_on(
+            "127.0.0.1:0".parse().map_err(std::io::Error::other)?,
+            name,
+            Mode::Http { h2: true },
+        )
+        .await
+    }
+
+    /// Start an origin on a given address (the demo uses this).
+    pub async fn start_at(addr: SocketAddr, name: &str) -> std::io::Result<Origin> {
+        Self::start_on(addr, name, Mode::Http { h2: false }).await
+    }
+
+    /// An origin that reads the request head, then resets the connection (TCP RST).
+    pub async fn resetting() -> std::io::Result<Origin> {
+        Self::start_on(
+            "127.0.0.1:0".parse().map_err(std::io::Error::other)?,
+            "reset",
+            Mode::Reset,
+        )
+        .await
+    }
+
+    /// An origin that answers every request head with exactly these bytes, then closes.
+    pub async fn raw(bytes: &'static [u8]) -> std::io::Result<Origin> {
+        Self::start_on(
+            "127.0.0.1:0".parse().map_err(std::io::Error::other)?,
+            "raw",
+            Mode::Raw(bytes),
+        )
+        .await
+    }
+
+    async fn start_on(addr: SocketAddr, name: &str, mode: Mode) -> std::io::Result<Origin> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let (stop, stop_rx) = watch::channel(false);
+        let origin = Origin {
+            addr,
+            name: Arc::from(name),
+            requests: Arc::new(AtomicU64::new(0)),
+            connections: Arc::new(AtomicU64::new(0)),
+            stop,
+        };
+        let state = State {
+            name: origin.name.clone(),
+            requests: origin.requests.clone(),
+        };
+        let conns = origin.connections.clone();
+        tokio::spawn(accept_loop(listener, state, conns, mode, stop_rx));
+        Ok(origin)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Requests received so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// An address on loopback with nothing listening (connections are refused).
+pub async fn closed_port() -> std::io::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let a = l.local_addr()?;
+    drop(l);
+    Ok(a)
+}
+
+/// An address where TCP connects hang: a listener whose accept queue is full and
+/// which never accepts, so further SYNs are dropped. Keep it alive while in use.
+pub struct Blackhole {
+    addr: SocketAddr,
+    _listener: socket2::Socket,
+    _fillers: Vec<TcpStream>,
+}
+
+impl Blackhole {
+    pub async fn start() -> std::io::Result<Blackhole> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+        sock.listen(0)?;
+        let addr = sock
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| std::io::Error::other("no address"))?;
+        let mut fillers = Vec::new();
+        // Fill the queue until a connect no longer completes.
+        for _ in 0..64 {
+            match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => fillers.push(s),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Ok(Blackhole {
+                        addr,
+                        _listener: sock,
+                        _fillers: fillers,
+                    });
+                }
+            }
+        }
+        Err(std::io::Error::other("could not fill the accept queue"))
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Mode {
+    Http { h2: bool },
+    Reset,
+    Raw(&'static [u8]),
+}
+
+#[derive(Clone)]
+struct State {
+    name: Arc<str>,
+    requests: Arc<AtomicU64>,
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    state: State,
+    conns: Arc<AtomicU64>,
+    mode: Mode,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+            _ = stop.changed() => return,
+        };
+        conns.fetch_add(1, Ordering::SeqCst);
+        let state = state.clone();
+        tokio::spawn(async move {
+            match mode {
+                Mode::Http { h2 } => serve_http(stream, state, h2).await,
+                Mode::Reset => reset_after_head(stream, state).await,
+                Mode::Raw(bytes) => raw_reply(stream, state, bytes).await,
+            }
+        });
+    }
+}
+
+async fn read_head(stream: &mut TcpStream) -> bool {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        if buf.len() > 64 * 1024 {
+            return false;
+        }
+    }
+    true
+}
+
+async fn reset_after_head(mut stream: TcpStream, state: State) {
+    if read_head(&mut stream).await {
+        state.requests.fetch_add(1, Ordering::SeqCst);
+    }
+    // SO_LINGER 0 turns the close into a RST.
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+async fn raw_reply(mut stream: TcpStream, state: State, bytes: &[u8]) {
+    if read_head(&mut stream).await {
+        state.requests.fetch_add(1, Ordering::SeqCst);
+        let _ = stream.write_all(bytes).await;
+        let _ = stream.shutdown().await;
+    }
+}
+
+async fn serve_http(stream: TcpStream, state: State, h2: bool) {
+    let io = TokioIo::new(stream);
+    let svc = service_fn(move |req| handle(req, state.clone()));
+    if h2 {
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, svc)
+            .await;
+    } else {
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, svc)
+            .with_upgrades()
+            .await;
+    }
+}
+
+fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+fn parse_ms(v: &str) -> Option<Duration> {
+    if let Some(ms) = v.strip_suffix("ms") {
+        ms.parse().ok().map(Duration::from_millis)
+    } else if let Some(s) = v.strip_suffix('s') {
+        s.parse().ok().map(Duration::from_secs)
+    } else {
+        v.parse().ok().map(Duration::from_millis)
+    }
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|e| match e {}).boxed()
+}
+
+fn text(status: StatusCode, name: &str, body: String) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("text/plain; charset=utf-8"));
+    if let Ok(v) = HeaderValue::from_str(name) {
+        r.headers_mut().insert("x-origin-name", v);
+    }
+    r
+}
+
+async fn handle(req: Request<Incoming>, state: State) -> Result<Response<Body>, Infallible> {
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    if let Some(d) = query_param(&query, "delay").and_then(parse_ms) {
+        tokio::time::sleep(d).await;
+    }
+    let name = state.name.clone();
+    if path == "/hang" {
+        std::future::pending::<()>().await;
+    }
+    if let Some(code) = path.strip_prefix("/status/") {
+        let status = code
+            .parse::<u16>()
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .unwrap_or(StatusCode::BAD_REQUEST);
+        return Ok(text(status, &name, format!("status {} from {name}\n", status.as_u16())));
+    }
+    if path.ends_with("/echo") {
+        return Ok(echo(req, &name).await);
+    }
+    match path.as_str() {
+        "/slow" => {
+            let chunks: usize = query_param(&query, "chunks").and_then(|v| v.parse().ok()).unwrap_or(5);
+            let interval = query_param(&query, "interval")
+                .and_then(parse_ms)
+                .unwrap_or(Duration::from_millis(100));
+            let stream = futures_util::stream::unfold(0usize, move |i| async move {
+                if i >= chunks {
+                    return None;
+                }
+                if i > 0 {
+                    tokio::time::sleep(interval).await;
+                }
+                Some((
+                    Ok::<_, std::io::Error>(Frame::data(Bytes::from(format!("chunk {i}\n")))),
+                    i + 1,
+                ))
+            });
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            r.headers_mut().insert("x-origin-name", header(&name));
+            Ok(r)
+        }
+        "/stall" => {
+            let after: usize = query_param(&query, "after").and_then(|v| v.parse().ok()).unwrap_or(10);
+            let stream = futures_util::stream::unfold(false, move |sent| async move {
+                if sent {
+                    std::future::pending::<()>().await;
+                }
+                Some((
+                    Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![b'x'; after]))),
+                    true,
+                ))
+            });
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            r.headers_mut().insert("x-origin-name", header(&name));
+            Ok(r)
+        }
+        "/large" => {
+            let size: usize = query_param(&query, "size")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1 << 20);
+            const CHUNK: usize = 64 * 1024;
+            let stream = futures_util::stream::unfold(0usize, move |sent| async move {
+                if sent >= size {
+                    return None;
+                }
+                let n = CHUNK.min(size - sent);
+                Some((
+                    Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![b'a'; n]))),
+                    sent + n,
+                ))
+            });
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            r.headers_mut().insert("content-length", HeaderValue::from(size));
+            r.headers_mut().insert("x-origin-name", header(&name));
+            Ok(r)
+        }
+        "/ws" => Ok(websocket(req, &name)),
+        _ => Ok(text(StatusCode::OK, &name, format!("hello from {name}\n"))),
+    }
+}
+
+fn header(v: &str) -> HeaderValue {
+    HeaderValue::from_str(v).unwrap_or(HeaderValue::from_static("origin"))
+}
+
+async fn echo(req: Request<Incoming>, name: &str) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let mut headers = serde_json::Map::new();
+    for (k, v) in &parts.headers {
+        let v = serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned());
+        match headers.get_mut(k.as_str()) {
+            Some(serde_json::Value::Array(a)) => a.push(v),
+            _ => {
+                headers.insert(k.as_str().to_string(), serde_json::Value::Array(vec![v]));
+            }
+        }
+    }
+    let (body_len, body_error) = match body.collect().await {
+        Ok(b) => (b.to_bytes().len(), None),
+        Err(e) => (0, Some(e.to_string())),
+    };
+    let j = serde_json::json!({
+        "origin": name,
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "query": parts.uri.query(),
+        "version": format!("{:?}", parts.version),
+        "headers": headers,
+        "body_length": body_len,
+        "body_error": body_error,
+    });
+    let mut r = text(StatusCode::OK, name, j.to_string());
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    r
+}
+
+fn websocket(mut req: Request<Incoming>, name: &str) -> Response<Body> {
+    let key = req.headers().get("sec-websocket-key").cloned();
+    let is_upgrade = req
+        .headers()
+        .get("upgrade")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let Some(key) = key.filter(|_| is_upgrade) else {
+        return text(StatusCode::BAD_REQUEST, name, "expected a WebSocket upgrade\n".into());
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        let (mut tx, mut rx) = ws.split();
+        while let Some(Ok(msg)) = rx.next().await {
+            if msg.is_close() {
+                break;
+            }
+            if (msg.is_text() || msg.is_binary()) && tx.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert("upgrade", HeaderValue::from_static("websocket"));
+    h.insert("connection", HeaderValue::from_static("upgrade"));
+    h.insert("x-origin-name", header(name));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert("sec-websocket-accept", v);
+    }
+    r
+}

@@ -1,0 +1,153 @@
+//! `rampart`: one binary, several jobs. Only the subcommands that work exist.
+
+mod demo;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "rampart",
+    version,
+    about = "An open edge platform: reverse proxy, load balancer, cache, WAF"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the data plane.
+    Edge {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate a config: exit 0 with a summary, or non-zero with every error.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Run an edge, its admin API and a demo origin on loopback.
+    Demo {
+        /// Port for the edge (0 picks a free one).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Port for the admin API (0 picks a free one).
+        #[arg(long, default_value_t = 9901)]
+        admin_port: u16,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Check { config } => check(&config),
+        Cmd::Edge { config } => {
+            init_logging();
+            let validated = match rampart_config::load_file(&config) {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("{e}");
+                    eprintln!("{}: configuration rejected ({} error(s))", config.display(), e.0.len());
+                    return ExitCode::from(1);
+                }
+            };
+            let workers = validated
+                .config
+                .server
+                .workers
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            match runtime(workers) {
+                Ok(rt) => exit(rt.block_on(run_edge(validated, config))),
+                Err(e) => exit(Err(e)),
+            }
+        }
+        Cmd::Demo { port, admin_port } => {
+            init_logging();
+            let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+            match runtime(workers) {
+                Ok(rt) => exit(rt.block_on(demo::run(port, admin_port))),
+                Err(e) => exit(Err(e)),
+            }
+        }
+    }
+}
+
+fn exit(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rampart: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .thread_name("rampart-worker")
+        .build()?)
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let result = rampart_config::load_file(path).and_then(|v| {
+        let warnings = v.warnings.clone();
+        rampart_edge::check(v).map(|s| (s, warnings))
+    });
+    match result {
+        Ok((summary, warnings)) => {
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            println!("{}: {summary}", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("{}: configuration rejected ({} error(s))", path.display(), e.0.len());
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run_edge(validated: rampart_config::Validated, path: PathBuf) -> anyhow::Result<()> {
+    let path = std::fs::canonicalize(&path).unwrap_or(path);
+    let edge = rampart_edge::Edge::start(validated, Some(path)).await?;
+    serve_until_signal(edge).await
+}
+
+/// Reload on SIGHUP; drain and exit on SIGTERM or SIGINT.
+pub async fn serve_until_signal(edge: rampart_edge::Edge) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading configuration");
+                let _ = edge.reload().await;
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    let grace = edge.shutdown_timeout();
+    tracing::info!(grace = ?grace, "shutting down: draining in-flight requests");
+    let report = edge.shutdown(grace).await;
+    tracing::info!(abandoned = report.abandoned, "stopped");
+    Ok(())
+}
