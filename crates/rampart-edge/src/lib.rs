@@ -24,7 +24,7 @@ use rampart_config::{ConfigErrors, FieldError, Validated};
 use snapshot::Snapshot;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -43,7 +43,6 @@ pub struct Shared {
     shutdown: watch::Sender<bool>,
     listeners: Mutex<Vec<ListenerHandle>>,
     reload_lock: tokio::sync::Mutex<()>,
-    versions: AtomicU64,
     me: std::sync::Weak<Shared>,
 }
 
@@ -112,7 +111,8 @@ impl Shared {
         };
         let validated = rampart_config::load_file(path)?;
         let old = self.snapshot.load_full();
-        let version = self.versions.fetch_add(1, Ordering::SeqCst) + 1;
+        // Reloads are serialised, so the next version follows the running one.
+        let version = old.version + 1;
         let snap = Snapshot::build(validated, version, &self.metrics, Some(&old))?;
         let Some(me) = self.me.upgrade() else {
             return Err(ConfigErrors(vec![FieldError::new("", "edge is shutting down")]));
@@ -263,7 +263,6 @@ impl Edge {
             shutdown,
             listeners: Mutex::new(Vec::new()),
             reload_lock: tokio::sync::Mutex::new(()),
-            versions: AtomicU64::new(1),
             me: me.clone(),
         });
 
