@@ -230,6 +230,9 @@ pub fn classify(err: &hyper_util::client::legacy::Error) -> Reason {
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             use std::io::ErrorKind::*;
+            if wraps_tls_error(io) {
+                return Reason::UpstreamTlsError;
+            }
             match io.kind() {
                 ConnectionRefused => return Reason::UpstreamConnectRefused,
                 TimedOut if err.is_connect() => return Reason::UpstreamConnectTimeout,
@@ -255,6 +258,20 @@ pub fn classify(err: &hyper_util::client::legacy::Error) -> Reason {
         src = e.source();
     }
     fallback
+}
+
+/// `io::Error::source()` skips the error it wraps, and connectors nest io errors
+/// (Other → InvalidData → rustls::Error), so look inside layer by layer.
+fn wraps_tls_error(io: &std::io::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + Send + Sync + 'static)> = io.get_ref();
+    for _ in 0..8 {
+        let Some(e) = cur else { return false };
+        if e.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        cur = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
+    }
+    false
 }
 
 #[cfg(test)]
