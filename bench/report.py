@@ -127,7 +127,10 @@ def summary(run_dir: Path) -> int:
 
     if mem:
         print()
-        print(f"Memory with idle keep-alive connections  ({s['idle_conns']} requested per proxy; "
+        capped = ""
+        if s.get("idle_conns_requested", s["idle_conns"]) != s["idle_conns"]:
+            capped = f", capped from {s['idle_conns_requested']} by the fd limit {s['fd_limit']}"
+        print(f"Memory with idle keep-alive connections  ({s['idle_conns']} opened per proxy{capped}; "
               "RSS summed over the proxy's processes)")
         rows = [[p, m["conns_ok"], m["closed_by_server"] if m["closed_by_server"] is not None else "-",
                  fmt(m["rss_before_kib"] / 1024, ".1f"), fmt(m["rss_after_kib"] / 1024, ".1f"),

@@ -40,7 +40,8 @@ pub struct Server {
     pub header_read_timeout: Duration,
     /// How long graceful shutdown waits for in-flight requests.
     pub shutdown_timeout: Duration,
-    /// Maximum concurrent client connections per worker process (over it, new connections wait in the backlog).
+    /// Maximum open client connections across all listeners; past it, new
+    /// connections wait in the kernel's accept backlog until one closes.
     pub max_connections: usize,
     pub limits: Limits,
 }

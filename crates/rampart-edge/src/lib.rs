@@ -6,6 +6,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod body;
+pub mod dns;
 pub mod headers;
 pub mod listener;
 pub mod metrics;

@@ -45,27 +45,46 @@ impl ListenerHandle {
     }
 }
 
-/// Open connections, so shutdown can wait for them to drain.
+/// Open connections: bounded by `server.max_connections`, and awaited by shutdown.
 #[derive(Default)]
 pub struct ConnTracker {
     active: AtomicUsize,
     idle: Notify,
+    closed: Notify,
 }
 
-pub struct ConnGuard<'a> {
-    tracker: &'a ConnTracker,
+/// Held by a connection's task; closing the connection drops it.
+pub struct ConnGuard {
+    shared: Arc<Shared>,
     gauge: Gauge,
 }
 
 impl ConnTracker {
-    fn enter(&self, gauge: Gauge) -> ConnGuard<'_> {
-        self.active.fetch_add(1, Ordering::SeqCst);
+    fn enter(shared: &Arc<Shared>, gauge: Gauge) -> ConnGuard {
+        shared.conns.active.fetch_add(1, Ordering::SeqCst);
         gauge.inc();
-        ConnGuard { tracker: self, gauge }
+        ConnGuard {
+            shared: shared.clone(),
+            gauge,
+        }
     }
 
     pub fn active(&self) -> usize {
         self.active.load(Ordering::SeqCst)
+    }
+
+    /// Wait until fewer than `max` connections are open. Meanwhile new clients
+    /// wait in the kernel's accept backlog rather than being refused.
+    async fn admit(&self, max: usize) {
+        loop {
+            let closed = self.closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.active() < max {
+                return;
+            }
+            closed.await;
+        }
     }
 
     /// Wait until no connection is open.
@@ -80,12 +99,14 @@ impl ConnTracker {
     }
 }
 
-impl Drop for ConnGuard<'_> {
+impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.gauge.dec();
-        if self.tracker.active.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.tracker.idle.notify_waiters();
+        let conns = &self.shared.conns;
+        if conns.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            conns.idle.notify_waiters();
         }
+        conns.closed.notify_waiters();
     }
 }
 
@@ -124,14 +145,19 @@ async fn accept_loop(
     total: Counter,
 ) {
     loop {
+        let max = shared.snapshot.load().validated.config.server.max_connections;
         let accepted = tokio::select! {
-            r = listener.accept() => r,
+            r = async {
+                shared.conns.admit(max).await;
+                listener.accept().await
+            } => r,
             _ = stop.changed() => return,
         };
         match accepted {
             Ok((stream, peer)) => {
                 total.inc();
-                tokio::spawn(serve_conn(shared.clone(), stream, peer, kind, open.clone()));
+                let guard = ConnTracker::enter(&shared, open.clone());
+                tokio::spawn(serve_conn(shared.clone(), stream, peer, kind, guard));
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -164,8 +190,7 @@ fn builder(shared: &Shared, kind: Kind) -> auto::Builder<TokioExecutor> {
     b
 }
 
-async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, kind: Kind, open: Gauge) {
-    let _guard = shared.conns.enter(open);
+async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, kind: Kind, _guard: ConnGuard) {
     let _ = stream.set_nodelay(true);
     let mut shutdown = shared.shutdown_rx();
     let info = Arc::new(ConnInfo {

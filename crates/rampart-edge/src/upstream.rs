@@ -3,6 +3,7 @@
 //! reason codes.
 
 use crate::body::UpstreamBody;
+use crate::dns::Resolver;
 use crate::metrics::PoolMetrics;
 use crate::reason::Reason;
 use http::HeaderValue;
@@ -22,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector<Resolver>>, UpstreamBody>;
 
 pub struct Backend {
     pub scheme: Scheme,
@@ -152,7 +153,7 @@ fn build_client(cfg: &PoolConfig, base_dir: &Path) -> Result<UpstreamClient, Str
         builder.with_root_certificates(roots).with_no_client_auth()
     };
 
-    let mut http = HttpConnector::new();
+    let mut http = HttpConnector::new_with_resolver(Resolver::shared());
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(cfg.timeouts.connect.get()));

@@ -360,3 +360,55 @@ async fn h2c_prior_knowledge_when_enabled() {
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(r.text().await.unwrap(), "hello from o\n");
 }
+
+#[tokio::test]
+async fn max_connections_holds_new_clients_in_the_backlog() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::start("o").await.unwrap();
+    let cfg = simple(&origin.url(), "").replace(
+        "listen = [\"127.0.0.1:0\"]",
+        "listen = [\"127.0.0.1:0\"]\nmax_connections = 1",
+    );
+    let e = TestEdge::start(&cfg).await;
+    // The first connection is served and kept open.
+    let mut first = tokio::net::TcpStream::connect(e.http).await.unwrap();
+    first.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 512];
+    let n = first.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // The second connects (kernel backlog) but is not served while the first is open.
+    let second = tokio::spawn({
+        let addr = e.http;
+        async move {
+            raw(
+                addr,
+                b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+                Duration::from_secs(10),
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_finished(), "second connection served past the limit");
+    assert_eq!(origin.requests(), 1);
+    drop(first);
+    let reply = second.await.unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+}
+
+#[tokio::test]
+async fn backend_names_are_resolved() {
+    let origin = Origin::start("named").await.unwrap();
+    let e = TestEdge::start(&simple(&format!("http://localhost:{}", origin.addr().port()), "")).await;
+    let r = client().get(e.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-origin-name"], "named");
+}
+
+#[tokio::test]
+async fn unresolvable_backend_is_502_dns_error() {
+    let e = TestEdge::start(&simple("http://no-such-host.invalid:80", "")).await;
+    let (s, r, took) = reason(&e, "/").await;
+    assert_eq!((s, r.as_str()), (502, "UPSTREAM_DNS_ERROR"));
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}

@@ -1,0 +1,456 @@
+#!/usr/bin/env bash
+# Benchmark Rampart against nginx and HAProxy as reverse proxies in front of
+# one shared nginx origin, all on loopback. See bench/README.md.
+#
+#   bench/run.sh                      # defaults: -t1 -c50 -d10s, 3 rounds, 10k idle conns
+#   DURATION=3s ROUNDS=1 bench/run.sh # quick check
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(dirname "$BENCH_DIR")
+
+# --- Settings (all overridable from the environment) -------------------------
+DEFAULT_RAMPART_BIN=$REPO_DIR/target/release/rampart
+RAMPART_BIN=${RAMPART_BIN:-$DEFAULT_RAMPART_BIN}
+THREADS=${THREADS:-1}              # wrk threads
+CONNS=${CONNS:-50}                 # wrk connections
+DURATION=${DURATION:-10s}          # one measured wrk run
+WARMUP=${WARMUP:-2s}               # unmeasured wrk run before each measured one; 0 = none
+ROUNDS=${ROUNDS:-3}                # rounds of A B C
+PROXY_CPU=${PROXY_CPU-0}           # CPU list for the proxies; empty = no pinning
+LOAD_CPU=${LOAD_CPU-1}             # CPU list for wrk, the origin and the idle client; empty = no pinning
+ACCESS_LOG=${ACCESS_LOG:-file}     # file: every proxy logs each request to a file; off: none do
+NGINX_LOG_BUFFER=${NGINX_LOG_BUFFER-64k}  # nginx access_log buffer= (Rampart batches too); empty = unbuffered
+IDLE_CONNS=${IDLE_CONNS:-10000}    # idle keep-alive connections per proxy; 0 skips the memory test
+IDLE_CONCURRENCY=${IDLE_CONCURRENCY:-200}  # connections being opened at once by idle_conns.py
+IDLE_SETTLE=${IDLE_SETTLE:-2}      # seconds to wait after the last connection is open before reading RSS
+BASE_PORT=${BASE_PORT:-18080}      # origin = BASE_PORT, proxies = +1 +2 +3, rampart admin = +4
+PROXIES=${PROXIES:-nginx haproxy rampart}  # run order within a round; nginx is the ratio baseline
+OUT_DIR=${OUT_DIR:-$BENCH_DIR/out}
+KEEP_TMP=${KEEP_TMP:-0}            # 1 = keep the temp dir (configs, logs, wrk output)
+
+die() { echo "run.sh: $*" >&2; exit 1; }
+note() { echo "== $*"; }
+
+# --- Process bookkeeping and cleanup ------------------------------------------
+PIDS=()          # root PIDs of every long-running process we started
+IDLE_PID=""      # the idle-connection client while it runs
+WORK=""
+
+alive() {  # a PID that exists and is not a zombie
+  [[ -r /proc/$1/status ]] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null
+}
+
+descendants() {  # PID and all its descendants, one per line (nginx master + workers)
+  local queue=("$1") i=0 child
+  while (( i < ${#queue[@]} )); do
+    for child in $(ps -o pid= --ppid "${queue[i]}" 2>/dev/null || true); do
+      queue+=("$child")
+    done
+    i=$((i + 1))
+  done
+  printf '%s\n' "${queue[@]}"
+}
+
+cleanup() {
+  local rc=$? pid all=() waited=0
+  trap - EXIT INT TERM
+  set +e   # best effort from here on: never stop half-way through cleaning up
+  [[ -n $IDLE_PID ]] && kill -TERM "$IDLE_PID" 2>/dev/null || true
+  # Collect descendants first: if a master dies hard its workers get reparented.
+  for pid in ${PIDS[@]+"${PIDS[@]}"}; do
+    mapfile -t -O "${#all[@]}" all < <(descendants "$pid")
+  done
+  for pid in ${PIDS[@]+"${PIDS[@]}"}; do kill -TERM "$pid" 2>/dev/null || true; done
+  # Give them up to 5 s to exit cleanly (Rampart drains, nginx stops its workers).
+  while (( waited < 50 )); do
+    local left=0
+    for pid in ${all[@]+"${all[@]}"}; do alive "$pid" && left=1 && break; done
+    (( left )) || break
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+  for pid in ${all[@]+"${all[@]}"}; do alive "$pid" && kill -KILL "$pid" 2>/dev/null; done
+  wait 2>/dev/null || true
+  if [[ -n $WORK && -d $WORK ]]; then
+    if [[ $KEEP_TMP == 1 ]]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- Checks -------------------------------------------------------------------
+for p in $PROXIES; do
+  case $p in nginx|haproxy|rampart) ;; *) die "unknown proxy '$p' in PROXIES" ;; esac
+done
+for tool in nginx haproxy wrk python3 curl taskset ps getconf; do
+  command -v "$tool" >/dev/null || die "$tool not found (apt-get install -y nginx haproxy wrk python3 curl util-linux procps)"
+done
+PIN_PROXY=(); [[ -n $PROXY_CPU ]] && PIN_PROXY=(taskset -c "$PROXY_CPU")
+PIN_LOAD=();  [[ -n $LOAD_CPU ]] && PIN_LOAD=(taskset -c "$LOAD_CPU")
+for pin in "$PROXY_CPU" "$LOAD_CPU"; do
+  [[ -z $pin ]] || taskset -c "$pin" true 2>/dev/null || die "cannot pin to CPU '$pin' (set PROXY_CPU/LOAD_CPU, or empty to disable)"
+done
+
+if [[ ! -x $RAMPART_BIN ]]; then
+  [[ $RAMPART_BIN == "$DEFAULT_RAMPART_BIN" ]] || die "RAMPART_BIN=$RAMPART_BIN is not executable"
+  note "building rampart (cargo build --release -p rampart)"
+  (cd "$REPO_DIR" && cargo build --release -p rampart)
+fi
+
+# 10k idle client sockets live in one process here and in one proxy process:
+# raise the fd limit (children inherit it). The hard limit may be lower than
+# 65536 on a container; then use all of it.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+NOFILE=$(ulimit -n)
+if (( IDLE_CONNS > 0 && NOFILE < IDLE_CONNS + 1000 )); then
+  echo "warning: fd limit is $NOFILE; $IDLE_CONNS idle connections may not fit" >&2
+fi
+# HAProxy reserves two fds per connection (client + server side) and refuses
+# to start when maxconn*2 does not fit the fd limit. If the hard limit is too
+# low for maxconn 20000 (containers often cap it at 20000), lower maxconn to
+# what fits and hold the same, smaller number of idle connections on every
+# proxy so the comparison stays like for like.
+IDLE_CONNS_REQUESTED=$IDLE_CONNS
+HAPROXY_MAXCONN=20000
+if (( NOFILE < 2 * HAPROXY_MAXCONN + 64 )); then
+  HAPROXY_MAXCONN=$(( (NOFILE - 64) / 2 ))
+  if [[ " $PROXIES " == *" haproxy "* ]] && (( IDLE_CONNS > HAPROXY_MAXCONN - 50 )); then
+    IDLE_CONNS=$(( (HAPROXY_MAXCONN - 50) / 100 * 100 ))
+    echo "warning: fd hard limit $NOFILE lets HAProxy take only $HAPROXY_MAXCONN connections;" \
+      "holding $IDLE_CONNS idle connections per proxy instead of $IDLE_CONNS_REQUESTED" >&2
+  fi
+fi
+CLK_TCK=$(getconf CLK_TCK)
+
+declare -A PORT=([nginx]=$((BASE_PORT + 1)) [haproxy]=$((BASE_PORT + 2)) [rampart]=$((BASE_PORT + 3)))
+ORIGIN_PORT=$BASE_PORT
+ADMIN_PORT=$((BASE_PORT + 4))
+for port in "$ORIGIN_PORT" "${PORT[@]}" "$ADMIN_PORT"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    die "port $port is in use (set BASE_PORT)"
+  fi
+done
+
+WORK=$(mktemp -d /tmp/rampart-bench.XXXXXX)
+chmod 755 "$WORK"   # nginx workers run as 'nobody' and must reach their temp dirs
+RUN_DIR=$OUT_DIR/$(date +%Y%m%d-%H%M%S)
+mkdir -p "$RUN_DIR"
+ln -sfn "$(basename "$RUN_DIR")" "$OUT_DIR/latest"
+
+# --- Versions -----------------------------------------------------------------
+NGINX_VERSION=$(nginx -v 2>&1)
+HAPROXY_VERSION=$(haproxy -v 2>&1 | head -n1 || true)
+WRK_VERSION=$(wrk -v 2>&1 | head -n1 || true)   # wrk -v prints its version then usage, exits 1
+RAMPART_VERSION=$("$RAMPART_BIN" --version 2>&1 || true)
+GIT_REV=$(git -C "$REPO_DIR" describe --always --dirty 2>/dev/null || echo unknown)
+note "peers"
+printf '   %s\n' "$NGINX_VERSION" "$HAPROXY_VERSION" "$WRK_VERSION" \
+  "$RAMPART_VERSION ($GIT_REV, $RAMPART_BIN)" "$(python3 --version)" \
+  "kernel $(uname -r), $(nproc) CPUs, fd limit $NOFILE, CLK_TCK $CLK_TCK"
+note "settings: wrk -t$THREADS -c$CONNS -d$DURATION (warm-up $WARMUP), $ROUNDS round(s), order: $PROXIES"
+note "pinning: proxies on CPU '${PROXY_CPU:-any}', wrk + origin + idle client on CPU '${LOAD_CPU:-any}'; access logs: $ACCESS_LOG"
+note "output: $RUN_DIR"
+
+export NGINX_VERSION HAPROXY_VERSION WRK_VERSION RAMPART_VERSION GIT_REV RAMPART_BIN THREADS CONNS \
+  DURATION WARMUP ROUNDS PROXY_CPU LOAD_CPU ACCESS_LOG NGINX_LOG_BUFFER IDLE_CONNS IDLE_CONNS_REQUESTED HAPROXY_MAXCONN PROXIES NOFILE CLK_TCK
+python3 - "$RUN_DIR/meta.json" <<'EOF'
+import json, os, sys, time
+e = os.environ
+meta = {
+    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    "proxies": e["PROXIES"].split(),
+    "versions": {k: e[k.upper() + "_VERSION"] for k in ("nginx", "haproxy", "wrk", "rampart")},
+    "rampart_git": e["GIT_REV"], "rampart_bin": e["RAMPART_BIN"],
+    "settings": {
+        "threads": int(e["THREADS"]), "conns": int(e["CONNS"]), "duration": e["DURATION"],
+        "warmup": e["WARMUP"], "rounds": int(e["ROUNDS"]), "proxy_cpu": e["PROXY_CPU"],
+        "load_cpu": e["LOAD_CPU"], "access_log": e["ACCESS_LOG"],
+        "nginx_log_buffer": e["NGINX_LOG_BUFFER"], "idle_conns": int(e["IDLE_CONNS"]),
+        "idle_conns_requested": int(e["IDLE_CONNS_REQUESTED"]), "haproxy_maxconn": int(e["HAPROXY_MAXCONN"]),
+        "fd_limit": int(e["NOFILE"]), "clk_tck": int(e["CLK_TCK"]),
+    },
+}
+open(sys.argv[1], "w").write(json.dumps(meta, indent=2) + "\n")
+EOF
+
+# --- Configs ------------------------------------------------------------------
+mkdir -p "$WORK"/{origin,nginx,haproxy,rampart}
+for d in origin nginx; do mkdir -p "$WORK/$d/tmp"; done
+
+# nginx keeps temp files under /var/lib/nginx by default; keep each instance self-contained.
+nginx_temp_paths() {
+  local t=$1
+  printf '    client_body_temp_path %s/body;\n    proxy_temp_path %s/proxy;\n' "$t" "$t"
+  printf '    fastcgi_temp_path %s/fastcgi;\n    uwsgi_temp_path %s/uwsgi;\n    scgi_temp_path %s/scgi;\n' "$t" "$t" "$t"
+}
+
+# Origin: 1 KiB static file over keep-alive, cheap enough to stay out of the way.
+mkdir -p "$WORK/origin/html"
+head -c 1023 /dev/zero | tr '\0' 'x' >"$WORK/origin/html/1k.html"
+echo >>"$WORK/origin/html/1k.html"
+cat >"$WORK/origin/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/origin/nginx.pid;
+error_log $WORK/origin/error.log warn;
+events { worker_connections 4096; }
+http {
+$(nginx_temp_paths "$WORK/origin/tmp")
+    access_log off;
+    sendfile on;
+    open_file_cache max=16 inactive=60s;
+    keepalive_timeout 120s;
+    keepalive_requests 1000000;
+    default_type text/html;
+    server {
+        listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
+        root $WORK/origin/html;
+        location / { try_files /1k.html =404; }
+    }
+}
+EOF
+
+# nginx as reverse proxy. Access log: Rampart writes one JSON line per request
+# from a background task in batches, so nginx gets a buffered file log too.
+if [[ $ACCESS_LOG == file ]]; then
+  NGINX_ACCESS="access_log $WORK/nginx/access.log combined${NGINX_LOG_BUFFER:+ buffer=$NGINX_LOG_BUFFER flush=1s};"
+else
+  NGINX_ACCESS="access_log off;"
+fi
+cat >"$WORK/nginx/nginx.conf" <<EOF
+worker_processes 1;
+worker_rlimit_nofile $NOFILE;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 20000; }
+http {
+$(nginx_temp_paths "$WORK/nginx/tmp")
+    $NGINX_ACCESS
+    keepalive_timeout 120s;
+    keepalive_requests 1000000;
+    upstream origin {
+        server 127.0.0.1:$ORIGIN_PORT;
+        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:${PORT[nginx]} backlog=4096;
+        location / {
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+
+# HAProxy: one thread, keep-alive both sides. Its file-like log target is
+# stdout (redirected to a file); each line is one write().
+if [[ $ACCESS_LOG == file ]]; then
+  HAPROXY_GLOBAL_LOG="log stdout format raw local0 info"
+  # dontlognull: like nginx and Rampart, do not log connections that never sent a request.
+  HAPROXY_DEFAULTS_LOG=$'log global\n    option httplog\n    option dontlognull'
+else
+  HAPROXY_GLOBAL_LOG="# no logging"
+  HAPROXY_DEFAULTS_LOG="# no logging"
+fi
+cat >"$WORK/haproxy/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn $HAPROXY_MAXCONN
+    $HAPROXY_GLOBAL_LOG
+defaults
+    mode http
+    $HAPROXY_DEFAULTS_LOG
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    timeout http-request 120s
+    timeout http-keep-alive 120s
+frontend bench
+    bind 127.0.0.1:${PORT[haproxy]}
+    default_backend origin
+backend origin
+    server origin 127.0.0.1:$ORIGIN_PORT
+EOF
+
+# Rampart: one worker thread; header_read_timeout also bounds idle keep-alive.
+if [[ $ACCESS_LOG == file ]]; then RAMPART_ACCESS=$WORK/rampart/access.log; else RAMPART_ACCESS=off; fi
+cat >"$WORK/rampart/rampart.toml" <<EOF
+[server]
+listen = ["127.0.0.1:${PORT[rampart]}"]
+workers = 1
+header_read_timeout = "120s"
+
+[log]
+access = "$RAMPART_ACCESS"
+
+[admin]
+listen = "127.0.0.1:$ADMIN_PORT"
+
+[[pool]]
+name = "origin"
+backends = ["http://127.0.0.1:$ORIGIN_PORT"]
+
+[[site]]
+default = true
+  [[site.route]]
+  path = "/"
+  pool = "origin"
+EOF
+
+nginx -t -q -e "$WORK/origin/error.log" -p "$WORK/origin" -c "$WORK/origin/nginx.conf" || die "origin nginx config rejected"
+nginx -t -q -e "$WORK/nginx/error.log" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" || die "nginx config rejected"
+haproxy -c -q -f "$WORK/haproxy/haproxy.cfg" || die "haproxy config rejected"
+"$RAMPART_BIN" check --config "$WORK/rampart/rampart.toml" >/dev/null || die "rampart config rejected"
+
+# --- Start everything ---------------------------------------------------------
+declare -A ROOT_PID LOG
+
+start_bg() {  # NAME STDOUT STDERR CMD...: start in the background, remember its PID
+  local name=$1 out=$2 err=$3; shift 3
+  "$@" >"$out" 2>"$err" &
+  ROOT_PID[$name]=$!
+  LOG[$name]=$err
+  PIDS+=("$!")
+}
+
+wait_http() {  # NAME PORT: wait until GET / answers 200 with the 1 KiB body
+  local name=$1 port=$2 i
+  for i in $(seq 100); do
+    alive "${ROOT_PID[$name]}" || { tail -n 20 "${LOG[$name]}" >&2; die "$name exited during startup"; }
+    if [[ $(curl -s -o /dev/null -w '%{http_code} %{size_download}' --max-time 1 "http://127.0.0.1:$port/" || true) == "200 1024" ]]; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  tail -n 20 "${LOG[$name]}" >&2
+  die "$name did not serve the 1 KiB page on port $port within 10 s"
+}
+
+start_bg origin /dev/null "$WORK/origin/stderr.log" ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} \
+  nginx -e "$WORK/origin/error.log" -p "$WORK/origin" -c "$WORK/origin/nginx.conf"
+wait_http origin "$ORIGIN_PORT"
+
+for p in $PROXIES; do
+  case $p in
+    nginx) start_bg nginx /dev/null "$WORK/nginx/stderr.log" ${PIN_PROXY[@]+"${PIN_PROXY[@]}"} \
+             nginx -e "$WORK/nginx/error.log" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" ;;
+    # -db: stay in the foreground, single process (no master-worker).
+    haproxy) start_bg haproxy "$WORK/haproxy/access.log" "$WORK/haproxy/stderr.log" ${PIN_PROXY[@]+"${PIN_PROXY[@]}"} \
+               haproxy -db -f "$WORK/haproxy/haproxy.cfg" ;;
+    rampart) start_bg rampart /dev/null "$WORK/rampart/stderr.log" ${PIN_PROXY[@]+"${PIN_PROXY[@]}"} \
+               "$RAMPART_BIN" edge --config "$WORK/rampart/rampart.toml" ;;
+  esac
+  wait_http "$p" "${PORT[$p]}"
+done
+for p in $PROXIES; do
+  note "$p: pid(s) $(descendants "${ROOT_PID[$p]}" | paste -sd' '), port ${PORT[$p]}"
+done
+
+# --- Measurements -------------------------------------------------------------
+cpu_ticks() {  # utime+stime (clock ticks) summed over a PID and its descendants
+  local pid total=0 t
+  for pid in $(descendants "$1"); do
+    # Fields after the "(comm)" start at field 3, so utime (14) and stime (15)
+    # are $12 and $13; /proc/PID/stat already covers all threads.
+    t=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12 + $13}') || t=0
+    total=$((total + ${t:-0}))
+  done
+  echo "$total"
+}
+
+rss_kib() {  # VmRSS (KiB) summed over a PID and its descendants
+  local pid total=0 r
+  for pid in $(descendants "$1"); do
+    r=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null) || r=0
+    total=$((total + ${r:-0}))
+  done
+  echo "$total"
+}
+
+measure() {  # PROXY ROUND: one warm-up and one measured wrk run
+  local p=$1 round=$2 url="http://127.0.0.1:${PORT[$1]}/" out="$WORK/wrk-$1-$2.txt"
+  local before after json rec
+  if [[ $WARMUP != 0 ]]; then
+    ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} wrk -t"$THREADS" -c"$CONNS" -d"$WARMUP" "$url" >/dev/null
+  fi
+  alive "${ROOT_PID[$p]}" || die "$p is not running"
+  before=$(cpu_ticks "${ROOT_PID[$p]}")
+  ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency \
+    -s "$BENCH_DIR/report.lua" "$url" >"$out" 2>&1 || { cat "$out" >&2; die "wrk failed against $p"; }
+  after=$(cpu_ticks "${ROOT_PID[$p]}")
+  json=$(sed -n 's/^WRK_JSON //p' "$out")
+  [[ -n $json ]] || { cat "$out" >&2; die "wrk printed no result for $p"; }
+  rec=$(printf '{"proxy":"%s","round":%d,"cpu_ticks":%d,"clk_tck":%d,"wrk":%s}' \
+    "$p" "$round" "$((after - before))" "$CLK_TCK" "$json")
+  echo "$rec" >>"$RUN_DIR/runs.jsonl"
+  python3 "$BENCH_DIR/report.py" line "$rec"
+}
+
+note "throughput: $ROUNDS round(s), alternating $PROXIES"
+for round in $(seq "$ROUNDS"); do
+  for p in $PROXIES; do measure "$p" "$round"; done
+done
+
+idle_test() {  # PROXY: RSS before and while IDLE_CONNS idle keep-alive connections are held
+  local p=$1 out="$WORK/idle-$p.txt" before after ready finished i
+  sleep 1   # let the previous test's connections finish closing
+  before=$(rss_kib "${ROOT_PID[$p]}")
+  ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} python3 "$BENCH_DIR/idle_conns.py" --port "${PORT[$p]}" \
+    --count "$IDLE_CONNS" --concurrency "$IDLE_CONCURRENCY" --hold-max 300 >"$out" 2>"$out.err" &
+  IDLE_PID=$!
+  for i in $(seq 600); do   # at most 5 minutes to open them all
+    grep -q '^READY ' "$out" && break
+    alive "$IDLE_PID" || { cat "$out" "$out.err" >&2; die "idle_conns.py exited early against $p"; }
+    sleep 0.5
+  done
+  grep -q '^READY ' "$out" || die "idle_conns.py did not open its connections to $p in time"
+  sleep "$IDLE_SETTLE"
+  after=$(rss_kib "${ROOT_PID[$p]}")
+  kill -TERM "$IDLE_PID"
+  wait "$IDLE_PID" || true
+  IDLE_PID=""
+  ready=$(sed -n 's/^READY //p' "$out")
+  finished=$(sed -n 's/^DONE //p' "$out")
+  [[ -n $finished ]] || finished='{}'   # killed before it could report
+  printf '{"proxy":"%s","rss_before_kib":%d,"rss_after_kib":%d,"client":%s,"client_done":%s}\n' \
+    "$p" "$before" "$after" "$ready" "$finished" >>"$RUN_DIR/idle.jsonl"
+  python3 - "$p" "$before" "$after" "$ready" "$finished" <<'EOF'
+import json, sys
+p, before, after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+r, d = json.loads(sys.argv[4]), json.loads(sys.argv[5])
+per = (after - before) / r["ok"] if r["ok"] else float("nan")
+print(f"  {p:<8} {r['ok']} held ({r['failed']} failed, {d.get('closed_by_server', '?')} closed early), "
+      f"RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB, {per:.2f} KiB/conn")
+for err, n in r["errors"].items():
+    print(f"           {n} x {err}")
+EOF
+}
+
+if (( IDLE_CONNS > 0 )); then
+  note "memory: $IDLE_CONNS idle keep-alive connections per proxy"
+  for p in $PROXIES; do idle_test "$p"; done
+fi
+
+# --- Sanity: did every proxy log, did Rampart drop log lines? -------------------
+if [[ $ACCESS_LOG == file ]]; then
+  sleep 1.5   # nginx flushes its buffered log at most every second
+  for p in $PROXIES; do
+    f=$WORK/$p/access.log
+    echo "   $p access log: $(wc -l <"$f" 2>/dev/null || echo 0) lines"
+  done
+fi
+if [[ " $PROXIES " == *" rampart "* ]]; then
+  dropped=$(curl -s --max-time 2 "http://127.0.0.1:$ADMIN_PORT/metrics" | awk '/^rampart_access_log_dropped_total/ {print $2}' || true)
+  echo "   rampart_access_log_dropped_total: ${dropped:-unknown}"
+fi
+
+python3 "$BENCH_DIR/report.py" summary "$RUN_DIR" | tee "$RUN_DIR/report.txt"
+echo
+echo "raw numbers: $RUN_DIR/{runs.csv,idle.csv,summary.json,runs.jsonl,idle.jsonl}"
