@@ -56,7 +56,7 @@ cleanup() {
   local rc=$? pid all=() waited=0
   trap - EXIT INT TERM
   set +e   # best effort from here on: never stop half-way through cleaning up
-  [[ -n $IDLE_PID ]] && kill -TERM "$IDLE_PID" 2>/dev/null || true
+  if [[ -n $IDLE_PID ]]; then kill -TERM "$IDLE_PID" 2>/dev/null; fi
   # Collect descendants first: if a master dies hard its workers get reparented.
   for pid in ${PIDS[@]+"${PIDS[@]}"}; do
     mapfile -t -O "${#all[@]}" all < <(descendants "$pid")
@@ -399,7 +399,8 @@ for round in $(seq "$ROUNDS"); do
 done
 
 idle_test() {  # PROXY: RSS before and while IDLE_CONNS idle keep-alive connections are held
-  local p=$1 out="$WORK/idle-$p.txt" before after ready finished i
+  local p=$1
+  local out="$WORK/idle-$p.txt" before after ready finished i
   sleep 1   # let the previous test's connections finish closing
   before=$(rss_kib "${ROOT_PID[$p]}")
   ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} python3 "$BENCH_DIR/idle_conns.py" --port "${PORT[$p]}" \

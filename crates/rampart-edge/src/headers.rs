@@ -88,29 +88,26 @@ pub fn client_ip(h: &HeaderMap, peer: IpAddr, trusted: &[Cidr]) -> IpAddr {
 
 /// Set `X-Forwarded-For`/`-Proto`/`-Host`. From a trusted proxy the existing values are
 /// kept and the peer appended to `X-Forwarded-For`; from anyone else they are replaced.
+///
+/// `peer` is the socket peer's address as a header value, made once per connection.
 pub fn set_forwarded(
     h: &mut HeaderMap,
-    peer: IpAddr,
+    peer: &HeaderValue,
     trusted_peer: bool,
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
-    let peer_s = peer.to_string();
-    let xff = if trusted_peer {
-        let prior: Vec<&str> = h
-            .get_all(&X_FORWARDED_FOR)
+    let prior: Vec<&str> = if trusted_peer {
+        h.get_all(&X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .collect();
-        if prior.is_empty() {
-            peer_s
-        } else {
-            format!("{}, {peer_s}", prior.join(", "))
-        }
+            .collect()
     } else {
-        peer_s
+        Vec::new()
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if prior.is_empty() {
+        h.insert(&X_FORWARDED_FOR, peer.clone());
+    } else if let Ok(v) = HeaderValue::from_str(&format!("{}, {}", prior.join(", "), peer.to_str().unwrap_or(""))) {
         h.insert(&X_FORWARDED_FOR, v);
     }
     if !(trusted_peer && h.contains_key(&X_FORWARDED_PROTO)) {
@@ -213,11 +210,11 @@ mod tests {
     #[test]
     fn forwarded() {
         let mut h = map(&[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-proto", "https")]);
-        set_forwarded(&mut h, ip("10.0.0.1"), true, "http", None);
+        set_forwarded(&mut h, &HeaderValue::from_static("10.0.0.1"), true, "http", None);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 10.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
         let mut h = map(&[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-proto", "https")]);
-        set_forwarded(&mut h, ip("9.9.9.9"), false, "http", None);
+        set_forwarded(&mut h, &HeaderValue::from_static("9.9.9.9"), false, "http", None);
         assert_eq!(h["x-forwarded-for"], "9.9.9.9");
         assert_eq!(h["x-forwarded-proto"], "http");
     }

@@ -193,10 +193,7 @@ fn builder(shared: &Shared, kind: Kind) -> auto::Builder<TokioExecutor> {
 async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, kind: Kind, _guard: ConnGuard) {
     let _ = stream.set_nodelay(true);
     let mut shutdown = shared.shutdown_rx();
-    let info = Arc::new(ConnInfo {
-        peer,
-        tls: kind == Kind::Tls,
-    });
+    let info = Arc::new(ConnInfo::new(peer, kind == Kind::Tls));
     let svc_shared = shared.clone();
     let svc = service_fn(move |req| proxy::handle(svc_shared.clone(), info.clone(), req));
     let b = builder(&shared, kind);

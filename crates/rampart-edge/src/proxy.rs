@@ -33,7 +33,16 @@ use tokio::time::Instant;
 /// What the pipeline knows about the client connection.
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's IP as a header value, for `X-Forwarded-For` (made once per connection).
+    pub peer_value: HeaderValue,
     pub tls: bool,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
+        let peer_value = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        ConnInfo { peer, peer_value, tls }
+    }
 }
 
 /// Everything the access log and metrics need, finished when the response body ends.
@@ -43,9 +52,10 @@ struct Record {
     start: Instant,
     request_id: HeaderValue,
     client_ip: IpAddr,
-    host: String,
+    /// Shares hyper's buffers: no copy per request.
+    host: Option<HeaderValue>,
     method: Method,
-    path: String,
+    uri: Uri,
     version: Version,
     status: u16,
     route: Option<Arc<RouteEntry>>,
@@ -81,9 +91,9 @@ impl Completion for Record {
                 time: now_rfc3339(),
                 request_id: self.request_id.to_str().unwrap_or("-"),
                 client_ip: self.client_ip.to_string(),
-                host: &self.host,
+                host: self.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-"),
                 method: self.method.as_str(),
-                path: &self.path,
+                path: self.uri.path(),
                 protocol: version_str(self.version),
                 status: self.status,
                 bytes_in,
@@ -165,11 +175,6 @@ pub async fn handle(
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
-    let host_str = host_value
-        .as_ref()
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("")
-        .to_string();
 
     let mut rec = Record {
         shared: shared.clone(),
@@ -177,9 +182,9 @@ pub async fn handle(
         start,
         request_id,
         client_ip: headers::client_ip(req.headers(), peer, &snap.trusted),
-        host: host_str,
+        host: host_value.clone(),
         method: req.method().clone(),
-        path: req.uri().path().to_string(),
+        uri: req.uri().clone(),
         version: req.version(),
         status: 0,
         route: None,
@@ -206,12 +211,13 @@ pub async fn handle(
     };
 
     // Site and route.
-    let Some(site_idx) = snap.router.site(&rec.host) else {
+    let host_str = host_value.to_str().unwrap_or("");
+    let Some(site_idx) = snap.router.site(host_str) else {
         return Ok(local_response(Reason::NoMatchingSite, rec, None));
     };
     let site = &snap.sites[site_idx];
     if site.https_redirect && !conn.tls {
-        let host = crate::routing::strip_port(&rec.host);
+        let host = crate::routing::strip_port(host_str);
         let port = if site.https_port == 443 {
             String::new()
         } else {
@@ -276,7 +282,7 @@ pub async fn handle(
     h.insert(header::HOST, upstream_host(&route.host, &host_value, backend));
     headers::set_forwarded(
         &mut h,
-        peer,
+        &conn.peer_value,
         trusted_peer,
         if conn.tls { "https" } else { "http" },
         Some(&host_value),
