@@ -315,12 +315,18 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
     if s.header_read_timeout.is_zero() {
         errs.push("server.header_read_timeout", "must be greater than zero");
     }
+    if s.client_body_timeout.is_zero() {
+        errs.push("server.client_body_timeout", "must be greater than zero");
+    }
     let l = &s.limits;
     if l.max_header_size.bytes() < 1024 || l.max_header_size.bytes() > 1 << 20 {
         errs.push("server.limits.max_header_size", "must be between 1KiB and 1MiB");
     }
     if l.max_uri_length.bytes() < 256 || l.max_uri_length.bytes() > 64 * 1024 {
         errs.push("server.limits.max_uri_length", "must be between 256B and 64KiB");
+    }
+    if l.max_request_body.bytes() == 0 {
+        errs.push("server.limits.max_request_body", "must be at least 1 byte");
     }
     if !(1..=1000).contains(&l.max_headers) {
         errs.push("server.limits.max_headers", "must be between 1 and 1000");
@@ -427,7 +433,11 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
             match normalise_host_pattern(h) {
                 Ok(norm) => {
                     if let Some(prev) = hosts.insert(norm, i) {
-                        errs.push(hat, format!("host \"{h}\" is already served by site[{prev}]"));
+                        if prev == i {
+                            errs.push(hat, format!("host \"{h}\" is listed twice in this site"));
+                        } else {
+                            errs.push(hat, format!("host \"{h}\" is already served by site[{prev}]"));
+                        }
                     }
                 }
                 Err(e) => errs.push(hat, e),
@@ -552,9 +562,14 @@ pub fn check_backend_url(url: &str) -> Result<http::Uri, String> {
     Ok(uri)
 }
 
-/// Lower-case a host pattern and check it: a name, an IP, or `*.suffix`.
+/// Lower-case a host pattern and check it: a name, an IP, or `*.suffix`. IPv6
+/// addresses are kept in brackets (`[::1]`), as they appear in `Host` headers.
 pub fn normalise_host_pattern(h: &str) -> Result<String, String> {
     let h = h.trim().trim_end_matches('.').to_ascii_lowercase();
+    let bare = h.strip_prefix('[').and_then(|x| x.strip_suffix(']')).unwrap_or(&h);
+    if let Ok(v6) = bare.parse::<std::net::Ipv6Addr>() {
+        return Ok(format!("[{v6}]"));
+    }
     let name = h.strip_prefix("*.").unwrap_or(&h);
     if name.is_empty() {
         return Err("host must not be empty".into());
@@ -564,12 +579,12 @@ pub fn normalise_host_pattern(h: &str) -> Result<String, String> {
             "`{h}`: a wildcard is allowed only as the first label (`*.example.com`)"
         ));
     }
-    if name.contains(':') && name.parse::<std::net::Ipv6Addr>().is_err() {
+    if name.contains(':') {
         return Err(format!("`{h}`: host patterns must not include a port"));
     }
     let ok = name
         .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == ':' || c == '_');
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
     if !ok {
         return Err(format!("`{h}` is not a valid host name"));
     }

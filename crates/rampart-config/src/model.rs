@@ -38,6 +38,8 @@ pub struct Server {
     /// Time allowed to read a client's HTTP/1 request head; it also bounds how long
     /// an idle keep-alive connection waits for its next request.
     pub header_read_timeout: Duration,
+    /// Longest wait for the next chunk of a client's request body (over it: 408).
+    pub client_body_timeout: Duration,
     /// How long graceful shutdown waits for in-flight requests.
     pub shutdown_timeout: Duration,
     /// Maximum open client connections across all listeners; past it, new
@@ -56,6 +58,7 @@ impl Default for Server {
             trusted_proxies: Vec::new(),
             via: true,
             header_read_timeout: Duration::from_secs(30),
+            client_body_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(30),
             max_connections: 65_536,
             limits: Limits::default(),

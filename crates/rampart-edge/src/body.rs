@@ -9,6 +9,7 @@
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,11 +20,43 @@ use tokio::time::{Instant, Sleep};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Shared between a request body in flight and the handler that sent it.
-#[derive(Default)]
 pub struct RequestBodyState {
     pub bytes: AtomicU64,
     pub too_large: AtomicBool,
     pub client_error: AtomicBool,
+    pub timed_out: AtomicBool,
+    /// When the body last made progress, as milliseconds since `epoch`.
+    progress_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl RequestBodyState {
+    pub fn new() -> RequestBodyState {
+        RequestBodyState {
+            bytes: AtomicU64::new(0),
+            too_large: AtomicBool::new(false),
+            client_error: AtomicBool::new(false),
+            timed_out: AtomicBool::new(false),
+            progress_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.progress_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The last time a chunk of the body was read (or the body ended).
+    pub fn last_progress(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.progress_ms.load(Ordering::Relaxed))
+    }
+}
+
+impl Default for RequestBodyState {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 pub enum UpstreamBody {
@@ -32,7 +65,24 @@ pub enum UpstreamBody {
         inner: Incoming,
         limit: u64,
         state: Arc<RequestBodyState>,
+        /// Longest wait for the client's next chunk (`server.client_body_timeout`).
+        idle: Duration,
+        timer: Option<Pin<Box<Sleep>>>,
+        armed: bool,
     },
+}
+
+impl UpstreamBody {
+    pub fn stream(inner: Incoming, limit: u64, state: Arc<RequestBodyState>, idle: Duration) -> UpstreamBody {
+        UpstreamBody::Stream {
+            inner,
+            limit,
+            state,
+            idle,
+            timer: None,
+            armed: false,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -49,25 +99,55 @@ impl Body for UpstreamBody {
     type Error = BoxError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            UpstreamBody::Empty => Poll::Ready(None),
-            UpstreamBody::Stream { inner, limit, state } => match ready!(Pin::new(inner).poll_frame(cx)) {
-                Some(Ok(frame)) => {
-                    if let Some(d) = frame.data_ref() {
-                        let n = state.bytes.fetch_add(d.len() as u64, Ordering::Relaxed) + d.len() as u64;
-                        if n > *limit {
-                            state.too_large.store(true, Ordering::Relaxed);
-                            return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
-                        }
+        let UpstreamBody::Stream {
+            inner,
+            limit,
+            state,
+            idle,
+            timer,
+            armed,
+        } = self.get_mut()
+        else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                *armed = false;
+                state.touch();
+                if let Some(d) = frame.data_ref() {
+                    let n = state.bytes.fetch_add(d.len() as u64, Ordering::Relaxed) + d.len() as u64;
+                    if n > *limit {
+                        state.too_large.store(true, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                     }
-                    Poll::Ready(Some(Ok(frame)))
                 }
-                Some(Err(e)) => {
-                    state.client_error.store(true, Ordering::Relaxed);
-                    Poll::Ready(Some(Err(Box::new(e))))
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                state.client_error.store(true, Ordering::Relaxed);
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Ready(None) => {
+                state.touch();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let at = Instant::now() + *idle;
+                if !*armed {
+                    match timer {
+                        Some(t) => t.as_mut().reset(at),
+                        None => *timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                    }
+                    *armed = true;
                 }
-                None => Poll::Ready(None),
-            },
+                if let Some(t) = timer
+                    && t.as_mut().poll(cx).is_ready()
+                {
+                    state.timed_out.store(true, Ordering::Relaxed);
+                    return Poll::Ready(Some(Err(Box::new(BodyTimeout("client body timeout")))));
+                }
+                Poll::Pending
+            }
         }
     }
 
@@ -196,8 +276,6 @@ impl EdgeBody {
         }
     }
 }
-
-use std::future::Future;
 
 impl Body for EdgeBody {
     type Data = Bytes;

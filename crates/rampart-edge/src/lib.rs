@@ -119,6 +119,22 @@ impl Shared {
             return Err(ConfigErrors(vec![FieldError::new("", "edge is shutting down")]));
         };
 
+        // The admin listener is bound once at start. A reload that would add, move or
+        // remove it is refused: applying the rest would leave the running listener
+        // with a token (or none) the operator no longer expects.
+        let was = old.validated.config.admin.as_ref().map(|a| a.listen.as_str());
+        let now = snap.validated.config.admin.as_ref().map(|a| a.listen.as_str());
+        if was != now {
+            return Err(ConfigErrors(vec![FieldError::new(
+                "admin.listen",
+                format!(
+                    "the admin listener cannot be added, moved or removed by a reload (running: {}, new: {}); restart the edge",
+                    was.unwrap_or("none"),
+                    now.unwrap_or("none")
+                ),
+            )]));
+        }
+
         // Bind what is new before swapping, so a bind failure changes nothing.
         let wanted = listener_specs(&snap.validated);
         let current: Vec<(String, Kind)> = self
@@ -156,11 +172,6 @@ impl Shared {
             hash: snap.validated.hash.clone(),
             warnings: snap.validated.warnings.clone(),
         };
-        if old.validated.config.admin.as_ref().map(|a| &a.listen)
-            != snap.validated.config.admin.as_ref().map(|a| &a.listen)
-        {
-            tracing::warn!("admin.listen changed; the admin listener moves only on restart");
-        }
         self.snapshot.store(Arc::new(snap));
 
         let mut handles = match self.listeners.lock() {

@@ -60,7 +60,9 @@ pub struct ConnGuard {
 }
 
 impl ConnTracker {
-    fn enter(shared: &Arc<Shared>, gauge: Gauge) -> ConnGuard {
+    /// Count a connection admitted some other way (an upgraded tunnel outliving its
+    /// HTTP connection), so shutdown waits for it too.
+    pub fn enter(shared: &Arc<Shared>, gauge: Gauge) -> ConnGuard {
         shared.conns.active.fetch_add(1, Ordering::SeqCst);
         gauge.inc();
         ConnGuard {
@@ -73,17 +75,33 @@ impl ConnTracker {
         self.active.load(Ordering::SeqCst)
     }
 
-    /// Wait until fewer than `max` connections are open. Meanwhile new clients
-    /// wait in the kernel's accept backlog rather than being refused.
-    async fn admit(&self, max: usize) {
+    /// Take a connection slot, waiting while `max` are taken. Check and increment
+    /// are one atomic step, so several listeners together never exceed `max`. A
+    /// connection waiting here is accepted but not yet served, and its listener
+    /// accepts nothing more until it is admitted; later clients wait in the
+    /// kernel's backlog.
+    async fn admit(shared: &Arc<Shared>, max: usize, gauge: Gauge) -> ConnGuard {
+        let conns = &shared.conns;
         loop {
-            let closed = self.closed.notified();
+            let closed = conns.closed.notified();
             tokio::pin!(closed);
             closed.as_mut().enable();
-            if self.active() < max {
-                return;
+            let cur = conns.active.load(Ordering::SeqCst);
+            if cur >= max {
+                closed.await;
+                continue;
             }
-            closed.await;
+            if conns
+                .active
+                .compare_exchange(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                gauge.inc();
+                return ConnGuard {
+                    shared: shared.clone(),
+                    gauge,
+                };
+            }
         }
     }
 
@@ -145,18 +163,18 @@ async fn accept_loop(
     total: Counter,
 ) {
     loop {
-        let max = shared.snapshot.load().validated.config.server.max_connections;
         let accepted = tokio::select! {
-            r = async {
-                shared.conns.admit(max).await;
-                listener.accept().await
-            } => r,
+            r = listener.accept() => r,
             _ = stop.changed() => return,
         };
         match accepted {
             Ok((stream, peer)) => {
                 total.inc();
-                let guard = ConnTracker::enter(&shared, open.clone());
+                let max = shared.snapshot.load().validated.config.server.max_connections;
+                let guard = tokio::select! {
+                    g = ConnTracker::admit(&shared, max, open.clone()) => g,
+                    _ = stop.changed() => return,
+                };
                 tokio::spawn(serve_conn(shared.clone(), stream, peer, kind, guard));
             }
             Err(e) => {
@@ -184,7 +202,11 @@ fn builder(shared: &Shared, kind: Kind) -> auto::Builder<TokioExecutor> {
         .max_concurrent_streams(256)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
-    if kind == Kind::Plain && !s.h2c {
+    let http2 = match kind {
+        Kind::Plain => s.h2c,
+        Kind::Tls => s.tls.as_ref().is_some_and(|t| t.http2),
+    };
+    if !http2 {
         b = b.http1_only();
     }
     b

@@ -53,6 +53,7 @@ pub struct Metrics {
     bytes_out: Family<RouteLabels, Counter>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
     pub open_connections: Family<ListenerLabels, Gauge>,
+    pub open_tunnels: Gauge,
     pub connections: Family<ListenerLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
     pub access_log_dropped: Counter,
@@ -129,6 +130,12 @@ impl Metrics {
             "Client connections currently open",
             open_connections.clone(),
         );
+        let open_tunnels = Gauge::default();
+        registry.register(
+            "open_tunnels",
+            "Upgraded connections (WebSocket and others) currently tunnelled",
+            open_tunnels.clone(),
+        );
         let connections = Family::<ListenerLabels, Counter>::default();
         registry.register("connections", "Client connections accepted", connections.clone());
         let reloads = Family::<ResultLabels, Counter>::default();
@@ -153,6 +160,7 @@ impl Metrics {
             bytes_out,
             upstream_errors,
             open_connections,
+            open_tunnels,
             connections,
             reloads,
             access_log_dropped,

@@ -231,7 +231,10 @@ pub async fn handle(
             loc.map(|v| (header::LOCATION, v)),
         ));
     }
-    let Some((route, matched)) = snap.router.sites[site_idx].route(req.uri().path()) else {
+    // Route on the path without dot segments, and forward that same path, so the
+    // router and the upstream can never disagree about what was asked for.
+    let path = crate::routing::normalize_path(req.uri().path()).into_owned();
+    let Some((route, matched)) = snap.router.sites[site_idx].route(&path) else {
         return Ok(local_response(Reason::NoMatchingRoute, rec, None));
     };
     let route = route.clone();
@@ -262,7 +265,7 @@ pub async fn handle(
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
 
     let (parts, body) = req.into_parts();
-    let pq = rewrite_path(&parts.uri, &route.rewrite, matched);
+    let pq = rewrite_path(&path, parts.uri.query(), &route.rewrite, matched);
     let uri = match Uri::builder()
         .scheme(backend.scheme.clone())
         .authority(backend.authority.clone())
@@ -295,13 +298,14 @@ pub async fn handle(
     let body = if body.is_end_stream() {
         UpstreamBody::Empty
     } else {
-        let state = Arc::new(RequestBodyState::default());
+        let state = Arc::new(RequestBodyState::new());
         rec.body_state = Some(state.clone());
-        UpstreamBody::Stream {
-            inner: body,
-            limit: snap.limits.max_body,
+        UpstreamBody::stream(
+            body,
+            snap.limits.max_body,
             state,
-        }
+            snap.validated.config.server.client_body_timeout.get(),
+        )
     };
     let mut up = Request::new(body);
     *up.method_mut() = parts.method;
@@ -312,34 +316,40 @@ pub async fn handle(
         Protocol::Http2 => Version::HTTP_2,
     };
 
-    // Send, bounded by the response-header timeout and the whole-request deadline.
+    // Send. The response-header timeout runs from the last progress of the request
+    // body (so a long, steady upload is not a timeout, but an upstream that stops
+    // reading it is); the whole-request deadline runs from the start.
     let t = &route.pool.timeouts;
     let deadline = (!t.request.is_zero()).then(|| start + t.request.get());
-    let header_deadline = {
-        let d = Instant::now() + t.response_header.get();
-        deadline.map_or(d, |r| r.min(d))
+    let sent_at = Instant::now();
+    let header_timer = header_timeout(rec.body_state.clone(), sent_at, t.response_header.get());
+    let deadline_timer = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
     };
-    let result = tokio::time::timeout_at(header_deadline, route.pool.client.request(up)).await;
+    let result = tokio::select! {
+        r = route.pool.client.request(up) => Ok(r),
+        _ = header_timer => Err(Reason::UpstreamHeaderTimeout),
+        _ = deadline_timer => Err(Reason::UpstreamRequestTimeout),
+    };
     let resp = match result {
-        Err(_) => {
-            let reason = if deadline.is_some_and(|d| d <= header_deadline) {
-                Reason::UpstreamRequestTimeout
-            } else {
-                Reason::UpstreamHeaderTimeout
-            };
-            route.pool.metrics.upstream_error(reason);
+        Err(reason) => {
+            let reason = client_body_fault(rec.body_state.as_deref()).unwrap_or(reason);
+            if reason.is_upstream_error() {
+                route.pool.metrics.upstream_error(reason);
+            }
             return Ok(local_response(reason, rec, None));
         }
         Ok(Err(e)) => {
-            let state = rec.body_state.clone();
-            let reason = if state.as_ref().is_some_and(|s| s.too_large.load(Ordering::Relaxed)) {
-                Reason::RequestBodyTooLarge
-            } else if state.as_ref().is_some_and(|s| s.client_error.load(Ordering::Relaxed)) {
-                Reason::ClientBodyError
-            } else {
-                let r = classify(&e);
-                route.pool.metrics.upstream_error(r);
-                r
+            let reason = match client_body_fault(rec.body_state.as_deref()) {
+                Some(r) => r,
+                None => {
+                    let r = classify(&e);
+                    route.pool.metrics.upstream_error(r);
+                    r
+                }
             };
             tracing::debug!(error = ?e, reason = reason.as_str(), upstream = %backend.label, "upstream request failed");
             return Ok(local_response(reason, rec, None));
@@ -356,9 +366,15 @@ pub async fn handle(
             route.pool.metrics.upstream_error(Reason::UpstreamInvalidResponse);
             return Ok(local_response(Reason::UpstreamInvalidResponse, rec, None));
         };
+        let route_tunnel_idle = route.tunnel_idle;
         let mut upstream_resp = Response::from_parts(rparts.clone(), ());
         let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
-        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, route.tunnel_idle));
+        // The tunnel outlives its HTTP connection: count it, so shutdown waits for it.
+        let guard = crate::listener::ConnTracker::enter(&shared, shared.metrics.open_tunnels.clone());
+        tokio::spawn(async move {
+            tunnel(client_upgrade, upstream_upgrade, route_tunnel_idle).await;
+            drop(guard);
+        });
         let proto = rparts.headers.get(header::UPGRADE).cloned();
         headers::remove_hop_by_hop(&mut rparts.headers, false);
         rparts
@@ -379,6 +395,34 @@ pub async fn handle(
     rparts.version = Version::HTTP_11;
     let body = EdgeBody::upstream(rbody, t.body_idle.get(), deadline).on_complete(Box::new(rec));
     Ok(Response::from_parts(rparts, body))
+}
+
+/// When the exchange failed because of the client's body, say so (413/400/408)
+/// rather than blaming the upstream.
+fn client_body_fault(state: Option<&RequestBodyState>) -> Option<Reason> {
+    let s = state?;
+    if s.too_large.load(Ordering::Relaxed) {
+        Some(Reason::RequestBodyTooLarge)
+    } else if s.timed_out.load(Ordering::Relaxed) {
+        Some(Reason::ClientBodyTimeout)
+    } else if s.client_error.load(Ordering::Relaxed) {
+        Some(Reason::ClientBodyError)
+    } else {
+        None
+    }
+}
+
+/// Resolves when `timeout` has passed since the request body last made progress
+/// (or since `sent_at`, for requests without a body).
+async fn header_timeout(body: Option<Arc<RequestBodyState>>, sent_at: Instant, timeout: Duration) {
+    loop {
+        let base = body.as_ref().map_or(sent_at, |b| b.last_progress().max(sent_at));
+        let at = base + timeout;
+        if Instant::now() >= at {
+            return;
+        }
+        tokio::time::sleep_until(at).await;
+    }
 }
 
 fn finish_headers(
@@ -416,30 +460,32 @@ fn upstream_host(mode: &HostMode, client_host: &HeaderValue, backend: &Backend) 
 }
 
 /// The path and query sent upstream, after any prefix strip or rewrite.
-fn rewrite_path(uri: &Uri, rewrite: &Rewrite, matched: Matched<'_>) -> String {
-    let path = uri.path();
+///
+/// A prefix ending in `/` matched whole segments, so what follows it is joined to
+/// the replacement with exactly one `/` (`/api/` → `/v2`: `/api/users` becomes
+/// `/v2/users`). A prefix without a trailing `/` is replaced literally, as nginx
+/// does (`/x` → `/y`: `/xyz` becomes `/yyz`).
+fn rewrite_path(path: &str, query: Option<&str>, rewrite: &Rewrite, matched: Matched<'_>) -> String {
     let new_path = match (rewrite, matched) {
-        (Rewrite::Strip, Matched::Prefix(p)) => {
-            let rest = &path[p.len().min(path.len())..];
-            if rest.starts_with('/') {
-                rest.to_string()
-            } else {
-                format!("/{rest}")
-            }
-        }
-        (Rewrite::Replace(with), Matched::Prefix(p)) => {
-            let rest = &path[p.len().min(path.len())..];
-            if with.ends_with('/') && rest.starts_with('/') {
-                format!("{with}{}", &rest[1..])
-            } else {
-                format!("{with}{rest}")
-            }
-        }
+        (Rewrite::Strip, Matched::Prefix(p)) => join("/", &path[p.len().min(path.len())..], p.ends_with('/')),
+        (Rewrite::Replace(with), Matched::Prefix(p)) => join(with, &path[p.len().min(path.len())..], p.ends_with('/')),
         _ => path.to_string(),
     };
-    match uri.query() {
+    match query {
         Some(q) => format!("{new_path}?{q}"),
         None => new_path,
+    }
+}
+
+fn join(base: &str, rest: &str, segment: bool) -> String {
+    if rest.is_empty() {
+        return base.to_string();
+    }
+    let rest_trim = rest.strip_prefix('/').unwrap_or(rest);
+    if segment || base.ends_with('/') || rest.starts_with('/') {
+        format!("{}/{rest_trim}", base.trim_end_matches('/'))
+    } else {
+        format!("{base}{rest}")
     }
 }
 
@@ -515,33 +561,30 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
 mod tests {
     use super::*;
 
-    fn uri(s: &str) -> Uri {
-        s.parse().unwrap_or_default()
-    }
-
     #[test]
     fn rewrites() {
-        let u = uri("/api/users?x=1");
-        assert_eq!(rewrite_path(&u, &Rewrite::Strip, Matched::Prefix("/api")), "/users?x=1");
+        let r = |p: &str, q: Option<&str>, rw: &Rewrite, m: &str| rewrite_path(p, q, rw, Matched::Prefix(m));
+        let strip = Rewrite::Strip;
+        let v2 = Rewrite::Replace("/v2".into());
+        let v2s = Rewrite::Replace("/v2/".into());
+        assert_eq!(r("/api/users", Some("x=1"), &strip, "/api"), "/users?x=1");
+        assert_eq!(r("/api/users", None, &strip, "/api/"), "/users");
+        assert_eq!(r("/api", None, &strip, "/api"), "/");
+        assert_eq!(r("/api/", None, &strip, "/api/"), "/");
         assert_eq!(
-            rewrite_path(&u, &Rewrite::Strip, Matched::Prefix("/api/")),
-            "/users?x=1"
+            r("/xyz", None, &strip, "/x"),
+            "/yz",
+            "literal for a prefix without a slash"
         );
+        assert_eq!(r("/api/users", Some("x=1"), &v2s, "/api/"), "/v2/users?x=1");
         assert_eq!(
-            rewrite_path(&uri("/api"), &Rewrite::Strip, Matched::Prefix("/api")),
-            "/"
+            r("/api/users", None, &v2, "/api/"),
+            "/v2/users",
+            "one slash between segments"
         );
-        assert_eq!(
-            rewrite_path(&u, &Rewrite::Replace("/v2/".into()), Matched::Prefix("/api/")),
-            "/v2/users?x=1"
-        );
-        assert_eq!(
-            rewrite_path(&u, &Rewrite::Replace("/v2".into()), Matched::Prefix("/api")),
-            "/v2/users?x=1"
-        );
-        assert_eq!(
-            rewrite_path(&u, &Rewrite::None, Matched::Prefix("/api")),
-            "/api/users?x=1"
-        );
+        assert_eq!(r("/api/users", None, &v2, "/api"), "/v2/users");
+        assert_eq!(r("/api/", None, &v2s, "/api/"), "/v2/");
+        assert_eq!(r("/xyz", None, &Rewrite::Replace("/y".into()), "/x"), "/yyz");
+        assert_eq!(r("/api/users", Some("x=1"), &Rewrite::None, "/api"), "/api/users?x=1");
     }
 }

@@ -27,12 +27,11 @@ pub enum Reason {
     UpstreamBodyIdleTimeout,
     UpstreamBodyError,
     ClientBodyError,
-    UpgradeFailed,
-    ShuttingDown,
+    ClientBodyTimeout,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 22] = [
         Reason::Proxied,
         Reason::NoMatchingSite,
         Reason::NoMatchingRoute,
@@ -54,8 +53,7 @@ impl Reason {
         Reason::UpstreamBodyIdleTimeout,
         Reason::UpstreamBodyError,
         Reason::ClientBodyError,
-        Reason::UpgradeFailed,
-        Reason::ShuttingDown,
+        Reason::ClientBodyTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,8 +79,7 @@ impl Reason {
             Reason::UpstreamBodyIdleTimeout => "UPSTREAM_BODY_IDLE_TIMEOUT",
             Reason::UpstreamBodyError => "UPSTREAM_BODY_ERROR",
             Reason::ClientBodyError => "CLIENT_BODY_ERROR",
-            Reason::UpgradeFailed => "UPGRADE_FAILED",
-            Reason::ShuttingDown => "SHUTTING_DOWN",
+            Reason::ClientBodyTimeout => "CLIENT_BODY_TIMEOUT",
         }
     }
 
@@ -101,20 +98,19 @@ impl Reason {
             | Reason::UpstreamHeaderTimeout
             | Reason::UpstreamRequestTimeout
             | Reason::UpstreamBodyIdleTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Reason::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Reason::UpstreamConnectRefused
             | Reason::UpstreamConnectError
             | Reason::UpstreamDnsError
             | Reason::UpstreamTlsError
             | Reason::UpstreamReset
             | Reason::UpstreamInvalidResponse
-            | Reason::UpstreamBodyError
-            | Reason::UpgradeFailed => StatusCode::BAD_GATEWAY,
+            | Reason::UpstreamBodyError => StatusCode::BAD_GATEWAY,
         }
     }
 
     /// Whether this reason is an upstream failure (counted in `rampart_upstream_errors_total`).
     pub fn is_upstream_error(self) -> bool {
-        self.as_str().starts_with("UPSTREAM_") || self == Reason::UpgradeFailed
+        self.as_str().starts_with("UPSTREAM_")
     }
 }

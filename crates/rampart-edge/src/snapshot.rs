@@ -81,7 +81,7 @@ impl Snapshot {
         for (i, p) in cfg.pool.iter().enumerate() {
             let reuse = previous
                 .and_then(|s| s.pools.get(&p.name))
-                .filter(|old| old.fingerprint == upstream::fingerprint(p));
+                .filter(|old| old.fingerprint == upstream::fingerprint(p, &base));
             match reuse {
                 Some(old) => {
                     pools.insert(p.name.clone(), old.clone());
@@ -143,12 +143,12 @@ impl Snapshot {
                 } else {
                     Rewrite::None
                 };
-                let host = match r.host_header.as_str() {
+                let host = match r.host_header.to_ascii_lowercase().as_str() {
                     "preserve" => HostMode::Preserve,
                     "backend" => HostMode::Backend,
-                    other => {
-                        HostMode::Fixed(HeaderValue::from_str(other).unwrap_or(HeaderValue::from_static("invalid")))
-                    }
+                    _ => HostMode::Fixed(
+                        HeaderValue::from_str(&r.host_header).unwrap_or(HeaderValue::from_static("invalid")),
+                    ),
                 };
                 let entry = RouteEntry {
                     site: name.clone(),

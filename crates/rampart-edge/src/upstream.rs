@@ -81,7 +81,7 @@ impl Pool {
             timeouts: cfg.timeouts.clone(),
             protocol: cfg.protocol,
             metrics,
-            fingerprint: fingerprint(cfg),
+            fingerprint: fingerprint(cfg, base_dir),
         })
     }
 
@@ -94,8 +94,18 @@ impl Pool {
     }
 }
 
-pub fn fingerprint(cfg: &PoolConfig) -> String {
-    serde_json::to_string(cfg).unwrap_or_default()
+/// The pool's config, plus the contents of its CA file: a reload rebuilds the pool
+/// when either changed.
+pub fn fingerprint(cfg: &PoolConfig, base_dir: &Path) -> String {
+    let mut f = serde_json::to_string(cfg).unwrap_or_default();
+    if let Some(ca) = &cfg.tls.ca {
+        let bytes = std::fs::read(base_dir.join(ca)).unwrap_or_default();
+        let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        f.push_str(&format!("|ca:{h:016x}"));
+    }
+    f
 }
 
 fn provider() -> Arc<CryptoProvider> {

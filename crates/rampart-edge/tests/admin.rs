@@ -319,3 +319,25 @@ async fn access_log_has_one_json_line_per_request() {
     assert!(line["duration_ms"].as_f64().unwrap() >= 0.0);
     assert!(line["time"].as_str().unwrap().ends_with('Z'));
 }
+
+#[tokio::test]
+async fn reload_cannot_remove_or_move_the_admin_listener() {
+    let a = Origin::start("a").await.unwrap();
+    let admin = "token = \"file:token\"";
+    let e = start_with_token(&with_admin(&a.url(), admin)).await;
+    e.rewrite_config(&simple(&a.url(), ""));
+    let (status, body) = reload(&e).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["errors"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("admin.listen: the admin listener cannot be added, moved or removed"),
+        "{body}"
+    );
+    // Still protected by the running token.
+    assert_eq!(
+        client().get(e.admin("/admin/status")).send().await.unwrap().status(),
+        401
+    );
+}

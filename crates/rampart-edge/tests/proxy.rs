@@ -412,3 +412,137 @@ async fn unresolvable_backend_is_502_dns_error() {
     assert_eq!((s, r.as_str()), (502, "UPSTREAM_DNS_ERROR"));
     assert!(took < Duration::from_secs(10), "{took:?}");
 }
+
+#[tokio::test]
+async fn dot_segments_cannot_reach_another_route() {
+    let public = Origin::start("public").await.unwrap();
+    let admin = Origin::start("admin").await.unwrap();
+    let cfg = format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+[log]
+access = "off"
+[[pool]]
+name = "public"
+backends = ["{}"]
+[[pool]]
+name = "admin"
+backends = ["{}"]
+[[site]]
+default = true
+  [[site.route]]
+  path = "/api/"
+  pool = "public"
+  [[site.route]]
+  path = "/"
+  pool = "admin"
+"#,
+        public.url(),
+        admin.url()
+    );
+    let e = TestEdge::start(&cfg).await;
+    // Raw bytes: HTTP client libraries would normalise the path before sending it.
+    let reply = raw(
+        e.http,
+        b"GET /api/../echo HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        reply.contains("\"origin\":\"admin\""),
+        "routed by the normalised path: {reply}"
+    );
+    assert!(
+        reply.contains("\"path\":\"/echo\""),
+        "the normalised path is forwarded: {reply}"
+    );
+    assert_eq!(public.requests(), 0);
+}
+
+#[tokio::test]
+async fn stalled_client_body_is_408() {
+    let origin = Origin::start("o").await.unwrap();
+    let cfg = simple(&origin.url(), "").replace(
+        "listen = [\"127.0.0.1:0\"]",
+        "listen = [\"127.0.0.1:0\"]\nclient_body_timeout = \"300ms\"",
+    );
+    let e = TestEdge::start(&cfg).await;
+    let t = Instant::now();
+    // Promise 100 bytes, send 10, then go quiet (the socket stays open).
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(e.http).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let reply = String::from_utf8_lossy(&buf[..n]);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("CLIENT_BODY_TIMEOUT"), "{reply}");
+    assert!(t.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test]
+async fn upstream_that_stops_reading_the_body_is_504_not_a_hang() {
+    let origin = Origin::start("o").await.unwrap();
+    let cfg = simple(&origin.url(), "timeouts = { response_header = \"500ms\" }").replace(
+        "listen = [\"127.0.0.1:0\"]",
+        "listen = [\"127.0.0.1:0\"]\nlimits = { max_request_body = \"64MiB\" }",
+    );
+    let e = TestEdge::start(&cfg).await;
+    // /hang never reads the body: once socket buffers fill, the upload stops making progress.
+    let body = vec![7u8; 32 * 1024 * 1024];
+    let t = Instant::now();
+    let r = client().post(e.url("/hang")).body(body).send().await;
+    match r {
+        Ok(r) => {
+            assert_eq!(r.status(), 504);
+            assert_eq!(r.headers()["x-rampart-reason"], "UPSTREAM_HEADER_TIMEOUT");
+        }
+        // The edge may answer before the client finished writing and close the connection.
+        Err(e) => assert!(!e.is_timeout(), "{e}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+#[tokio::test]
+async fn a_long_steady_upload_is_not_a_header_timeout() {
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&simple(&origin.url(), "timeouts = { response_header = \"300ms\" }")).await;
+    // 8 chunks, 100ms apart: 800ms of upload against a 300ms header timeout.
+    let chunks = futures_util::stream::unfold(0, |i| async move {
+        if i == 8 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Some((Ok::<_, std::io::Error>(vec![1u8; 1000]), i + 1))
+    });
+    let r = client()
+        .post(e.url("/echo"))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let j: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(j["body_length"], 8000);
+}
+
+#[tokio::test]
+async fn ipv6_host_patterns_match_bracketed_hosts() {
+    let origin = Origin::start("v6").await.unwrap();
+    let cfg = simple(&origin.url(), "").replace("default = true", "hosts = [\"::1\"]");
+    let e = TestEdge::start(&cfg).await;
+    let r = client()
+        .get(e.url("/"))
+        .header("host", "[::1]:8080")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-origin-name"], "v6");
+}

@@ -64,3 +64,18 @@ async fn upgrades_are_not_forwarded_when_the_route_disables_them() {
     let err = tokio_tungstenite::connect_async(format!("ws://{}/ws", e.http)).await;
     assert!(err.is_err(), "handshake must fail when upgrades are off");
 }
+
+#[tokio::test]
+async fn shutdown_waits_for_open_tunnels_until_the_deadline() {
+    let origin = Origin::start("ws").await.unwrap();
+    let mut e = TestEdge::start(&simple(&origin.url(), "")).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", e.http))
+        .await
+        .unwrap();
+    ws.send(Message::text("x")).await.unwrap();
+    assert!(ws.next().await.unwrap().is_ok());
+    let t = tokio::time::Instant::now();
+    let report = e.edge.take().unwrap().shutdown(Duration::from_millis(300)).await;
+    assert_eq!(report.abandoned, 1, "the open tunnel is counted");
+    assert!(t.elapsed() >= Duration::from_millis(300));
+}
