@@ -302,6 +302,12 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
     {
         errs.push("server.workers", "must be between 1 and 1024");
     }
+    if s.runtime == RuntimeModel::CurrentThread && s.workers.is_some_and(|w| w != 1) {
+        errs.push(
+            "server.runtime",
+            "\"current_thread\" runs one worker; set workers = 1 or use \"multi_thread\"",
+        );
+    }
     if s.max_connections == 0 {
         errs.push("server.max_connections", "must be at least 1");
     }

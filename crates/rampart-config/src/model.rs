@@ -29,6 +29,9 @@ pub struct Server {
     pub tls: Option<Tls>,
     /// Worker threads of the runtime; `None` means the number of cores.
     pub workers: Option<usize>,
+    /// Runtime model: `auto` (one current-thread runtime when `workers = 1`, else a
+    /// work-stealing multi-threaded runtime), `multi_thread` or `current_thread`.
+    pub runtime: RuntimeModel,
     /// Accept HTTP/2 with prior knowledge (h2c) on plain listeners.
     pub h2c: bool,
     /// Networks whose `X-Forwarded-*` and `x-request-id` headers are trusted.
@@ -54,6 +57,7 @@ impl Default for Server {
             listen: Vec::new(),
             tls: None,
             workers: None,
+            runtime: RuntimeModel::Auto,
             h2c: false,
             trusted_proxies: Vec::new(),
             via: true,
@@ -64,6 +68,15 @@ impl Default for Server {
             limits: Limits::default(),
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeModel {
+    #[default]
+    Auto,
+    MultiThread,
+    CurrentThread,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

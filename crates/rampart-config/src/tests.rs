@@ -180,3 +180,19 @@ fn suggestions() {
     assert_eq!(suggest("listn", ["listen", "tls"]), Some("listen"));
     assert_eq!(suggest("zzzzzz", ["listen", "tls"]), None);
 }
+
+#[test]
+fn current_thread_runtime_needs_one_worker() {
+    let text = BASE.replace("[server]\n", "[server]\nruntime = \"current_thread\"\nworkers = 2\n");
+    let e = errors(&text);
+    assert_eq!(e.len(), 1);
+    assert!(
+        e[0].starts_with("server.runtime: \"current_thread\" runs one worker"),
+        "{e:?}"
+    );
+    let ok = BASE.replace("[server]\n", "[server]\nruntime = \"multi_thread\"\nworkers = 1\n");
+    assert!(load(&ok).is_ok());
+    let bad = BASE.replace("[server]\n", "[server]\nruntime = \"fibers\"\n");
+    let e = errors(&bad);
+    assert!(e[0].starts_with("server.runtime: unknown variant `fibers`"), "{e:?}");
+}

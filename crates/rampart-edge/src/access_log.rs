@@ -1,14 +1,21 @@
-//! JSON access log: one line per request, written by a background task so the
-//! request path never blocks on I/O. The queue is bounded; when the writer
-//! falls behind, lines are dropped and counted (`rampart_access_log_dropped_total`).
+//! JSON access log: one line per request, written by a dedicated thread so the
+//! request path never blocks on I/O and never wakes anything: it only pushes the
+//! line onto a bounded queue, which the writer drains every few milliseconds and
+//! writes in one go. When the writer falls behind and the queue is full, lines are
+//! dropped and counted (`rampart_access_log_dropped_total`).
 
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
+use std::io::Write;
 use std::path::PathBuf;
-use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{SyncSender, TryRecvError, sync_channel};
+use std::time::Duration;
 
-const QUEUE: usize = 16 * 1024;
+const QUEUE: usize = 64 * 1024;
+/// How often the writer drains the queue: the longest a line waits to be written.
+const DRAIN_EVERY: Duration = Duration::from_millis(20);
 
 #[derive(Serialize)]
 pub struct Entry<'a> {
@@ -29,10 +36,11 @@ pub struct Entry<'a> {
     pub reason: &'a str,
 }
 
-#[derive(Clone)]
 pub struct AccessLog {
-    tx: Option<mpsc::Sender<Vec<u8>>>,
+    tx: Option<SyncSender<Vec<u8>>>,
     dropped: Counter,
+    /// Tells the writer to finish: set when this log is replaced or dropped.
+    closed: Arc<AtomicBool>,
 }
 
 pub enum Target {
@@ -43,35 +51,57 @@ pub enum Target {
 
 impl AccessLog {
     pub fn disabled(dropped: Counter) -> AccessLog {
-        AccessLog { tx: None, dropped }
+        AccessLog {
+            tx: None,
+            dropped,
+            closed: Arc::new(AtomicBool::new(true)),
+        }
     }
 
-    /// Start the writer task for a target.
-    pub async fn open(target: Target, dropped: Counter) -> std::io::Result<AccessLog> {
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
-        let mut out: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = match target {
+    /// Open the target and start its writer thread.
+    pub fn open(target: Target, dropped: Counter) -> std::io::Result<AccessLog> {
+        let mut out: Box<dyn Write + Send> = match target {
             Target::Off => return Ok(AccessLog::disabled(dropped)),
-            Target::Stdout => Box::new(tokio::io::stdout()),
-            Target::File(p) => Box::new(tokio::fs::OpenOptions::new().create(true).append(true).open(p).await?),
+            Target::Stdout => Box::new(std::io::stdout()),
+            Target::File(p) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p)?),
         };
-        tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(64 * 1024);
-            while let Some(line) = rx.recv().await {
-                buf.extend_from_slice(&line);
-                // Drain whatever else is queued, then write once.
-                while buf.len() < 256 * 1024 {
-                    match rx.try_recv() {
-                        Ok(l) => buf.extend_from_slice(&l),
-                        Err(_) => break,
+        let (tx, rx) = sync_channel::<Vec<u8>>(QUEUE);
+        let closed = Arc::new(AtomicBool::new(false));
+        let done = closed.clone();
+        std::thread::Builder::new()
+            .name("rampart-access-log".into())
+            .spawn(move || {
+                let mut buf = Vec::with_capacity(256 * 1024);
+                loop {
+                    let finished = done.load(Ordering::Relaxed);
+                    let mut disconnected = false;
+                    loop {
+                        match rx.try_recv() {
+                            Ok(line) => {
+                                buf.extend_from_slice(&line);
+                                if buf.len() >= 256 * 1024 {
+                                    write_out(&mut out, &mut buf);
+                                }
+                            }
+                            Err(TryRecvError::Empty) => break,
+                            Err(TryRecvError::Disconnected) => {
+                                disconnected = true;
+                                break;
+                            }
+                        }
                     }
+                    write_out(&mut out, &mut buf);
+                    if finished || disconnected {
+                        return;
+                    }
+                    std::thread::sleep(DRAIN_EVERY);
                 }
-                if out.write_all(&buf).await.is_err() || out.flush().await.is_err() {
-                    tracing::warn!("access log write failed");
-                }
-                buf.clear();
-            }
-        });
-        Ok(AccessLog { tx: Some(tx), dropped })
+            })?;
+        Ok(AccessLog {
+            tx: Some(tx),
+            dropped,
+            closed,
+        })
     }
 
     pub fn enabled(&self) -> bool {
@@ -89,6 +119,23 @@ impl AccessLog {
             self.dropped.inc();
         }
     }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        // The writer drains what is queued, then exits.
+        self.closed.store(true, Ordering::Relaxed);
+    }
+}
+
+fn write_out(out: &mut Box<dyn Write + Send>, buf: &mut Vec<u8>) {
+    if buf.is_empty() {
+        return;
+    }
+    if out.write_all(buf).and_then(|()| out.flush()).is_err() {
+        tracing::warn!("access log write failed");
+    }
+    buf.clear();
 }
 
 /// RFC 3339 UTC timestamp with milliseconds, without pulling in a date crate.

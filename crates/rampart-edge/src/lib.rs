@@ -162,7 +162,6 @@ impl Shared {
         let access = snap.validated.config.log.access.clone();
         if access != self.access_log_slot.load().0 {
             let log = open_access_log(&snap.validated, &self.metrics)
-                .await
                 .map_err(|e| ConfigErrors(vec![FieldError::new("log.access", e.to_string())]))?;
             self.access_log_slot.store(Arc::new((access, log)));
         }
@@ -219,13 +218,13 @@ fn listener_specs(v: &Validated) -> Vec<(String, String, Kind)> {
     out
 }
 
-async fn open_access_log(v: &Validated, metrics: &Metrics) -> std::io::Result<AccessLog> {
+fn open_access_log(v: &Validated, metrics: &Metrics) -> std::io::Result<AccessLog> {
     let target = match v.config.log.access.as_str() {
         "off" => Target::Off,
         "stdout" => Target::Stdout,
         p => Target::File(v.resolve_path(p)),
     };
-    AccessLog::open(target, metrics.access_log_dropped.clone()).await
+    AccessLog::open(target, metrics.access_log_dropped.clone())
 }
 
 /// Build everything a config needs without binding anything: what `rampart check`
@@ -259,7 +258,7 @@ impl Edge {
         }
         let admin_cfg = validated.config.admin.clone();
         let snap = Snapshot::build(validated, 1, &metrics, None).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let log = open_access_log(&snap.validated, &metrics).await?;
+        let log = open_access_log(&snap.validated, &metrics)?;
         let access = snap.validated.config.log.access.clone();
         let wanted = listener_specs(&snap.validated);
         let (shutdown, _) = watch::channel(false);

@@ -4,12 +4,15 @@
 use crate::Shared;
 use crate::metrics::ListenerLabels;
 use crate::proxy::{self, ConnInfo};
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -186,15 +189,34 @@ async fn accept_loop(
     }
 }
 
-fn builder(shared: &Shared, kind: Kind) -> auto::Builder<TokioExecutor> {
+/// How a connection is served: plain HTTP/1.1 (hyper's `http1` connection, the
+/// smallest per-connection state), or HTTP/1.1 and HTTP/2 chosen per connection.
+enum Protocols {
+    Http1(http1::Builder),
+    Both(auto::Builder<TokioExecutor>),
+}
+
+fn builder(shared: &Shared, kind: Kind) -> Protocols {
     let snap = shared.snapshot.load();
     let s = &snap.validated.config.server;
+    let head_budget = (snap.limits.max_header_bytes + snap.limits.max_uri + 4096).max(8192);
+    let http2 = match kind {
+        Kind::Plain => s.h2c,
+        Kind::Tls => s.tls.as_ref().is_some_and(|t| t.http2),
+    };
+    if !http2 {
+        let mut b = http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(s.header_read_timeout.get())
+            .max_buf_size(head_budget)
+            .max_headers(snap.limits.max_headers);
+        return Protocols::Http1(b);
+    }
     let mut b = auto::Builder::new(TokioExecutor::new());
-    let head_budget = snap.limits.max_header_bytes + snap.limits.max_uri + 4096;
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(s.header_read_timeout.get())
-        .max_buf_size(head_budget.max(8192))
+        .max_buf_size(head_budget)
         .max_headers(snap.limits.max_headers);
     b.http2()
         .timer(TokioTimer::new())
@@ -202,14 +224,7 @@ fn builder(shared: &Shared, kind: Kind) -> auto::Builder<TokioExecutor> {
         .max_concurrent_streams(256)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
-    let http2 = match kind {
-        Kind::Plain => s.h2c,
-        Kind::Tls => s.tls.as_ref().is_some_and(|t| t.http2),
-    };
-    if !http2 {
-        b = b.http1_only();
-    }
-    b
+    Protocols::Both(b)
 }
 
 async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, kind: Kind, _guard: ConnGuard) {
@@ -242,7 +257,7 @@ async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, ki
     }
 }
 
-async fn serve<I, S>(b: &auto::Builder<TokioExecutor>, io: I, svc: S, shutdown: &mut watch::Receiver<bool>)
+async fn serve<I, S>(p: &Protocols, io: I, svc: S, shutdown: &mut watch::Receiver<bool>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::Service<
@@ -253,10 +268,29 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let conn = b.serve_connection_with_upgrades(io, svc);
-    tokio::pin!(conn);
+    match p {
+        Protocols::Http1(b) => {
+            let conn = b.serve_connection(io, svc).with_upgrades();
+            tokio::pin!(conn);
+            drive(conn, shutdown, |c| c.graceful_shutdown()).await;
+        }
+        Protocols::Both(b) => {
+            let conn = b.serve_connection_with_upgrades(io, svc);
+            tokio::pin!(conn);
+            drive(conn, shutdown, |c| c.graceful_shutdown()).await;
+        }
+    }
+}
+
+/// Run a connection to its end; when shutdown is signalled, ask it to finish
+/// gracefully (idle keep-alive connections close, in-flight requests complete).
+async fn drive<C, E>(mut conn: Pin<&mut C>, shutdown: &mut watch::Receiver<bool>, graceful: fn(Pin<&mut C>))
+where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     if *shutdown.borrow() {
-        conn.as_mut().graceful_shutdown();
+        graceful(conn.as_mut());
     } else {
         tokio::select! {
             r = conn.as_mut() => {
@@ -265,7 +299,7 @@ where
                 }
                 return;
             }
-            _ = shutdown.changed() => conn.as_mut().graceful_shutdown(),
+            _ = shutdown.changed() => graceful(conn.as_mut()),
         }
     }
     let _ = conn.await;
