@@ -413,6 +413,32 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
                 p.name
             ));
         }
+        match (&p.hash_key, p.balance) {
+            (Some(k), _) => {
+                if let Err(e) = k.parse::<HashKey>() {
+                    errs.push(format!("{at}.hash_key"), e);
+                } else if p.balance != Balance::ConsistentHash {
+                    errs.push(
+                        format!("{at}.hash_key"),
+                        "applies only to balance = \"consistent_hash\"",
+                    );
+                }
+            }
+            (None, Balance::ConsistentHash) => errs.push(
+                format!("{at}.hash_key"),
+                "consistent_hash needs a key: \"ip\", \"path\", \"header:NAME\", \"cookie:NAME\" or \"query:NAME\"",
+            ),
+            (None, _) => {}
+        }
+        let mut seen_urls = HashSet::new();
+        for (j, b) in p.backends.iter().enumerate() {
+            if !seen_urls.insert(b.url.trim_end_matches('/')) {
+                errs.push(
+                    format!("{at}.backends[{j}].url"),
+                    format!("`{}` is listed twice", b.url),
+                );
+            }
+        }
         if p.max_idle_per_backend > 10_000 {
             errs.push(format!("{at}.max_idle_per_backend"), "must be at most 10000");
         }

@@ -154,6 +154,46 @@ pub enum Protocol {
     Http2,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    Random,
+    LeastRequest,
+    ConsistentHash,
+}
+
+/// Where a consistent-hash key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    ClientIp,
+    Path,
+    Header(String),
+    Cookie(String),
+    Query(String),
+}
+
+impl std::str::FromStr for HashKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}`: use \"ip\", \"path\", \"header:NAME\", \"cookie:NAME\" or \"query:NAME\"");
+        match s.split_once(':') {
+            None if s == "ip" => Ok(HashKey::ClientIp),
+            None if s == "path" => Ok(HashKey::Path),
+            Some((kind, name)) if !name.trim().is_empty() => match kind {
+                "header" => http::HeaderName::from_bytes(name.trim().as_bytes())
+                    .map(|h| HashKey::Header(h.as_str().to_string()))
+                    .map_err(|_| format!("`{name}` is not a valid header name")),
+                "cookie" => Ok(HashKey::Cookie(name.trim().to_string())),
+                "query" => Ok(HashKey::Query(name.trim().to_string())),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pool {
@@ -162,6 +202,12 @@ pub struct Pool {
     /// Protocol spoken to the backends.
     #[serde(default)]
     pub protocol: Protocol,
+    /// Load-balancing algorithm.
+    #[serde(default)]
+    pub balance: Balance,
+    /// Key for `consistent_hash`: `ip`, `path`, `header:NAME`, `cookie:NAME` or `query:NAME`.
+    #[serde(default)]
+    pub hash_key: Option<String>,
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]

@@ -196,3 +196,31 @@ fn current_thread_runtime_needs_one_worker() {
     let e = errors(&bad);
     assert!(e[0].starts_with("server.runtime: unknown variant `fibers`"), "{e:?}");
 }
+
+#[test]
+fn balance_and_hash_keys() {
+    let with = |extra: &str| BASE.replace("weight = 2 }]\n", &format!("weight = 2 }}]\n{extra}\n"));
+    assert!(load(&with("balance = \"least_request\"")).is_ok());
+    assert!(load(&with("balance = \"consistent_hash\"\nhash_key = \"header:x-user\"")).is_ok());
+    assert!(load(&with("balance = \"consistent_hash\"\nhash_key = \"cookie:sid\"")).is_ok());
+    assert_eq!(
+        errors(&with("balance = \"consistent_hash\"")),
+        vec![
+            "pool[0].hash_key: consistent_hash needs a key: \"ip\", \"path\", \"header:NAME\", \"cookie:NAME\" or \"query:NAME\""
+        ]
+    );
+    let e = errors(&with("balance = \"consistent_hash\"\nhash_key = \"colour:red\""));
+    assert!(e[0].starts_with("pool[0].hash_key: `colour:red`: use"), "{e:?}");
+    let e = errors(&with("hash_key = \"ip\""));
+    assert_eq!(
+        e,
+        vec!["pool[0].hash_key: applies only to balance = \"consistent_hash\""]
+    );
+    let e = errors(&with("balance = \"fastest\""));
+    assert!(e[0].starts_with("pool[0].balance: unknown variant `fastest`"), "{e:?}");
+    let dup = BASE.replace("\"http://127.0.0.1:9000\", {", "\"http://127.0.0.1:9001\", {");
+    assert_eq!(
+        errors(&dup),
+        vec!["pool[0].backends[1].url: `http://127.0.0.1:9001` is listed twice"]
+    );
+}

@@ -4,7 +4,7 @@
 //! read-only endpoints answer and the mutating ones are refused.
 
 use crate::Shared;
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -20,6 +20,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/admin/status", get(status))
         .route("/admin/config", get(config))
         .route("/admin/reload", post(reload))
+        .route("/admin/pools", get(pools))
+        .route("/admin/pools/{pool}/backends/{backend}/{action}", post(backend_action))
         .route_layer(middleware::from_fn_with_state(shared.clone(), auth));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -133,4 +135,92 @@ async fn reload(State(shared): State<Arc<Shared>>) -> Response {
         )
             .into_response(),
     }
+}
+
+async fn pools(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let snap = shared.snapshot.load();
+    let mut names: Vec<&String> = snap.pools.keys().collect();
+    names.sort();
+    let pools: Vec<serde_json::Value> = names
+        .into_iter()
+        .filter_map(|n| snap.pools.get(n))
+        .map(|p| {
+            let backends: Vec<serde_json::Value> = p
+                .backends
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    json!({
+                        "index": i,
+                        "url": &*b.label,
+                        "weight": b.weight,
+                        "state": b.state.admin().as_str(),
+                        "in_flight": b.state.in_flight(),
+                    })
+                })
+                .collect();
+            json!({"name": &*p.name, "balance": p.balance_name(), "backends": backends})
+        })
+        .collect();
+    Json(json!({ "pools": pools }))
+}
+
+/// `POST /admin/pools/{pool}/backends/{backend}/{drain|disable|enable}`. The backend is
+/// named by its index in the pool, its URL, or its `host:port`. Takes effect at once,
+/// without a reload, and lasts until changed again (a reload keeps it).
+async fn backend_action(
+    State(shared): State<Arc<Shared>>,
+    Path((pool, backend, action)): Path<(String, String, String)>,
+) -> Response {
+    let state = match action.as_str() {
+        "drain" => crate::balance::AdminState::Draining,
+        "disable" => crate::balance::AdminState::Disabled,
+        "enable" => crate::balance::AdminState::Enabled,
+        _ => {
+            return (
+                StatusCode::NOT_FOUND,
+                Json(json!({"error": format!("unknown action `{action}`: use drain, disable or enable")})),
+            )
+                .into_response();
+        }
+    };
+    let snap = shared.snapshot.load();
+    let Some(p) = snap.pools.get(&pool) else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no pool named \"{pool}\"")})),
+        )
+            .into_response();
+    };
+    let found = p
+        .backends
+        .iter()
+        .enumerate()
+        .find(|(i, b)| backend == i.to_string() || backend == *b.label || backend == b.authority.as_str());
+    let Some((i, b)) = found else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("pool \"{pool}\" has no backend `{backend}` (use its index, URL or host:port)")})),
+        )
+            .into_response();
+    };
+    let before = b.state.admin();
+    b.state.set_admin(state);
+    tracing::info!(
+        target: "rampart::audit",
+        pool = %pool,
+        backend = %b.label,
+        from = before.as_str(),
+        to = state.as_str(),
+        "backend state changed via admin API"
+    );
+    Json(json!({
+        "pool": pool,
+        "index": i,
+        "url": &*b.label,
+        "state": state.as_str(),
+        "previous": before.as_str(),
+        "in_flight": b.state.in_flight(),
+    }))
+    .into_response()
 }

@@ -5,6 +5,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod balance;
 pub mod body;
 pub mod dns;
 pub mod headers;
@@ -34,6 +35,8 @@ use tokio::sync::watch;
 /// reload lives here; what a reload replaces lives in the snapshot.
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
+    /// Per-backend runtime state (in flight, drain/disable), keyed by (pool, URL).
+    pub backends: upstream::BackendRegistry,
     pub metrics: Arc<Metrics>,
     access_log_slot: ArcSwap<(String, AccessLog)>,
     pub access_log: AccessLogHandle,
@@ -114,7 +117,7 @@ impl Shared {
         let old = self.snapshot.load_full();
         // Reloads are serialised, so the next version follows the running one.
         let version = old.version + 1;
-        let snap = Snapshot::build(validated, version, &self.metrics, Some(&old))?;
+        let snap = Snapshot::build(validated, version, &self.metrics, &self.backends, Some(&old))?;
         let Some(me) = self.me.upgrade() else {
             return Err(ConfigErrors(vec![FieldError::new("", "edge is shutting down")]));
         };
@@ -171,7 +174,9 @@ impl Shared {
             hash: snap.validated.hash.clone(),
             warnings: snap.validated.warnings.clone(),
         };
+        let keep = snap.backend_keys();
         self.snapshot.store(Arc::new(snap));
+        self.backends.retain(&keep);
 
         let mut handles = match self.listeners.lock() {
             Ok(h) => h,
@@ -232,7 +237,7 @@ fn open_access_log(v: &Validated, metrics: &Metrics) -> std::io::Result<AccessLo
 pub fn check(v: Validated) -> Result<String, ConfigErrors> {
     let summary = v.summary();
     let metrics = Metrics::new();
-    Snapshot::build(v, 1, &metrics, None).map(|_| summary)
+    Snapshot::build(v, 1, &metrics, &upstream::BackendRegistry::default(), None).map(|_| summary)
 }
 
 /// A running edge.
@@ -257,13 +262,15 @@ impl Edge {
             tracing::warn!("{w}");
         }
         let admin_cfg = validated.config.admin.clone();
-        let snap = Snapshot::build(validated, 1, &metrics, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let backends = upstream::BackendRegistry::default();
+        let snap = Snapshot::build(validated, 1, &metrics, &backends, None).map_err(|e| anyhow::anyhow!("{e}"))?;
         let log = open_access_log(&snap.validated, &metrics)?;
         let access = snap.validated.config.log.access.clone();
         let wanted = listener_specs(&snap.validated);
         let (shutdown, _) = watch::channel(false);
         let shared = Arc::new_cyclic(|me| Shared {
             snapshot: ArcSwap::from_pointee(snap),
+            backends,
             metrics,
             access_log_slot: ArcSwap::from_pointee((access, log)),
             access_log: AccessLogHandle { slot: me.clone() },

@@ -62,6 +62,8 @@ struct Record {
     upstream: Option<Arc<str>>,
     reason: Reason,
     body_state: Option<Arc<RequestBodyState>>,
+    /// Counts the request against its backend until the response body ends.
+    in_flight: Option<crate::balance::InFlight>,
 }
 
 impl Completion for Record {
@@ -191,6 +193,7 @@ pub async fn handle(
         upstream: None,
         reason: Reason::Proxied,
         body_state: None,
+        in_flight: None,
     };
 
     // Limits.
@@ -251,11 +254,6 @@ pub async fn handle(
         return Ok(local_response(Reason::RequestBodyTooLarge, rec, None));
     }
 
-    let Some(backend) = route.pool.pick() else {
-        return Ok(local_response(Reason::UpstreamConnectError, rec, None));
-    };
-    rec.upstream = Some(backend.label.clone());
-
     // Upgrades (WebSocket and friends) are HTTP/1.1 only.
     let upgrade = if route.websocket && req.version() == Version::HTTP_11 {
         headers::upgrade_protocol(req.headers())
@@ -265,6 +263,11 @@ pub async fn handle(
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
 
     let (parts, body) = req.into_parts();
+    let Some(backend) = route.pool.pick(&parts, rec.client_ip) else {
+        return Ok(local_response(Reason::NoAvailableBackend, rec, None));
+    };
+    rec.upstream = Some(backend.label.clone());
+    rec.in_flight = Some(backend.state.start());
     let pq = rewrite_path(&path, parts.uri.query(), &route.rewrite, matched);
     let uri = match Uri::builder()
         .scheme(backend.scheme.clone())

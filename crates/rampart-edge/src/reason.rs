@@ -15,6 +15,7 @@ pub enum Reason {
     RequestBodyTooLarge,
     BadRequest,
     MethodNotAllowed,
+    NoAvailableBackend,
     UpstreamConnectRefused,
     UpstreamConnectTimeout,
     UpstreamConnectError,
@@ -31,7 +32,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 23] = [
         Reason::Proxied,
         Reason::NoMatchingSite,
         Reason::NoMatchingRoute,
@@ -41,6 +42,7 @@ impl Reason {
         Reason::RequestBodyTooLarge,
         Reason::BadRequest,
         Reason::MethodNotAllowed,
+        Reason::NoAvailableBackend,
         Reason::UpstreamConnectRefused,
         Reason::UpstreamConnectTimeout,
         Reason::UpstreamConnectError,
@@ -67,6 +69,7 @@ impl Reason {
             Reason::RequestBodyTooLarge => "REQUEST_BODY_TOO_LARGE",
             Reason::BadRequest => "BAD_REQUEST",
             Reason::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Reason::NoAvailableBackend => "NO_AVAILABLE_BACKEND",
             Reason::UpstreamConnectRefused => "UPSTREAM_CONNECT_REFUSED",
             Reason::UpstreamConnectTimeout => "UPSTREAM_CONNECT_TIMEOUT",
             Reason::UpstreamConnectError => "UPSTREAM_CONNECT_ERROR",
@@ -94,6 +97,7 @@ impl Reason {
             Reason::RequestBodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reason::BadRequest | Reason::ClientBodyError => StatusCode::BAD_REQUEST,
             Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Reason::NoAvailableBackend => StatusCode::SERVICE_UNAVAILABLE,
             Reason::UpstreamConnectTimeout
             | Reason::UpstreamHeaderTimeout
             | Reason::UpstreamRequestTimeout

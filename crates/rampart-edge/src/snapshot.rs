@@ -4,7 +4,7 @@
 
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routing::{PathMatch, Router};
-use crate::upstream::{self, Pool};
+use crate::upstream::{self, BackendRegistry, Pool};
 use http::HeaderValue;
 use rampart_config::{Cidr, ConfigErrors, Validated};
 use std::collections::HashMap;
@@ -65,12 +65,21 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Every (pool, backend URL) in this snapshot.
+    pub fn backend_keys(&self) -> std::collections::HashSet<(String, String)> {
+        self.pools
+            .values()
+            .flat_map(|p| p.backends.iter().map(|b| (p.name.to_string(), b.label.to_string())))
+            .collect()
+    }
+
     /// Build a snapshot; pools whose config did not change are carried over from
     /// `previous`, keeping their idle connections and balancing position.
     pub fn build(
         validated: Validated,
         version: u64,
         metrics: &Metrics,
+        registry: &BackendRegistry,
         previous: Option<&Snapshot>,
     ) -> Result<Snapshot, ConfigErrors> {
         let mut errs = ConfigErrors::default();
@@ -86,7 +95,7 @@ impl Snapshot {
                 Some(old) => {
                     pools.insert(p.name.clone(), old.clone());
                 }
-                None => match Pool::build(p, &base, metrics.pool(&p.name)) {
+                None => match Pool::build(p, &base, metrics.pool(&p.name), registry) {
                     Ok(pool) => {
                         pools.insert(p.name.clone(), Arc::new(pool));
                     }

@@ -2,6 +2,7 @@
 //! HTTP/1.1 or HTTP/2, plain or TLS, and the classification of failures into
 //! reason codes.
 
+use crate::balance::{BackendState, Balancer, Candidate, hash_bytes};
 use crate::body::UpstreamBody;
 use crate::dns::Resolver;
 use crate::metrics::PoolMetrics;
@@ -12,20 +13,23 @@ use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilde
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rampart_config::{Pool as PoolConfig, Protocol, Timeouts};
+use rampart_config::{Balance, HashKey, Pool as PoolConfig, Protocol, Timeouts};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector<Resolver>>, UpstreamBody>;
 
 pub struct Backend {
+    pub weight: u32,
+    /// Runtime state (in flight, drain/disable), kept across reloads.
+    pub state: Arc<BackendState>,
     pub scheme: Scheme,
     pub authority: Authority,
     /// `host:port` as a header value, for `host_header = "backend"`.
@@ -34,12 +38,47 @@ pub struct Backend {
     pub label: Arc<str>,
 }
 
+impl Candidate for Backend {
+    fn weight(&self) -> u32 {
+        self.weight
+    }
+    fn state(&self) -> &BackendState {
+        &self.state
+    }
+    fn key(&self) -> &str {
+        &self.label
+    }
+}
+
+/// Backend states by (pool, backend URL): what survives a reload.
+#[derive(Default)]
+pub struct BackendRegistry {
+    states: std::sync::Mutex<HashMap<(String, String), Arc<BackendState>>>,
+}
+
+impl BackendRegistry {
+    pub fn get(&self, pool: &str, url: &str) -> Arc<BackendState> {
+        let mut m = match self.states.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.entry((pool.to_string(), url.to_string())).or_default().clone()
+    }
+
+    /// Forget backends that no longer exist, so the map stays bounded by the config.
+    pub fn retain(&self, keep: &HashSet<(String, String)>) {
+        if let Ok(mut m) = self.states.lock() {
+            m.retain(|k, _| keep.contains(k));
+        }
+    }
+}
+
 pub struct Pool {
     pub name: Arc<str>,
     pub backends: Vec<Backend>,
-    /// Cumulative weights, for weighted round-robin.
-    cumulative: Vec<u32>,
-    next: AtomicUsize,
+    pub balance: Balance,
+    balancer: Balancer,
+    hash_key: Option<HashKey>,
     pub client: UpstreamClient,
     pub timeouts: Timeouts,
     pub protocol: Protocol,
@@ -50,10 +89,13 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn build(cfg: &PoolConfig, base_dir: &Path, metrics: PoolMetrics) -> Result<Pool, String> {
+    pub fn build(
+        cfg: &PoolConfig,
+        base_dir: &Path,
+        metrics: PoolMetrics,
+        registry: &BackendRegistry,
+    ) -> Result<Pool, String> {
         let mut backends = Vec::with_capacity(cfg.backends.len());
-        let mut cumulative = Vec::with_capacity(cfg.backends.len());
-        let mut total = 0u32;
         for b in &cfg.backends {
             let uri = rampart_config::check_backend_url(&b.url)?;
             let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
@@ -62,9 +104,9 @@ impl Pool {
                 .cloned()
                 .ok_or_else(|| format!("`{}` has no host", b.url))?;
             let host_value = HeaderValue::from_str(authority.as_str()).map_err(|e| format!("`{}`: {e}", b.url))?;
-            total += b.weight;
-            cumulative.push(total);
             backends.push(Backend {
+                weight: b.weight,
+                state: registry.get(&cfg.name, &b.url),
                 scheme,
                 authority,
                 host_value,
@@ -72,11 +114,22 @@ impl Pool {
             });
         }
         let client = build_client(cfg, base_dir)?;
+        let balancer = match cfg.balance {
+            Balance::RoundRobin => Balancer::round_robin(backends.len()),
+            Balance::Random => Balancer::Random,
+            Balance::LeastRequest => Balancer::LeastRequest,
+            Balance::ConsistentHash => Balancer::consistent_hash(&backends),
+        };
+        let hash_key = match &cfg.hash_key {
+            Some(k) => Some(k.parse::<HashKey>()?),
+            None => None,
+        };
         Ok(Pool {
             name: Arc::from(cfg.name.as_str()),
             backends,
-            cumulative,
-            next: AtomicUsize::new(0),
+            balance: cfg.balance,
+            balancer,
+            hash_key,
             client,
             timeouts: cfg.timeouts.clone(),
             protocol: cfg.protocol,
@@ -85,17 +138,55 @@ impl Pool {
         })
     }
 
-    /// Weighted round-robin.
-    pub fn pick(&self) -> Option<&Backend> {
-        let total = *self.cumulative.last()?;
-        let n = u32::try_from(self.next.fetch_add(1, Ordering::Relaxed) % total as usize).unwrap_or(0);
-        let i = self.cumulative.partition_point(|c| *c <= n);
-        self.backends.get(i)
+    /// Choose a backend for a request; `None` when every backend is unavailable.
+    pub fn pick(&self, req: &http::request::Parts, client_ip: std::net::IpAddr) -> Option<&Backend> {
+        let hash = self.hash_key.as_ref().and_then(|k| request_hash(k, req, client_ip));
+        self.balancer
+            .pick(&self.backends, hash)
+            .and_then(|i| self.backends.get(i))
+    }
+
+    pub fn balance_name(&self) -> &'static str {
+        match self.balance {
+            Balance::RoundRobin => "round_robin",
+            Balance::Random => "random",
+            Balance::LeastRequest => "least_request",
+            Balance::ConsistentHash => "consistent_hash",
+        }
     }
 }
 
 /// The pool's config, plus the contents of its CA file: a reload rebuilds the pool
 /// when either changed.
+/// The consistent-hash key of a request. A request without the key (no such header,
+/// cookie or parameter) gets `None` and is balanced at random.
+fn request_hash(key: &HashKey, req: &http::request::Parts, client_ip: std::net::IpAddr) -> Option<u64> {
+    match key {
+        HashKey::ClientIp => Some(match client_ip {
+            std::net::IpAddr::V4(v4) => hash_bytes(&v4.octets()),
+            std::net::IpAddr::V6(v6) => hash_bytes(&v6.octets()),
+        }),
+        HashKey::Path => Some(hash_bytes(req.uri.path().as_bytes())),
+        HashKey::Header(name) => req.headers.get(name.as_str()).map(|v| hash_bytes(v.as_bytes())),
+        HashKey::Cookie(name) => req
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| hash_bytes(v.as_bytes())),
+        HashKey::Query(name) => req
+            .uri
+            .query()?
+            .split('&')
+            .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| hash_bytes(v.as_bytes())),
+    }
+}
+
 pub fn fingerprint(cfg: &PoolConfig, base_dir: &Path) -> String {
     let mut f = serde_json::to_string(cfg).unwrap_or_default();
     if let Some(ca) = &cfg.tls.ca {
@@ -295,7 +386,13 @@ mod tests {
         );
         let v = rampart_config::load_str(&text, Path::new(".")).ok()?;
         let m = crate::metrics::Metrics::new();
-        Pool::build(&v.config.pool[0], Path::new("."), m.pool("p")).ok()
+        Pool::build(
+            &v.config.pool[0],
+            Path::new("."),
+            m.pool("p"),
+            &BackendRegistry::default(),
+        )
+        .ok()
     }
 
     #[tokio::test]
@@ -304,8 +401,10 @@ mod tests {
         assert!(p.is_some());
         let Some(p) = p else { return };
         let mut counts = [0usize; 2];
+        let (parts, _) = http::Request::new(()).into_parts();
+        let ip = std::net::IpAddr::from([127, 0, 0, 1]);
         for _ in 0..400 {
-            let b = p.pick().map(|b| b.label.to_string()).unwrap_or_default();
+            let b = p.pick(&parts, ip).map(|b| b.label.to_string()).unwrap_or_default();
             counts[usize::from(b.contains("//b"))] += 1;
         }
         assert_eq!(counts, [100, 300]);

@@ -333,7 +333,11 @@ async fn weighted_round_robin_spreads_requests() {
     for _ in 0..40 {
         assert_eq!(c.get(e.url("/")).send().await.unwrap().status(), 200);
     }
-    assert_eq!((a.requests(), b.requests()), (10, 30));
+    assert_eq!(
+        (a.requests(), b.requests()),
+        (10, 30),
+        "smooth weighted round-robin is exact"
+    );
 }
 
 #[tokio::test]

@@ -1,0 +1,379 @@
+//! Load balancing over a pool's backends. Every algorithm honours weights and
+//! skips backends that cannot take new requests (disabled or draining).
+//!
+//! - `round_robin`: smooth weighted round-robin (nginx's algorithm): with weights
+//!   5:1:1 the order is a a b a c a a, never five a's in a row.
+//! - `random`: weighted random.
+//! - `least_request`: power of two choices: two weighted-random candidates, the one
+//!   with fewer requests in flight per unit of weight wins (as Envoy and
+//!   linkerd do).
+//! - `consistent_hash`: a ring with 160 points per unit of weight (Ketama-style).
+//!   Removing one of N backends remaps only the keys that were on it, about 1/N.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+/// Runtime state of one backend, kept across reloads by (pool, url).
+#[derive(Debug, Default)]
+pub struct BackendState {
+    in_flight: AtomicUsize,
+    admin: AtomicU8,
+}
+
+/// Operator state of a backend (admin API).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminState {
+    Enabled,
+    /// Takes no new requests (nor new sessions); in-flight requests finish.
+    Draining,
+    /// Takes nothing new.
+    Disabled,
+}
+
+impl AdminState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Enabled => "enabled",
+            AdminState::Draining => "draining",
+            AdminState::Disabled => "disabled",
+        }
+    }
+}
+
+impl BackendState {
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn admin(&self) -> AdminState {
+        match self.admin.load(Ordering::Relaxed) {
+            1 => AdminState::Draining,
+            2 => AdminState::Disabled,
+            _ => AdminState::Enabled,
+        }
+    }
+
+    pub fn set_admin(&self, s: AdminState) {
+        let v = match s {
+            AdminState::Enabled => 0,
+            AdminState::Draining => 1,
+            AdminState::Disabled => 2,
+        };
+        self.admin.store(v, Ordering::Relaxed);
+    }
+
+    /// Whether the balancer may send this backend a new request.
+    pub fn available(&self) -> bool {
+        self.admin() == AdminState::Enabled
+    }
+
+    /// Count a request in flight until the guard is dropped.
+    pub fn start(self: &std::sync::Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+}
+
+/// One request in flight on a backend.
+pub struct InFlight(std::sync::Arc<BackendState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a backend looks like to the balancer.
+pub trait Candidate {
+    fn weight(&self) -> u32;
+    fn state(&self) -> &BackendState;
+    /// Stable identity for the hash ring (the backend URL).
+    fn key(&self) -> &str;
+}
+
+pub enum Balancer {
+    RoundRobin(Mutex<Vec<i64>>),
+    Random,
+    LeastRequest,
+    ConsistentHash(Ring),
+}
+
+impl Balancer {
+    pub fn round_robin(n: usize) -> Balancer {
+        Balancer::RoundRobin(Mutex::new(vec![0; n]))
+    }
+
+    pub fn consistent_hash<C: Candidate>(backends: &[C]) -> Balancer {
+        Balancer::ConsistentHash(Ring::new(backends))
+    }
+
+    /// Choose a backend index. `hash` is the request's key for consistent hashing.
+    pub fn pick<C: Candidate>(&self, backends: &[C], hash: Option<u64>) -> Option<usize> {
+        match self {
+            Balancer::RoundRobin(cur) => smooth_wrr(cur, backends),
+            Balancer::Random => weighted_random(backends, None),
+            Balancer::LeastRequest => least_request(backends),
+            Balancer::ConsistentHash(ring) => match hash {
+                Some(h) => ring.pick(backends, h),
+                None => weighted_random(backends, None),
+            },
+        }
+    }
+}
+
+fn smooth_wrr<C: Candidate>(cur: &Mutex<Vec<i64>>, backends: &[C]) -> Option<usize> {
+    let mut cur = match cur.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    if cur.len() != backends.len() {
+        cur.resize(backends.len(), 0);
+    }
+    let mut total = 0i64;
+    let mut best: Option<usize> = None;
+    for (i, b) in backends.iter().enumerate() {
+        if !b.state().available() {
+            continue;
+        }
+        let w = i64::from(b.weight());
+        cur[i] += w;
+        total += w;
+        if best.is_none_or(|j| cur[i] > cur[j]) {
+            best = Some(i);
+        }
+    }
+    let i = best?;
+    cur[i] -= total;
+    Some(i)
+}
+
+fn weighted_random<C: Candidate>(backends: &[C], exclude: Option<usize>) -> Option<usize> {
+    let eligible = |i: usize, b: &C| b.state().available() && Some(i) != exclude;
+    let total: u64 = backends
+        .iter()
+        .enumerate()
+        .filter(|(i, b)| eligible(*i, b))
+        .map(|(_, b)| u64::from(b.weight()))
+        .sum();
+    if total == 0 {
+        return None;
+    }
+    let mut r = fastrand::u64(..total);
+    for (i, b) in backends.iter().enumerate() {
+        if !eligible(i, b) {
+            continue;
+        }
+        let w = u64::from(b.weight());
+        if r < w {
+            return Some(i);
+        }
+        r -= w;
+    }
+    None
+}
+
+fn least_request<C: Candidate>(backends: &[C]) -> Option<usize> {
+    let a = weighted_random(backends, None)?;
+    let Some(b) = weighted_random(backends, Some(a)) else {
+        return Some(a);
+    };
+    // Fewer in flight per unit of weight wins: compare in_flight/weight without division.
+    let (wa, wb) = (u128::from(backends[a].weight()), u128::from(backends[b].weight()));
+    let (la, lb) = (
+        backends[a].state().in_flight() as u128,
+        backends[b].state().in_flight() as u128,
+    );
+    Some(if la * wb <= lb * wa { a } else { b })
+}
+
+/// A consistent-hash ring: sorted (point, backend index).
+pub struct Ring {
+    points: Vec<(u64, usize)>,
+}
+
+const POINTS_PER_WEIGHT: u32 = 160;
+
+impl Ring {
+    pub fn new<C: Candidate>(backends: &[C]) -> Ring {
+        let mut points = Vec::new();
+        for (i, b) in backends.iter().enumerate() {
+            for p in 0..b.weight().saturating_mul(POINTS_PER_WEIGHT).min(160_000) {
+                points.push((hash_bytes(format!("{}#{p}", b.key()).as_bytes()), i));
+            }
+        }
+        points.sort_unstable();
+        Ring { points }
+    }
+
+    /// The first available backend clockwise from the key's point.
+    fn pick<C: Candidate>(&self, backends: &[C], h: u64) -> Option<usize> {
+        if self.points.is_empty() {
+            return None;
+        }
+        let start = self.points.partition_point(|(p, _)| *p < h);
+        let n = self.points.len();
+        // Walk until an available backend; bounded by the ring size.
+        (0..n)
+            .map(|k| self.points[(start + k) % n].1)
+            .find(|i| backends[*i].state().available())
+    }
+}
+
+/// FNV-1a with a murmur3 finaliser: stable across runs and builds, well spread.
+pub fn hash_bytes(b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for x in b {
+        h ^= u64::from(*x);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    struct B {
+        w: u32,
+        s: Arc<BackendState>,
+        k: String,
+    }
+    impl Candidate for B {
+        fn weight(&self) -> u32 {
+            self.w
+        }
+        fn state(&self) -> &BackendState {
+            &self.s
+        }
+        fn key(&self) -> &str {
+            &self.k
+        }
+    }
+    fn pool(weights: &[u32]) -> Vec<B> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| B {
+                w: *w,
+                s: Arc::new(BackendState::default()),
+                k: format!("http://10.0.0.{i}:80"),
+            })
+            .collect()
+    }
+    fn counts(bal: &Balancer, p: &[B], n: usize) -> Vec<usize> {
+        let mut c = vec![0; p.len()];
+        for i in 0..n {
+            if let Some(x) = bal.pick(p, Some(hash_bytes(&(i as u64).to_be_bytes()))) {
+                c[x] += 1;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn smooth_round_robin_is_exact_and_interleaved() {
+        let p = pool(&[5, 1, 1]);
+        let b = Balancer::round_robin(p.len());
+        let seq: Vec<usize> = (0..7).filter_map(|_| b.pick(&p, None)).collect();
+        assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0], "nginx's smooth sequence for 5:1:1");
+        assert_eq!(counts(&b, &p, 7000), vec![5000, 1000, 1000]);
+    }
+
+    #[test]
+    fn random_honours_weights() {
+        let p = pool(&[1, 3]);
+        let c = counts(&Balancer::Random, &p, 40_000);
+        let share = c[1] as f64 / 40_000.0;
+        assert!((0.72..0.78).contains(&share), "{c:?}");
+    }
+
+    #[test]
+    fn least_request_prefers_the_idle_backend() {
+        let p = pool(&[1, 1, 1]);
+        let _busy: Vec<InFlight> = (0..10).map(|_| p[0].s.start()).collect();
+        let c = counts(&Balancer::LeastRequest, &p, 3000);
+        assert_eq!(c[0], 0, "a busy backend never beats an idle one in P2C: {c:?}");
+        assert!(c[1] > 1200 && c[2] > 1200, "{c:?}");
+        // Equal load: weights decide.
+        let p = pool(&[1, 3]);
+        let c = counts(&Balancer::LeastRequest, &p, 40_000);
+        assert!(c[1] > c[0] * 2, "{c:?}");
+    }
+
+    #[test]
+    fn in_flight_guard_counts() {
+        let s = Arc::new(BackendState::default());
+        let a = s.start();
+        let b = s.start();
+        assert_eq!(s.in_flight(), 2);
+        drop(a);
+        drop(b);
+        assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn consistent_hash_is_stable_and_spread() {
+        let p = pool(&[1; 10]);
+        let b = Balancer::consistent_hash(&p);
+        let c = counts(&b, &p, 100_000);
+        for x in &c {
+            assert!((7_000..13_000).contains(x), "uneven ring: {c:?}");
+        }
+        let h = hash_bytes(b"user-42");
+        assert_eq!(b.pick(&p, Some(h)), b.pick(&p, Some(h)));
+    }
+
+    #[test]
+    fn removing_one_of_n_remaps_about_one_nth() {
+        let n = 10;
+        let full = pool(&vec![1; n]);
+        let ring_full = Balancer::consistent_hash(&full);
+        // The same backends without the last one (same keys, so the same points).
+        let fewer: Vec<B> = full
+            .iter()
+            .take(n - 1)
+            .map(|b| B {
+                w: b.w,
+                s: Arc::new(BackendState::default()),
+                k: b.k.clone(),
+            })
+            .collect();
+        let ring_fewer = Balancer::consistent_hash(&fewer);
+        let keys = 50_000u64;
+        let mut moved = 0;
+        for k in 0..keys {
+            let h = hash_bytes(&k.to_be_bytes());
+            let (a, b) = (ring_full.pick(&full, Some(h)), ring_fewer.pick(&fewer, Some(h)));
+            if a != b {
+                moved += 1;
+                assert_eq!(a, Some(n - 1), "only keys of the removed backend move");
+            }
+        }
+        let frac = moved as f64 / keys as f64;
+        assert!(frac < 1.5 / n as f64, "moved {frac}");
+        assert!(frac > 0.5 / n as f64, "moved {frac}");
+    }
+
+    #[test]
+    fn unavailable_backends_are_skipped_by_every_algorithm() {
+        let p = pool(&[1, 1, 1]);
+        p[1].s.set_admin(AdminState::Draining);
+        p[2].s.set_admin(AdminState::Disabled);
+        for b in [
+            Balancer::round_robin(3),
+            Balancer::Random,
+            Balancer::LeastRequest,
+            Balancer::consistent_hash(&p),
+        ] {
+            assert_eq!(counts(&b, &p, 300), vec![300, 0, 0]);
+        }
+        p[0].s.set_admin(AdminState::Disabled);
+        assert_eq!(Balancer::round_robin(3).pick(&p, None), None);
+        assert_eq!(Balancer::consistent_hash(&p).pick(&p, Some(1)), None);
+    }
+}
