@@ -430,6 +430,59 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
             ),
             (None, _) => {}
         }
+        if !(0.0..=1.0).contains(&p.panic_threshold) {
+            errs.push(format!("{at}.panic_threshold"), "must be between 0.0 and 1.0");
+        }
+        if let Some(h) = &p.health {
+            let hat = format!("{at}.health");
+            if h.kind == HealthKind::Http && !(h.path == "auto" || h.path.starts_with('/')) {
+                errs.push(format!("{hat}.path"), "must start with `/`, or be \"auto\"");
+            }
+            if http::Method::from_bytes(h.method.as_bytes()).is_err() {
+                errs.push(format!("{hat}.method"), format!("`{}` is not an HTTP method", h.method));
+            }
+            if !valid_status_spec(&h.expect) {
+                errs.push(
+                    format!("{hat}.expect"),
+                    "use status codes and ranges, e.g. \"200-399\" or \"200,204\"",
+                );
+            }
+            if h.interval.is_zero() || h.timeout.is_zero() {
+                errs.push(hat.clone(), "interval and timeout must be greater than zero");
+            }
+            if h.consecutive_up == 0 || h.consecutive_down == 0 {
+                errs.push(hat.clone(), "consecutive_up and consecutive_down must be at least 1");
+            }
+            if let Some(host) = &h.host
+                && http::HeaderValue::from_str(host).is_err()
+            {
+                errs.push(format!("{hat}.host"), "is not a valid header value");
+            }
+        }
+        let o = &p.outlier;
+        if let Some(r) = o.error_rate
+            && !(r > 0.0 && r <= 1.0)
+        {
+            errs.push(
+                format!("{at}.outlier.error_rate"),
+                "must be greater than 0.0 and at most 1.0",
+            );
+        }
+        if o.max_ejected_percent > 100 {
+            errs.push(format!("{at}.outlier.max_ejected_percent"), "must be between 0 and 100");
+        }
+        if o.ejection_time.is_zero() || o.max_ejection_time < o.ejection_time || o.window.is_zero() {
+            errs.push(
+                format!("{at}.outlier"),
+                "window and ejection_time must be greater than zero, and max_ejection_time at least ejection_time",
+            );
+        }
+        if o.success_threshold == 0 || o.half_open_requests == 0 {
+            errs.push(
+                format!("{at}.outlier"),
+                "success_threshold and half_open_requests must be at least 1",
+            );
+        }
         let mut seen_urls = HashSet::new();
         for (j, b) in p.backends.iter().enumerate() {
             if !seen_urls.insert(b.url.trim_end_matches('/')) {
@@ -552,6 +605,15 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
         hash: stable_hash(text),
         base_dir: base_dir.to_path_buf(),
     })
+}
+
+fn valid_status_spec(spec: &str) -> bool {
+    let code = |s: &str| s.trim().parse::<u16>().is_ok_and(|c| (100..=599).contains(&c));
+    !spec.trim().is_empty()
+        && spec.split(',').all(|part| match part.split_once('-') {
+            Some((lo, hi)) => code(lo) && code(hi),
+            None => code(part),
+        })
 }
 
 fn resolve(base: &Path, p: &str) -> PathBuf {

@@ -208,6 +208,16 @@ pub struct Pool {
     /// Key for `consistent_hash`: `ip`, `path`, `header:NAME`, `cookie:NAME` or `query:NAME`.
     #[serde(default)]
     pub hash_key: Option<String>,
+    /// Active health checks; absent means none.
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
+    /// Passive health checks (outlier detection / circuit breaker).
+    #[serde(default)]
+    pub outlier: Outlier,
+    /// When the healthy share of the pool's weight falls below this fraction, balance
+    /// across every enabled backend regardless of health (panic mode).
+    #[serde(default = "default_panic")]
+    pub panic_threshold: f64,
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]
@@ -218,6 +228,94 @@ pub struct Pool {
     /// How long an idle upstream connection is kept.
     #[serde(default = "default_pool_idle")]
     pub idle_timeout: Duration,
+}
+
+fn default_panic() -> f64 {
+    0.5
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    #[default]
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    /// Path to request, or `"auto"`: try /health, /healthz, /status, /ping and keep
+    /// the first that answers 2xx.
+    pub path: String,
+    pub method: String,
+    /// Host header for the check (default: the backend's host:port).
+    pub host: Option<String>,
+    /// Statuses that pass: codes and ranges, e.g. `"200-399"` or `"200,204"`.
+    pub expect: String,
+    pub interval: Duration,
+    /// Up to this much is added to each interval at random, so checks spread out.
+    pub jitter: Duration,
+    pub timeout: Duration,
+    pub consecutive_up: u32,
+    pub consecutive_down: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            kind: HealthKind::Http,
+            path: "/".into(),
+            method: "GET".into(),
+            host: None,
+            expect: "200-399".into(),
+            interval: Duration::from_secs(5),
+            jitter: Duration::from_millis(500),
+            timeout: Duration::from_secs(2),
+            consecutive_up: 2,
+            consecutive_down: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Outlier {
+    pub enabled: bool,
+    /// Eject after this many failures in a row (0: off).
+    pub consecutive_failures: u32,
+    /// Eject when failures reach this fraction of requests in the window (absent: off).
+    pub error_rate: Option<f64>,
+    pub window: Duration,
+    /// The error rate counts only with at least this many requests in the window.
+    pub min_requests: u32,
+    /// First ejection time; doubles for each ejection in a row, up to `max_ejection_time`.
+    pub ejection_time: Duration,
+    pub max_ejection_time: Duration,
+    /// Successful trial requests that close a half-open circuit.
+    pub success_threshold: u32,
+    /// Trial requests in flight at once while half-open.
+    pub half_open_requests: usize,
+    /// Never eject more than this share of the pool's backends, in percent.
+    pub max_ejected_percent: u32,
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Outlier {
+            enabled: true,
+            consecutive_failures: 5,
+            error_rate: None,
+            window: Duration::from_secs(30),
+            min_requests: 20,
+            ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            success_threshold: 2,
+            half_open_requests: 1,
+            max_ejected_percent: 50,
+        }
+    }
 }
 
 fn default_max_idle() -> usize {

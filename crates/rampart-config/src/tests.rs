@@ -224,3 +224,30 @@ fn balance_and_hash_keys() {
         vec!["pool[0].backends[1].url: `http://127.0.0.1:9001` is listed twice"]
     );
 }
+
+#[test]
+fn health_settings_are_checked() {
+    let with = |extra: &str| BASE.replace("weight = 2 }]\n", &format!("weight = 2 }}]\n{extra}\n"));
+    assert!(load(&with("health = { path = \"auto\", interval = \"2s\" }")).is_ok());
+    assert!(load(&with("health = { kind = \"tcp\" }\noutlier = { error_rate = 0.5 }")).is_ok());
+    let e = errors(&with(
+        "health = { path = \"health\", expect = \"2xx\", method = \"GE T\" }",
+    ));
+    assert!(
+        e.iter().any(|m| m.starts_with("pool[0].health.path: must start with")),
+        "{e:?}"
+    );
+    assert!(e.iter().any(|m| m.starts_with("pool[0].health.expect:")), "{e:?}");
+    assert!(e.iter().any(|m| m.starts_with("pool[0].health.method:")), "{e:?}");
+    let e = errors(&with(
+        "outlier = { error_rate = 1.5, max_ejected_percent = 101 }\npanic_threshold = 2.0",
+    ));
+    assert!(e.iter().any(|m| m.starts_with("pool[0].outlier.error_rate:")), "{e:?}");
+    assert!(
+        e.iter().any(|m| m.starts_with("pool[0].outlier.max_ejected_percent:")),
+        "{e:?}"
+    );
+    assert!(e.iter().any(|m| m.starts_with("pool[0].panic_threshold:")), "{e:?}");
+    let e = errors(&with("outlier = { ejection_time = \"10m\" }"));
+    assert!(e[0].contains("max_ejection_time at least ejection_time"), "{e:?}");
+}

@@ -155,11 +155,14 @@ async fn pools(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
                         "url": &*b.label,
                         "weight": b.weight,
                         "state": b.state.admin().as_str(),
+                        "healthy": b.state.considered_healthy(),
+                        "active_check": if p.health.is_none() { "none" } else if b.state.active_healthy() { "passing" } else { "failing" },
+                        "circuit": b.state.circuit_name(),
                         "in_flight": b.state.in_flight(),
                     })
                 })
                 .collect();
-            json!({"name": &*p.name, "balance": p.balance_name(), "backends": backends})
+            json!({"name": &*p.name, "balance": p.balance_name(), "panic": p.in_panic(), "backends": backends})
         })
         .collect();
     Json(json!({ "pools": pools }))

@@ -10,14 +10,46 @@
 //! - `consistent_hash`: a ring with 160 points per unit of weight (Ketama-style).
 //!   Removing one of N backends remaps only the keys that were on it, about 1/N.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use crate::health::{Circuit, CircuitState, Transition};
+use rampart_config::Outlier;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
 
 /// Runtime state of one backend, kept across reloads by (pool, url).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BackendState {
     in_flight: AtomicUsize,
     admin: AtomicU8,
+    /// Result of active checks (true until a check says otherwise).
+    active_healthy: AtomicBool,
+    /// Passive state for the fast path: 0 closed, 1 open, 2 half-open.
+    circuit_flag: AtomicU8,
+    /// While open: until when, in ms since [`epoch`].
+    open_until_ms: AtomicU64,
+    circuit: Mutex<Option<Circuit>>,
+}
+
+impl Default for BackendState {
+    fn default() -> Self {
+        BackendState {
+            in_flight: AtomicUsize::new(0),
+            admin: AtomicU8::new(0),
+            active_healthy: AtomicBool::new(true),
+            circuit_flag: AtomicU8::new(0),
+            open_until_ms: AtomicU64::new(0),
+            circuit: Mutex::new(None),
+        }
+    }
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn ms_since_epoch(t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(epoch()).as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Operator state of a backend (admin API).
@@ -62,9 +94,71 @@ impl BackendState {
         self.admin.store(v, Ordering::Relaxed);
     }
 
-    /// Whether the balancer may send this backend a new request.
+    /// Whether the operator lets this backend take new requests.
     pub fn available(&self) -> bool {
         self.admin() == AdminState::Enabled
+    }
+
+    pub fn active_healthy(&self) -> bool {
+        self.active_healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn set_active_healthy(&self, v: bool) {
+        self.active_healthy.store(v, Ordering::Relaxed);
+    }
+
+    /// Healthy by both layers: active checks pass and the circuit is not open (an
+    /// open circuit whose ejection time has passed counts as half-open).
+    pub fn considered_healthy(&self) -> bool {
+        self.active_healthy() && self.circuit_allows(usize::MAX)
+    }
+
+    fn circuit_allows(&self, half_open_max: usize) -> bool {
+        match self.circuit_flag.load(Ordering::Relaxed) {
+            0 => true,
+            1 => {
+                ms_since_epoch(Instant::now()) >= self.open_until_ms.load(Ordering::Relaxed)
+                    && self.in_flight() < half_open_max
+            }
+            _ => self.in_flight() < half_open_max,
+        }
+    }
+
+    /// Whether the balancer may send a new request here outside panic mode.
+    pub fn usable(&self, half_open_max: usize) -> bool {
+        self.available() && self.active_healthy() && self.circuit_allows(half_open_max)
+    }
+
+    pub fn circuit_name(&self) -> &'static str {
+        match self.circuit_flag.load(Ordering::Relaxed) {
+            0 => "closed",
+            1 if ms_since_epoch(Instant::now()) < self.open_until_ms.load(Ordering::Relaxed) => "open",
+            _ => "half_open",
+        }
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        self.circuit_flag.load(Ordering::Relaxed) == 1
+            && ms_since_epoch(Instant::now()) < self.open_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Record a proxied exchange for passive health.
+    pub fn record_result(&self, ok: bool, cfg: &Outlier, may_eject: bool) -> Option<Transition> {
+        let now = Instant::now();
+        let mut guard = match self.circuit.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let circuit = guard.get_or_insert_with(|| Circuit::new(cfg, now));
+        let t = circuit.record(ok, cfg, now, may_eject);
+        let (flag, until) = match circuit.state {
+            CircuitState::Closed => (0, 0),
+            CircuitState::Open { until } => (1, ms_since_epoch(until)),
+            CircuitState::HalfOpen { .. } => (2, 0),
+        };
+        self.open_until_ms.store(until, Ordering::Relaxed);
+        self.circuit_flag.store(flag, Ordering::Relaxed);
+        t
     }
 
     /// Count a request in flight until the guard is dropped.
@@ -76,6 +170,12 @@ impl BackendState {
 
 /// One request in flight on a backend.
 pub struct InFlight(std::sync::Arc<BackendState>);
+
+impl InFlight {
+    pub fn state(&self) -> &BackendState {
+        &self.0
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -107,21 +207,22 @@ impl Balancer {
         Balancer::ConsistentHash(Ring::new(backends))
     }
 
-    /// Choose a backend index. `hash` is the request's key for consistent hashing.
-    pub fn pick<C: Candidate>(&self, backends: &[C], hash: Option<u64>) -> Option<usize> {
+    /// Choose a backend index among those `ok` accepts. `hash` is the request's key
+    /// for consistent hashing.
+    pub fn pick<C: Candidate>(&self, backends: &[C], hash: Option<u64>, ok: &dyn Fn(&C) -> bool) -> Option<usize> {
         match self {
-            Balancer::RoundRobin(cur) => smooth_wrr(cur, backends),
-            Balancer::Random => weighted_random(backends, None),
-            Balancer::LeastRequest => least_request(backends),
+            Balancer::RoundRobin(cur) => smooth_wrr(cur, backends, ok),
+            Balancer::Random => weighted_random(backends, None, ok),
+            Balancer::LeastRequest => least_request(backends, ok),
             Balancer::ConsistentHash(ring) => match hash {
-                Some(h) => ring.pick(backends, h),
-                None => weighted_random(backends, None),
+                Some(h) => ring.pick(backends, h, ok),
+                None => weighted_random(backends, None, ok),
             },
         }
     }
 }
 
-fn smooth_wrr<C: Candidate>(cur: &Mutex<Vec<i64>>, backends: &[C]) -> Option<usize> {
+fn smooth_wrr<C: Candidate>(cur: &Mutex<Vec<i64>>, backends: &[C], ok: &dyn Fn(&C) -> bool) -> Option<usize> {
     let mut cur = match cur.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
@@ -132,7 +233,7 @@ fn smooth_wrr<C: Candidate>(cur: &Mutex<Vec<i64>>, backends: &[C]) -> Option<usi
     let mut total = 0i64;
     let mut best: Option<usize> = None;
     for (i, b) in backends.iter().enumerate() {
-        if !b.state().available() {
+        if !ok(b) {
             continue;
         }
         let w = i64::from(b.weight());
@@ -147,8 +248,8 @@ fn smooth_wrr<C: Candidate>(cur: &Mutex<Vec<i64>>, backends: &[C]) -> Option<usi
     Some(i)
 }
 
-fn weighted_random<C: Candidate>(backends: &[C], exclude: Option<usize>) -> Option<usize> {
-    let eligible = |i: usize, b: &C| b.state().available() && Some(i) != exclude;
+fn weighted_random<C: Candidate>(backends: &[C], exclude: Option<usize>, ok: &dyn Fn(&C) -> bool) -> Option<usize> {
+    let eligible = |i: usize, b: &C| ok(b) && Some(i) != exclude;
     let total: u64 = backends
         .iter()
         .enumerate()
@@ -172,9 +273,9 @@ fn weighted_random<C: Candidate>(backends: &[C], exclude: Option<usize>) -> Opti
     None
 }
 
-fn least_request<C: Candidate>(backends: &[C]) -> Option<usize> {
-    let a = weighted_random(backends, None)?;
-    let Some(b) = weighted_random(backends, Some(a)) else {
+fn least_request<C: Candidate>(backends: &[C], ok: &dyn Fn(&C) -> bool) -> Option<usize> {
+    let a = weighted_random(backends, None, ok)?;
+    let Some(b) = weighted_random(backends, Some(a), ok) else {
         return Some(a);
     };
     // Fewer in flight per unit of weight wins: compare in_flight/weight without division.
@@ -206,7 +307,7 @@ impl Ring {
     }
 
     /// The first available backend clockwise from the key's point.
-    fn pick<C: Candidate>(&self, backends: &[C], h: u64) -> Option<usize> {
+    fn pick<C: Candidate>(&self, backends: &[C], h: u64, ok: &dyn Fn(&C) -> bool) -> Option<usize> {
         if self.points.is_empty() {
             return None;
         }
@@ -215,7 +316,7 @@ impl Ring {
         // Walk until an available backend; bounded by the ring size.
         (0..n)
             .map(|k| self.points[(start + k) % n].1)
-            .find(|i| backends[*i].state().available())
+            .find(|i| ok(&backends[*i]))
     }
 }
 
@@ -265,10 +366,13 @@ mod tests {
             })
             .collect()
     }
+    fn avail(b: &B) -> bool {
+        b.state().available()
+    }
     fn counts(bal: &Balancer, p: &[B], n: usize) -> Vec<usize> {
         let mut c = vec![0; p.len()];
         for i in 0..n {
-            if let Some(x) = bal.pick(p, Some(hash_bytes(&(i as u64).to_be_bytes()))) {
+            if let Some(x) = bal.pick(p, Some(hash_bytes(&(i as u64).to_be_bytes())), &avail) {
                 c[x] += 1;
             }
         }
@@ -279,7 +383,7 @@ mod tests {
     fn smooth_round_robin_is_exact_and_interleaved() {
         let p = pool(&[5, 1, 1]);
         let b = Balancer::round_robin(p.len());
-        let seq: Vec<usize> = (0..7).filter_map(|_| b.pick(&p, None)).collect();
+        let seq: Vec<usize> = (0..7).filter_map(|_| b.pick(&p, None, &avail)).collect();
         assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0], "nginx's smooth sequence for 5:1:1");
         assert_eq!(counts(&b, &p, 7000), vec![5000, 1000, 1000]);
     }
@@ -325,7 +429,7 @@ mod tests {
             assert!((7_000..13_000).contains(x), "uneven ring: {c:?}");
         }
         let h = hash_bytes(b"user-42");
-        assert_eq!(b.pick(&p, Some(h)), b.pick(&p, Some(h)));
+        assert_eq!(b.pick(&p, Some(h), &avail), b.pick(&p, Some(h), &avail));
     }
 
     #[test]
@@ -348,7 +452,10 @@ mod tests {
         let mut moved = 0;
         for k in 0..keys {
             let h = hash_bytes(&k.to_be_bytes());
-            let (a, b) = (ring_full.pick(&full, Some(h)), ring_fewer.pick(&fewer, Some(h)));
+            let (a, b) = (
+                ring_full.pick(&full, Some(h), &avail),
+                ring_fewer.pick(&fewer, Some(h), &avail),
+            );
             if a != b {
                 moved += 1;
                 assert_eq!(a, Some(n - 1), "only keys of the removed backend move");
@@ -373,7 +480,7 @@ mod tests {
             assert_eq!(counts(&b, &p, 300), vec![300, 0, 0]);
         }
         p[0].s.set_admin(AdminState::Disabled);
-        assert_eq!(Balancer::round_robin(3).pick(&p, None), None);
-        assert_eq!(Balancer::consistent_hash(&p).pick(&p, Some(1)), None);
+        assert_eq!(Balancer::round_robin(3).pick(&p, None, &avail), None);
+        assert_eq!(Balancer::consistent_hash(&p).pick(&p, Some(1), &avail), None);
     }
 }

@@ -9,6 +9,7 @@ pub mod balance;
 pub mod body;
 pub mod dns;
 pub mod headers;
+pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
@@ -76,6 +77,10 @@ pub struct Reloaded {
 }
 
 impl Shared {
+    pub fn me_weak(&self) -> std::sync::Weak<Shared> {
+        self.me.clone()
+    }
+
     pub fn shutdown_rx(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
     }
@@ -175,8 +180,18 @@ impl Shared {
             warnings: snap.validated.warnings.clone(),
         };
         let keep = snap.backend_keys();
+        let fresh_pools: Vec<Arc<upstream::Pool>> = snap
+            .pools
+            .iter()
+            .filter(|(name, p)| old.pools.get(*name).is_none_or(|o| !Arc::ptr_eq(o, p)))
+            .map(|(_, p)| p.clone())
+            .collect();
         self.snapshot.store(Arc::new(snap));
         self.backends.retain(&keep);
+        // Pools carried over keep their checkers; new or rebuilt ones get theirs.
+        for p in &fresh_pools {
+            health::spawn_checker(self.me.clone(), p);
+        }
 
         let mut handles = match self.listeners.lock() {
             Ok(h) => h,
@@ -323,6 +338,9 @@ impl Edge {
             }
             None => None,
         };
+        for p in shared.snapshot.load().pools.values() {
+            health::spawn_checker(Arc::downgrade(&shared), p);
+        }
         shared.ready.store(true, Ordering::SeqCst);
         Ok(Edge {
             shared,

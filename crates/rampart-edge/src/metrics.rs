@@ -30,6 +30,25 @@ pub struct UpstreamErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub pool: String,
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    pub pool: String,
+    pub backend: String,
+    pub check: &'static str,
+    pub to: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     pub listener: String,
 }
@@ -52,6 +71,9 @@ pub struct Metrics {
     bytes_in: Family<RouteLabels, Counter>,
     bytes_out: Family<RouteLabels, Counter>,
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    backend_healthy: Family<BackendLabels, Gauge>,
+    health_transitions: Family<TransitionLabels, Counter>,
+    panic_requests: Family<PoolLabels, Counter>,
     pub open_connections: Family<ListenerLabels, Gauge>,
     pub open_tunnels: Gauge,
     pub connections: Family<ListenerLabels, Counter>,
@@ -77,10 +99,12 @@ impl RouteMetrics {
     }
 }
 
-/// Handles for one pool's upstream errors.
+/// Handles for one pool.
 #[derive(Clone)]
 pub struct PoolMetrics {
     errors: Arc<[(Reason, Counter)]>,
+    /// Requests balanced in panic mode (ignoring health).
+    pub panic: Counter,
 }
 
 impl PoolMetrics {
@@ -124,6 +148,24 @@ impl Metrics {
             "Failed upstream exchanges, by pool and reason",
             upstream_errors.clone(),
         );
+        let backend_healthy = Family::<BackendLabels, Gauge>::default();
+        registry.register(
+            "backend_healthy",
+            "1 when a backend passes active checks and its circuit is not open",
+            backend_healthy.clone(),
+        );
+        let health_transitions = Family::<TransitionLabels, Counter>::default();
+        registry.register(
+            "backend_health_transitions",
+            "Backend health changes, by check (active, passive) and new state",
+            health_transitions.clone(),
+        );
+        let panic_requests = Family::<PoolLabels, Counter>::default();
+        registry.register(
+            "pool_panic_requests",
+            "Requests balanced across unhealthy backends because too few were healthy",
+            panic_requests.clone(),
+        );
         let open_connections = Family::<ListenerLabels, Gauge>::default();
         registry.register(
             "open_connections",
@@ -159,6 +201,9 @@ impl Metrics {
             bytes_in,
             bytes_out,
             upstream_errors,
+            backend_healthy,
+            health_transitions,
+            panic_requests,
             open_connections,
             open_tunnels,
             connections,
@@ -205,7 +250,34 @@ impl Metrics {
                 (*r, c)
             })
             .collect();
-        PoolMetrics { errors: errors.into() }
+        let panic = self
+            .panic_requests
+            .get_or_create(&PoolLabels { pool: pool.to_string() })
+            .clone();
+        PoolMetrics {
+            errors: errors.into(),
+            panic,
+        }
+    }
+
+    pub fn set_backend_healthy(&self, pool: &str, backend: &str, healthy: bool) {
+        self.backend_healthy
+            .get_or_create(&BackendLabels {
+                pool: pool.to_string(),
+                backend: backend.to_string(),
+            })
+            .set(i64::from(healthy));
+    }
+
+    pub fn health_transition(&self, pool: &str, backend: &str, check: &'static str, to: &'static str) {
+        self.health_transitions
+            .get_or_create(&TransitionLabels {
+                pool: pool.to_string(),
+                backend: backend.to_string(),
+                check,
+                to,
+            })
+            .inc();
     }
 
     pub fn encode(&self) -> String {

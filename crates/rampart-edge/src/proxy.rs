@@ -87,6 +87,7 @@ impl Completion for Record {
         {
             r.pool.metrics.upstream_error(reason);
         }
+        self.record_passive_health(reason);
         let log = &self.shared.access_log;
         if log.enabled() {
             log.log(&Entry {
@@ -106,6 +107,37 @@ impl Completion for Record {
                 upstream: self.upstream.as_deref().unwrap_or("-"),
                 reason: reason.as_str(),
             });
+        }
+    }
+}
+
+impl Record {
+    /// Feed the exchange's outcome to the backend's circuit breaker. Upstream errors
+    /// and 502/503/504 answers are failures; a response the upstream gave otherwise is
+    /// a success; problems with the client's own request are neither.
+    fn record_passive_health(&self, reason: Reason) {
+        let (Some(route), Some(inflight), Some(label)) = (&self.route, &self.in_flight, &self.upstream) else {
+            return;
+        };
+        let pool = &route.pool;
+        if !pool.outlier.enabled {
+            return;
+        }
+        let ok = if reason.is_upstream_error() {
+            false
+        } else if reason == Reason::Proxied {
+            !matches!(self.status, 502..=504)
+        } else {
+            return;
+        };
+        let state = inflight.state();
+        if let Some(t) = state.record_result(ok, &pool.outlier, pool.may_eject()) {
+            let to = match t {
+                crate::health::Transition::Ejected => "ejected",
+                crate::health::Transition::HalfOpen => "half_open",
+                crate::health::Transition::Closed => "healthy",
+            };
+            crate::health::report_transition(&self.shared.me_weak(), &pool.name, label, state, "passive", to);
         }
     }
 }

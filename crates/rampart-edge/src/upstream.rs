@@ -13,7 +13,7 @@ use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilde
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rampart_config::{Balance, HashKey, Pool as PoolConfig, Protocol, Timeouts};
+use rampart_config::{Balance, HashKey, HealthCheck, Outlier, Pool as PoolConfig, Protocol, Timeouts};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -21,6 +21,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -79,6 +80,12 @@ pub struct Pool {
     pub balance: Balance,
     balancer: Balancer,
     hash_key: Option<HashKey>,
+    pub health: Option<HealthCheck>,
+    pub outlier: Outlier,
+    panic_threshold: f64,
+    in_panic: AtomicBool,
+    /// TLS settings towards the backends (also used by active checks).
+    pub tls: Arc<rustls::ClientConfig>,
     pub client: UpstreamClient,
     pub timeouts: Timeouts,
     pub protocol: Protocol,
@@ -113,7 +120,7 @@ impl Pool {
                 label: Arc::from(b.url.as_str()),
             });
         }
-        let client = build_client(cfg, base_dir)?;
+        let (client, tls) = build_client(cfg, base_dir)?;
         let balancer = match cfg.balance {
             Balance::RoundRobin => Balancer::round_robin(backends.len()),
             Balance::Random => Balancer::Random,
@@ -130,6 +137,11 @@ impl Pool {
             balance: cfg.balance,
             balancer,
             hash_key,
+            health: cfg.health.clone(),
+            outlier: cfg.outlier.clone(),
+            panic_threshold: cfg.panic_threshold,
+            in_panic: AtomicBool::new(false),
+            tls,
             client,
             timeouts: cfg.timeouts.clone(),
             protocol: cfg.protocol,
@@ -138,12 +150,61 @@ impl Pool {
         })
     }
 
-    /// Choose a backend for a request; `None` when every backend is unavailable.
+    /// Choose a backend for a request; `None` when every backend is drained or disabled.
+    ///
+    /// Unhealthy backends (failed active checks, open circuit) are skipped, unless the
+    /// healthy share of the enabled weight is under `panic_threshold`: then the pool is
+    /// in panic mode and balances across every enabled backend, as Envoy does, rather
+    /// than failing everything.
     pub fn pick(&self, req: &http::request::Parts, client_ip: std::net::IpAddr) -> Option<&Backend> {
         let hash = self.hash_key.as_ref().and_then(|k| request_hash(k, req, client_ip));
-        self.balancer
-            .pick(&self.backends, hash)
-            .and_then(|i| self.backends.get(i))
+        let (mut enabled, mut healthy) = (0u64, 0u64);
+        for b in &self.backends {
+            if b.state.available() {
+                enabled += u64::from(b.weight);
+                if b.state.considered_healthy() {
+                    healthy += u64::from(b.weight);
+                }
+            }
+        }
+        if enabled == 0 {
+            return None;
+        }
+        let panic = (healthy as f64) < self.panic_threshold * enabled as f64;
+        if panic != self.in_panic.swap(panic, Ordering::Relaxed) {
+            if panic {
+                tracing::warn!(pool = %self.name, healthy_weight = healthy, enabled_weight = enabled, "pool in panic mode: balancing across unhealthy backends too");
+            } else {
+                tracing::info!(pool = %self.name, "pool left panic mode");
+            }
+        }
+        let half_open = self.outlier.half_open_requests;
+        let healthy_only = |b: &Backend| b.state.usable(half_open);
+        let enabled_only = |b: &Backend| b.state.available();
+        let chosen = if panic {
+            None
+        } else {
+            self.balancer.pick(&self.backends, hash, &healthy_only)
+        };
+        let chosen = match chosen {
+            Some(i) => Some(i),
+            None => {
+                self.metrics.panic.inc();
+                self.balancer.pick(&self.backends, hash, &enabled_only)
+            }
+        };
+        chosen.and_then(|i| self.backends.get(i))
+    }
+
+    /// Whether one more backend may be ejected under `outlier.max_ejected_percent`.
+    pub fn may_eject(&self) -> bool {
+        let total = self.backends.len() as u64;
+        let ejected = self.backends.iter().filter(|b| b.state.is_ejected()).count() as u64;
+        (ejected + 1) * 100 <= u64::from(self.outlier.max_ejected_percent) * total
+    }
+
+    pub fn in_panic(&self) -> bool {
+        self.in_panic.load(Ordering::Relaxed)
     }
 
     pub fn balance_name(&self) -> &'static str {
@@ -220,7 +281,7 @@ fn native_roots() -> Arc<RootCertStore> {
         .clone()
 }
 
-fn build_client(cfg: &PoolConfig, base_dir: &Path) -> Result<UpstreamClient, String> {
+fn build_client(cfg: &PoolConfig, base_dir: &Path) -> Result<(UpstreamClient, Arc<rustls::ClientConfig>), String> {
     let provider = provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -260,7 +321,10 @@ fn build_client(cfg: &PoolConfig, base_dir: &Path) -> Result<UpstreamClient, Str
     http.set_connect_timeout(Some(cfg.timeouts.connect.get()));
     http.set_keepalive(Some(Duration::from_secs(60)));
 
-    let b = HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+    let tls = Arc::new(tls);
+    let b = HttpsConnectorBuilder::new()
+        .with_tls_config(tls.as_ref().clone())
+        .https_or_http();
     let b = match &cfg.tls.sni {
         Some(name) => {
             let sn = ServerName::try_from(name.clone()).map_err(|e| format!("tls.sni: `{name}`: {e}"))?;
@@ -278,7 +342,7 @@ fn build_client(cfg: &PoolConfig, base_dir: &Path) -> Result<UpstreamClient, Str
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .http2_only(cfg.protocol == Protocol::Http2);
-    Ok(cb.build(connector))
+    Ok((cb.build(connector), tls))
 }
 
 /// Certificate verification turned off (`tls.insecure = true`): the chain is not

@@ -42,6 +42,8 @@ pub struct Origin {
     addr: SocketAddr,
     name: Arc<str>,
     requests: Arc<AtomicU64>,
+    overrides: Overrides,
+    paths: Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
     connections: Arc<AtomicU64>,
     stop: watch::Sender<bool>,
 }
@@ -100,12 +102,16 @@ impl Origin {
             addr,
             name: Arc::from(name),
             requests: Arc::new(AtomicU64::new(0)),
+            overrides: Overrides::default(),
+            paths: Arc::default(),
             connections: Arc::new(AtomicU64::new(0)),
             stop,
         };
         let state = State {
             name: origin.name.clone(),
             requests: origin.requests.clone(),
+            overrides: origin.overrides.clone(),
+            paths: origin.paths.clone(),
         };
         let conns = origin.connections.clone();
         tokio::spawn(accept_loop(listener, state, conns, mode, stop_rx));
@@ -128,6 +134,25 @@ impl Origin {
     /// Requests received so far.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// From now on answer `path` with `status` (`None` removes the override). Lets one
+    /// backend of a pool fail while another with the same paths succeeds.
+    pub fn set_status(&self, path: &str, status: Option<u16>) {
+        if let Ok(mut m) = self.overrides.lock() {
+            match status {
+                Some(s) => m.insert(path.to_string(), s),
+                None => m.remove(path),
+            };
+        }
+    }
+
+    /// The paths of the most recent requests (up to 1000), oldest first.
+    pub fn paths(&self) -> Vec<String> {
+        self.paths
+            .lock()
+            .map(|p| p.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Connections accepted so far.
@@ -202,10 +227,14 @@ enum Mode {
     Raw(&'static [u8]),
 }
 
+type Overrides = Arc<std::sync::Mutex<std::collections::HashMap<String, u16>>>;
+
 #[derive(Clone)]
 struct State {
     name: Arc<str>,
     requests: Arc<AtomicU64>,
+    overrides: Overrides,
+    paths: Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
 }
 
 async fn accept_loop(
@@ -316,6 +345,21 @@ async fn handle(req: Request<Incoming>, state: State) -> Result<Response<Body>, 
     state.requests.fetch_add(1, Ordering::SeqCst);
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
+    if let Ok(mut p) = state.paths.lock() {
+        if p.len() >= 1000 {
+            p.pop_front();
+        }
+        p.push_back(path.clone());
+    }
+    let overridden = state.overrides.lock().ok().and_then(|m| m.get(&path).copied());
+    if let Some(code) = overridden {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return Ok(text(
+            status,
+            &state.name,
+            format!("status {code} from {} (override)\n", state.name),
+        ));
+    }
     if let Some(d) = query_param(&query, "delay").and_then(parse_ms) {
         tokio::time::sleep(d).await;
     }
