@@ -483,6 +483,33 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
                 "success_threshold and half_open_requests must be at least 1",
             );
         }
+        let r = &p.retry;
+        if r.retries > 10 {
+            errs.push(format!("{at}.retry.retries"), "must be at most 10");
+        }
+        for (k, cond) in r.on.iter().enumerate() {
+            let known = matches!(cond.as_str(), "connect_failure" | "reset" | "timeout")
+                || cond
+                    .parse::<u16>()
+                    .is_ok_and(|c| (500..=599).contains(&c) || c == 429 || c == 408);
+            if !known {
+                errs.push(
+                    format!("{at}.retry.on[{k}]"),
+                    format!(
+                        "`{cond}`: use connect_failure, reset, timeout, or a status such as \"503\" (5xx, 408 or 429)"
+                    ),
+                );
+            }
+        }
+        if r.per_try_timeout.is_some_and(|d| d.is_zero()) {
+            errs.push(format!("{at}.retry.per_try_timeout"), "must be greater than zero");
+        }
+        if r.budget_percent > 100 {
+            errs.push(format!("{at}.retry.budget_percent"), "must be between 0 and 100");
+        }
+        if r.replay_limit.bytes() > 16 << 20 {
+            errs.push(format!("{at}.retry.replay_limit"), "must be at most 16MiB");
+        }
         let mut seen_urls = HashSet::new();
         for (j, b) in p.backends.iter().enumerate() {
             if !seen_urls.insert(b.url.trim_end_matches('/')) {

@@ -214,6 +214,9 @@ pub struct Pool {
     /// Passive health checks (outlier detection / circuit breaker).
     #[serde(default)]
     pub outlier: Outlier,
+    /// Retries of failed attempts.
+    #[serde(default)]
+    pub retry: Retry,
     /// When the healthy share of the pool's weight falls below this fraction, balance
     /// across every enabled backend regardless of health (panic mode).
     #[serde(default = "default_panic")]
@@ -314,6 +317,38 @@ impl Default for Outlier {
             success_threshold: 2,
             half_open_requests: 1,
             max_ejected_percent: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retry {
+    /// Retries after the first attempt (0: never retry).
+    pub retries: u32,
+    /// When to retry: `connect_failure` (refused, connect timeout, DNS, TLS), `reset`
+    /// (connection closed or reset, invalid response), `timeout` (no response head in
+    /// time), or a status code such as `"503"`.
+    pub on: Vec<String>,
+    /// Time allowed to each attempt for its response head (default: `timeouts.response_header`).
+    pub per_try_timeout: Option<Duration>,
+    /// A request body is kept for replay up to this size; a longer one is not retried.
+    pub replay_limit: Size,
+    /// Retries may add at most this percentage of the pool's requests (over 10 s)...
+    pub budget_percent: u32,
+    /// ...plus this many retries per second.
+    pub budget_min_per_second: u32,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            retries: 1,
+            on: vec!["connect_failure".into(), "reset".into(), "timeout".into()],
+            per_try_timeout: None,
+            replay_limit: Size::kib(64),
+            budget_percent: 20,
+            budget_min_per_second: 10,
         }
     }
 }
@@ -453,6 +488,9 @@ pub struct Route {
     /// `"preserve"` (default), `"backend"` (the backend's host:port), or a literal host.
     #[serde(default = "preserve")]
     pub host_header: String,
+    /// Allow retries of non-idempotent methods (POST, PATCH) on this route.
+    #[serde(default)]
+    pub retry_non_idempotent: bool,
     /// Tunnel WebSocket and other HTTP/1.1 upgrades.
     #[serde(default = "yes")]
     pub websocket: bool,

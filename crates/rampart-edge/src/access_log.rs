@@ -33,6 +33,7 @@ pub struct Entry<'a> {
     pub site: &'a str,
     pub route: &'a str,
     pub upstream: &'a str,
+    pub attempts: u32,
     pub reason: &'a str,
 }
 

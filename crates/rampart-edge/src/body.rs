@@ -61,7 +61,12 @@ impl Default for RequestBodyState {
 
 pub enum UpstreamBody {
     Empty,
+    /// A body held in memory (kept for replay on retries).
+    Full(Option<Bytes>),
     Stream {
+        /// Bytes already read from `inner` (while deciding whether to keep the body
+        /// for replay), sent first.
+        prefix: Option<Bytes>,
         inner: Incoming,
         limit: u64,
         state: Arc<RequestBodyState>,
@@ -75,6 +80,7 @@ pub enum UpstreamBody {
 impl UpstreamBody {
     pub fn stream(inner: Incoming, limit: u64, state: Arc<RequestBodyState>, idle: Duration) -> UpstreamBody {
         UpstreamBody::Stream {
+            prefix: None,
             inner,
             limit,
             state,
@@ -83,6 +89,62 @@ impl UpstreamBody {
             armed: false,
         }
     }
+}
+
+/// Read a request body into memory while it fits in `keep` bytes, so it can be
+/// replayed on retries. The request body limit and the client body timeout apply.
+/// Returns the whole body, or, when it is longer than `keep`, a body that sends the
+/// bytes read so far and then streams the rest (and cannot be replayed).
+pub async fn buffer_for_replay(
+    mut inner: Incoming,
+    keep: usize,
+    limit: u64,
+    state: Arc<RequestBodyState>,
+    idle: Duration,
+) -> Result<UpstreamBody, BufferError> {
+    use http_body_util::BodyExt;
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(idle, inner.frame()).await {
+            Err(_) => {
+                state.timed_out.store(true, Ordering::Relaxed);
+                return Err(BufferError::Timeout);
+            }
+            Ok(None) => return Ok(UpstreamBody::Full(Some(buf.freeze()).filter(|b| !b.is_empty()))),
+            Ok(Some(Err(_))) => {
+                state.client_error.store(true, Ordering::Relaxed);
+                return Err(BufferError::Client);
+            }
+            Ok(Some(Ok(f))) => f,
+        };
+        state.touch();
+        // Request trailers are not kept for replay (they are rare outside gRPC streams).
+        let Ok(data) = frame.into_data() else { continue };
+        let n = state.bytes.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+        if n > limit {
+            state.too_large.store(true, Ordering::Relaxed);
+            return Err(BufferError::TooLarge);
+        }
+        buf.extend_from_slice(&data);
+        if buf.len() > keep {
+            return Ok(UpstreamBody::Stream {
+                prefix: Some(buf.freeze()),
+                inner,
+                limit,
+                state,
+                idle,
+                timer: None,
+                armed: false,
+            });
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BufferError {
+    TooLarge,
+    Timeout,
+    Client,
 }
 
 #[derive(Debug)]
@@ -99,16 +161,21 @@ impl Body for UpstreamBody {
     type Error = BoxError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let UpstreamBody::Stream {
-            inner,
-            limit,
-            state,
-            idle,
-            timer,
-            armed,
-        } = self.get_mut()
-        else {
-            return Poll::Ready(None);
+        let (inner, limit, state, idle, timer, armed) = match self.get_mut() {
+            UpstreamBody::Empty => return Poll::Ready(None),
+            UpstreamBody::Full(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            UpstreamBody::Stream { prefix, .. } if prefix.is_some() => {
+                return Poll::Ready(prefix.take().map(|b| Ok(Frame::data(b))));
+            }
+            UpstreamBody::Stream {
+                inner,
+                limit,
+                state,
+                idle,
+                timer,
+                armed,
+                ..
+            } => (inner, limit, state, idle, timer, armed),
         };
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -154,14 +221,26 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Empty => true,
-            UpstreamBody::Stream { inner, .. } => inner.is_end_stream(),
+            UpstreamBody::Full(b) => b.is_none(),
+            UpstreamBody::Stream { prefix, inner, .. } => prefix.is_none() && inner.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             UpstreamBody::Empty => SizeHint::with_exact(0),
-            UpstreamBody::Stream { inner, .. } => inner.size_hint(),
+            UpstreamBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            UpstreamBody::Stream { prefix, inner, .. } => {
+                // The prefix was read from `inner`, whose hint now covers only the rest.
+                let rest = inner.size_hint();
+                let p = prefix.as_ref().map_or(0, |b| b.len() as u64);
+                let mut h = SizeHint::new();
+                if let Some(u) = rest.upper() {
+                    h.set_upper(u.saturating_add(p));
+                }
+                h.set_lower(rest.lower().saturating_add(p));
+                h
+            }
         }
     }
 }

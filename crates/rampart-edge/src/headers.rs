@@ -12,6 +12,7 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 pub static X_RAMPART_REASON: HeaderName = HeaderName::from_static("x-rampart-reason");
 pub static X_RAMPART_UPSTREAM: HeaderName = HeaderName::from_static("x-rampart-upstream");
 pub static X_RAMPART_ROUTE: HeaderName = HeaderName::from_static("x-rampart-route");
+pub static X_RAMPART_ATTEMPTS: HeaderName = HeaderName::from_static("x-rampart-attempts");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 

@@ -74,6 +74,7 @@ pub struct Metrics {
     backend_healthy: Family<BackendLabels, Gauge>,
     health_transitions: Family<TransitionLabels, Counter>,
     panic_requests: Family<PoolLabels, Counter>,
+    retries: Family<PoolLabels, Counter>,
     pub open_connections: Family<ListenerLabels, Gauge>,
     pub open_tunnels: Gauge,
     pub connections: Family<ListenerLabels, Counter>,
@@ -105,6 +106,8 @@ pub struct PoolMetrics {
     errors: Arc<[(Reason, Counter)]>,
     /// Requests balanced in panic mode (ignoring health).
     pub panic: Counter,
+    /// Attempts retried.
+    pub retries: Counter,
 }
 
 impl PoolMetrics {
@@ -166,6 +169,8 @@ impl Metrics {
             "Requests balanced across unhealthy backends because too few were healthy",
             panic_requests.clone(),
         );
+        let retries = Family::<PoolLabels, Counter>::default();
+        registry.register("upstream_retries", "Failed attempts retried, by pool", retries.clone());
         let open_connections = Family::<ListenerLabels, Gauge>::default();
         registry.register(
             "open_connections",
@@ -204,6 +209,7 @@ impl Metrics {
             backend_healthy,
             health_transitions,
             panic_requests,
+            retries,
             open_connections,
             open_tunnels,
             connections,
@@ -254,9 +260,14 @@ impl Metrics {
             .panic_requests
             .get_or_create(&PoolLabels { pool: pool.to_string() })
             .clone();
+        let retries = self
+            .retries
+            .get_or_create(&PoolLabels { pool: pool.to_string() })
+            .clone();
         PoolMetrics {
             errors: errors.into(),
             panic,
+            retries,
         }
     }
 

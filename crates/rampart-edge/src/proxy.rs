@@ -9,7 +9,7 @@
 use crate::Shared;
 use crate::access_log::{Entry, now_rfc3339};
 use crate::body::{BodyOutcome, Completion, EdgeBody, RequestBodyState, UpstreamBody};
-use crate::headers::{self, X_RAMPART_REASON, X_RAMPART_ROUTE, X_RAMPART_UPSTREAM, X_REQUEST_ID};
+use crate::headers::{self, X_RAMPART_ATTEMPTS, X_RAMPART_REASON, X_RAMPART_ROUTE, X_RAMPART_UPSTREAM, X_REQUEST_ID};
 use crate::reason::Reason;
 use crate::routing::Matched;
 use crate::snapshot::{HostMode, Rewrite, RouteEntry, Snapshot};
@@ -64,6 +64,10 @@ struct Record {
     body_state: Option<Arc<RequestBodyState>>,
     /// Counts the request against its backend until the response body ends.
     in_flight: Option<crate::balance::InFlight>,
+    /// Attempts made (1 without retries).
+    tries: u32,
+    /// `pool#index:OUTCOME,...` for `x-rampart-attempts`, built only when explaining.
+    attempts: Option<String>,
 }
 
 impl Completion for Record {
@@ -105,6 +109,7 @@ impl Completion for Record {
                 site: self.route.as_ref().map_or("-", |r| &r.site),
                 route: self.route.as_ref().map_or("-", |r| &r.id),
                 upstream: self.upstream.as_deref().unwrap_or("-"),
+                attempts: self.tries,
                 reason: reason.as_str(),
             });
         }
@@ -116,13 +121,6 @@ impl Record {
     /// and 502/503/504 answers are failures; a response the upstream gave otherwise is
     /// a success; problems with the client's own request are neither.
     fn record_passive_health(&self, reason: Reason) {
-        let (Some(route), Some(inflight), Some(label)) = (&self.route, &self.in_flight, &self.upstream) else {
-            return;
-        };
-        let pool = &route.pool;
-        if !pool.outlier.enabled {
-            return;
-        }
         let ok = if reason.is_upstream_error() {
             false
         } else if reason == Reason::Proxied {
@@ -130,6 +128,17 @@ impl Record {
         } else {
             return;
         };
+        self.report_backend_result(ok);
+    }
+
+    fn report_backend_result(&self, ok: bool) {
+        let (Some(route), Some(inflight), Some(label)) = (&self.route, &self.in_flight, &self.upstream) else {
+            return;
+        };
+        let pool = &route.pool;
+        if !pool.outlier.enabled {
+            return;
+        }
         let state = inflight.state();
         if let Some(t) = state.record_result(ok, &pool.outlier, pool.may_eject()) {
             let to = match t {
@@ -138,6 +147,18 @@ impl Record {
                 crate::health::Transition::Closed => "healthy",
             };
             crate::health::report_transition(&self.shared.me_weak(), &pool.name, label, state, "passive", to);
+        }
+    }
+
+    /// Note one attempt and its outcome (a status, a reason code, or SUCCESS).
+    fn note_attempt(&mut self, backend: usize, outcome: &str, explain: bool) {
+        self.tries += 1;
+        if explain && let Some(route) = &self.route {
+            let a = self.attempts.get_or_insert_with(String::new);
+            if !a.is_empty() {
+                a.push(',');
+            }
+            a.push_str(&format!("{}#{backend}:{outcome}", route.pool.name));
         }
     }
 }
@@ -176,6 +197,9 @@ fn local_response(reason: Reason, rec: Record, extra: Option<(header::HeaderName
     }
     if let Some((k, v)) = extra {
         h.insert(k, v);
+    }
+    if let Some(a) = rec.attempts.as_deref().and_then(|a| HeaderValue::from_str(a).ok()) {
+        h.insert(X_RAMPART_ATTEMPTS.clone(), a);
     }
     let is_head = rec.method == Method::HEAD;
     let mut rec = rec;
@@ -226,6 +250,8 @@ pub async fn handle(
         reason: Reason::Proxied,
         body_state: None,
         in_flight: None,
+        tries: 0,
+        attempts: None,
     };
 
     // Limits.
@@ -295,29 +321,24 @@ pub async fn handle(
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
 
     let (parts, body) = req.into_parts();
-    let Some(backend) = route.pool.pick(&parts, rec.client_ip) else {
-        return Ok(local_response(Reason::NoAvailableBackend, rec, None));
-    };
-    rec.upstream = Some(backend.label.clone());
-    rec.in_flight = Some(backend.state.start());
-    let pq = rewrite_path(&path, parts.uri.query(), &route.rewrite, matched);
-    let uri = match Uri::builder()
-        .scheme(backend.scheme.clone())
-        .authority(backend.authority.clone())
-        .path_and_query(pq.as_str())
-        .build()
-    {
-        Ok(u) => u,
-        Err(_) => return Ok(local_response(Reason::BadRequest, rec, None)),
-    };
+    let pool = &route.pool;
+    let policy = &pool.retry;
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    // Never retry an upgrade (the tunnel cannot be replayed) or, unless the route
+    // opts in, a non-idempotent method.
+    let may_retry = policy.retries > 0 && upgrade.is_none() && (idempotent || route.retry_non_idempotent);
+    policy.note_request();
 
+    let pq = rewrite_path(&path, parts.uri.query(), &route.rewrite, matched);
     let mut h = parts.headers;
-    headers::remove_hop_by_hop(&mut h, route.pool.protocol == Protocol::Http2);
+    headers::remove_hop_by_hop(&mut h, pool.protocol == Protocol::Http2);
     if let Some(proto) = &upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, proto.clone());
     }
-    h.insert(header::HOST, upstream_host(&route.host, &host_value, backend));
     headers::set_forwarded(
         &mut h,
         &conn.peer_value,
@@ -330,66 +351,143 @@ pub async fn handle(
     }
     h.insert(X_REQUEST_ID.clone(), rec.request_id.clone());
 
-    let body = if body.is_end_stream() {
-        UpstreamBody::Empty
+    // The request body: streamed as it arrives, or, when a retry may need it again,
+    // kept in memory up to the replay limit (past it, it streams and is not retried).
+    let client_body_timeout = snap.validated.config.server.client_body_timeout.get();
+    let mut body = if body.is_end_stream() {
+        Some(UpstreamBody::Empty)
     } else {
         let state = Arc::new(RequestBodyState::new());
         rec.body_state = Some(state.clone());
-        UpstreamBody::stream(
-            body,
-            snap.limits.max_body,
-            state,
-            snap.validated.config.server.client_body_timeout.get(),
-        )
-    };
-    let mut up = Request::new(body);
-    *up.method_mut() = parts.method;
-    *up.uri_mut() = uri;
-    *up.headers_mut() = h;
-    *up.version_mut() = match route.pool.protocol {
-        Protocol::Http1 => Version::HTTP_11,
-        Protocol::Http2 => Version::HTTP_2,
-    };
-
-    // Send. The response-header timeout runs from the last progress of the request
-    // body (so a long, steady upload is not a timeout, but an upstream that stops
-    // reading it is); the whole-request deadline runs from the start.
-    let t = &route.pool.timeouts;
-    let deadline = (!t.request.is_zero()).then(|| start + t.request.get());
-    let sent_at = Instant::now();
-    let header_timer = header_timeout(rec.body_state.clone(), sent_at, t.response_header.get());
-    let deadline_timer = async {
-        match deadline {
-            Some(d) => tokio::time::sleep_until(d).await,
-            None => std::future::pending().await,
-        }
-    };
-    let result = tokio::select! {
-        r = route.pool.client.request(up) => Ok(r),
-        _ = header_timer => Err(Reason::UpstreamHeaderTimeout),
-        _ = deadline_timer => Err(Reason::UpstreamRequestTimeout),
-    };
-    let resp = match result {
-        Err(reason) => {
-            let reason = client_body_fault(rec.body_state.as_deref()).unwrap_or(reason);
-            if reason.is_upstream_error() {
-                route.pool.metrics.upstream_error(reason);
-            }
-            return Ok(local_response(reason, rec, None));
-        }
-        Ok(Err(e)) => {
-            let reason = match client_body_fault(rec.body_state.as_deref()) {
-                Some(r) => r,
-                None => {
-                    let r = classify(&e);
-                    route.pool.metrics.upstream_error(r);
-                    r
+        if may_retry {
+            match crate::body::buffer_for_replay(
+                body,
+                policy.replay_limit,
+                snap.limits.max_body,
+                state,
+                client_body_timeout,
+            )
+            .await
+            {
+                Ok(b) => Some(b),
+                Err(_) => {
+                    let reason = client_body_fault(rec.body_state.as_deref()).unwrap_or(Reason::ClientBodyError);
+                    return Ok(local_response(reason, rec, None));
                 }
-            };
-            tracing::debug!(error = ?e, reason = reason.as_str(), upstream = %backend.label, "upstream request failed");
-            return Ok(local_response(reason, rec, None));
+            }
+        } else {
+            Some(UpstreamBody::stream(
+                body,
+                snap.limits.max_body,
+                state,
+                client_body_timeout,
+            ))
         }
-        Ok(Ok(r)) => r,
+    };
+    let replayable = |b: &Option<UpstreamBody>| matches!(b, Some(UpstreamBody::Empty | UpstreamBody::Full(_)));
+
+    let t = &pool.timeouts;
+    let deadline = (!t.request.is_zero()).then(|| start + t.request.get());
+    let header_limit = policy
+        .per_try_timeout
+        .map_or(t.response_header.get(), |p| p.min(t.response_header.get()));
+    let mut tried: Vec<usize> = Vec::new();
+    let (backend, resp) = loop {
+        let Some((index, backend)) = pool.pick_avoiding(&parts.uri, &h, rec.client_ip, &tried) else {
+            return Ok(local_response(Reason::NoAvailableBackend, rec, None));
+        };
+        tried.push(index);
+        rec.upstream = Some(backend.label.clone());
+        rec.in_flight = Some(backend.state.start());
+        let uri = match Uri::builder()
+            .scheme(backend.scheme.clone())
+            .authority(backend.authority.clone())
+            .path_and_query(pq.as_str())
+            .build()
+        {
+            Ok(u) => u,
+            Err(_) => return Ok(local_response(Reason::BadRequest, rec, None)),
+        };
+        let can_retry_after = |tries: usize, body: &Option<UpstreamBody>| {
+            may_retry
+                && tries <= policy.retries as usize
+                && replayable(body)
+                && deadline.is_none_or(|d| Instant::now() < d)
+        };
+        let this_body = match &mut body {
+            Some(UpstreamBody::Full(b)) => UpstreamBody::Full(b.clone()),
+            Some(UpstreamBody::Empty) => UpstreamBody::Empty,
+            other => other.take().unwrap_or(UpstreamBody::Empty),
+        };
+        let mut up = Request::new(this_body);
+        *up.method_mut() = parts.method.clone();
+        *up.uri_mut() = uri;
+        *up.headers_mut() = if can_retry_after(tried.len(), &body) {
+            h.clone()
+        } else {
+            std::mem::take(&mut h)
+        };
+        up.headers_mut()
+            .insert(header::HOST, upstream_host(&route.host, &host_value, backend));
+        *up.version_mut() = match pool.protocol {
+            Protocol::Http1 => Version::HTTP_11,
+            Protocol::Http2 => Version::HTTP_2,
+        };
+
+        // The response-header timeout runs from the last progress of the request body
+        // (a long, steady upload is not a timeout; an upstream that stops reading it
+        // is); the whole-request deadline runs from the start.
+        let sent_at = Instant::now();
+        let header_timer = header_timeout(rec.body_state.clone(), sent_at, header_limit);
+        let deadline_timer = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let result = tokio::select! {
+            r = pool.client.request(up) => match r {
+                Ok(resp) => Ok(resp),
+                Err(e) => Err(client_body_fault(rec.body_state.as_deref()).unwrap_or_else(|| {
+                    let r = classify(&e);
+                    tracing::debug!(error = ?e, reason = r.as_str(), upstream = %backend.label, "upstream request failed");
+                    r
+                })),
+            },
+            _ = header_timer => Err(client_body_fault(rec.body_state.as_deref()).unwrap_or(Reason::UpstreamHeaderTimeout)),
+            _ = deadline_timer => Err(Reason::UpstreamRequestTimeout),
+        };
+        let retry = match &result {
+            Ok(resp) => policy.retries_status(resp.status().as_u16()),
+            Err(reason) => policy.retries_reason(*reason),
+        };
+        let outcome = match &result {
+            Ok(resp) => format!("{}", resp.status().as_u16()),
+            Err(reason) => reason.as_str().to_string(),
+        };
+        if retry && can_retry_after(tried.len(), &body) && policy.take_retry() {
+            // This attempt failed and another may succeed: count it against the backend
+            // and try again, on another backend when there is one.
+            let reason = result.as_ref().err().copied();
+            if let Some(r) = reason {
+                pool.metrics.upstream_error(r);
+            }
+            pool.metrics.retries.inc();
+            rec.report_backend_result(false);
+            rec.note_attempt(index, &outcome, explain);
+            continue;
+        }
+        let success = result.as_ref().is_ok_and(|r| r.status().as_u16() < 500);
+        rec.note_attempt(index, if success { "SUCCESS" } else { &outcome }, explain);
+        match result {
+            Ok(resp) => break (backend, resp),
+            Err(reason) => {
+                if reason.is_upstream_error() {
+                    pool.metrics.upstream_error(reason);
+                }
+                return Ok(local_response(reason, rec, None));
+            }
+        }
     };
 
     let (mut rparts, rbody) = resp.into_parts();
@@ -483,6 +581,9 @@ fn finish_headers(
             X_RAMPART_REASON.clone(),
             HeaderValue::from_static(Reason::Proxied.as_str()),
         );
+        if let Some(a) = rec.attempts.as_deref().and_then(|a| HeaderValue::from_str(a).ok()) {
+            h.insert(X_RAMPART_ATTEMPTS.clone(), a);
+        }
     }
 }
 

@@ -31,6 +31,7 @@ pub struct RouteEntry {
     pub rewrite: Rewrite,
     pub host: HostMode,
     pub websocket: bool,
+    pub retry_non_idempotent: bool,
     pub tunnel_idle: Duration,
     pub metrics: RouteMetrics,
 }
@@ -167,6 +168,7 @@ impl Snapshot {
                     rewrite,
                     host,
                     websocket: r.websocket,
+                    retry_non_idempotent: r.retry_non_idempotent,
                     tunnel_idle: r.tunnel_idle_timeout.get(),
                 };
                 routes.push((m, Arc::new(entry)));

@@ -74,8 +74,128 @@ impl BackendRegistry {
     }
 }
 
+/// A pool's retry policy, compiled from `[pool.retry]`.
+pub struct RetryPolicy {
+    pub retries: u32,
+    on_connect: bool,
+    on_reset: bool,
+    on_timeout: bool,
+    statuses: Vec<u16>,
+    pub per_try_timeout: Option<std::time::Duration>,
+    pub replay_limit: usize,
+    budget: RetryBudget,
+}
+
+impl RetryPolicy {
+    fn new(cfg: &rampart_config::Retry) -> RetryPolicy {
+        let has = |k: &str| cfg.on.iter().any(|c| c == k);
+        RetryPolicy {
+            retries: cfg.retries,
+            on_connect: has("connect_failure"),
+            on_reset: has("reset"),
+            on_timeout: has("timeout"),
+            statuses: cfg.on.iter().filter_map(|c| c.parse().ok()).collect(),
+            per_try_timeout: cfg.per_try_timeout.map(|d| d.get()),
+            replay_limit: cfg.replay_limit.as_usize(),
+            budget: RetryBudget::new(cfg.budget_percent, cfg.budget_min_per_second),
+        }
+    }
+
+    /// Whether a failed attempt may be retried by its kind.
+    pub fn retries_reason(&self, r: Reason) -> bool {
+        match r {
+            Reason::UpstreamConnectRefused
+            | Reason::UpstreamConnectTimeout
+            | Reason::UpstreamConnectError
+            | Reason::UpstreamDnsError
+            | Reason::UpstreamTlsError => self.on_connect,
+            Reason::UpstreamReset | Reason::UpstreamInvalidResponse => self.on_reset,
+            Reason::UpstreamHeaderTimeout => self.on_timeout,
+            _ => false,
+        }
+    }
+
+    pub fn retries_status(&self, status: u16) -> bool {
+        self.statuses.contains(&status)
+    }
+
+    /// Count a request against the budget (every first attempt).
+    pub fn note_request(&self) {
+        self.budget.note(false);
+    }
+
+    /// Take a retry from the budget, if it allows one.
+    pub fn take_retry(&self) -> bool {
+        self.budget.take()
+    }
+}
+
+/// Retries allowed: `percent` of the requests of the last 10 seconds plus
+/// `min_per_second` per second, so a failing pool cannot set off a retry storm.
+struct RetryBudget {
+    percent: u64,
+    floor: u64,
+    window: std::sync::Mutex<[(u64, u64, u64); 10]>, // (second, requests, retries)
+    epoch: std::time::Instant,
+}
+
+impl RetryBudget {
+    fn new(percent: u32, min_per_second: u32) -> RetryBudget {
+        RetryBudget {
+            percent: u64::from(percent),
+            floor: u64::from(min_per_second) * 10,
+            window: std::sync::Mutex::new([(u64::MAX, 0, 0); 10]),
+            epoch: std::time::Instant::now(),
+        }
+    }
+
+    fn slot(&self, w: &mut [(u64, u64, u64); 10]) -> (u64, usize) {
+        let sec = self.epoch.elapsed().as_secs();
+        let i = (sec % 10) as usize;
+        if w[i].0 != sec {
+            w[i] = (sec, 0, 0);
+        }
+        (sec, i)
+    }
+
+    fn note(&self, retry: bool) {
+        let mut w = match self.window.lock() {
+            Ok(w) => w,
+            Err(p) => p.into_inner(),
+        };
+        let (_, i) = self.slot(&mut w);
+        if retry {
+            w[i].2 += 1;
+        } else {
+            w[i].1 += 1;
+        }
+    }
+
+    fn take(&self) -> bool {
+        let mut w = match self.window.lock() {
+            Ok(w) => w,
+            Err(p) => p.into_inner(),
+        };
+        let (sec, i) = self.slot(&mut w);
+        let (mut requests, mut retries) = (0u64, 0u64);
+        for (s, req, ret) in w.iter() {
+            if *s != u64::MAX && sec.saturating_sub(*s) < 10 {
+                requests += req;
+                retries += ret;
+            }
+        }
+        if retries < self.floor + requests * self.percent / 100 {
+            w[i].2 += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 pub struct Pool {
     pub name: Arc<str>,
+    pub retry: RetryPolicy,
     pub backends: Vec<Backend>,
     pub balance: Balance,
     balancer: Balancer,
@@ -133,6 +253,7 @@ impl Pool {
         };
         Ok(Pool {
             name: Arc::from(cfg.name.as_str()),
+            retry: RetryPolicy::new(&cfg.retry),
             backends,
             balance: cfg.balance,
             balancer,
@@ -156,8 +277,43 @@ impl Pool {
     /// healthy share of the enabled weight is under `panic_threshold`: then the pool is
     /// in panic mode and balances across every enabled backend, as Envoy does, rather
     /// than failing everything.
-    pub fn pick(&self, req: &http::request::Parts, client_ip: std::net::IpAddr) -> Option<&Backend> {
-        let hash = self.hash_key.as_ref().and_then(|k| request_hash(k, req, client_ip));
+    pub fn pick(&self, uri: &http::Uri, headers: &http::HeaderMap, client_ip: std::net::IpAddr) -> Option<&Backend> {
+        self.pick_avoiding(uri, headers, client_ip, &[]).map(|(_, b)| b)
+    }
+
+    /// Like [`Pool::pick`], but prefer backends not in `tried` (for retries); when
+    /// every usable backend was tried, any of them may be picked again.
+    pub fn pick_avoiding(
+        &self,
+        uri: &http::Uri,
+        headers: &http::HeaderMap,
+        client_ip: std::net::IpAddr,
+        tried: &[usize],
+    ) -> Option<(usize, &Backend)> {
+        if !tried.is_empty() {
+            let fresh = |b: &Backend| {
+                let i = self.index_of(b);
+                !tried.contains(&i) && b.state.usable(self.outlier.half_open_requests)
+            };
+            if let Some(i) = self.balancer.pick(&self.backends, None, &fresh) {
+                return self.backends.get(i).map(|b| (i, b));
+            }
+        }
+        self.pick_inner(uri, headers, client_ip).map(|b| (self.index_of(b), b))
+    }
+
+    fn index_of(&self, b: &Backend) -> usize {
+        self.backends
+            .iter()
+            .position(|x| std::ptr::eq(x, b))
+            .unwrap_or(usize::MAX)
+    }
+
+    fn pick_inner(&self, uri: &http::Uri, headers: &http::HeaderMap, client_ip: std::net::IpAddr) -> Option<&Backend> {
+        let hash = self
+            .hash_key
+            .as_ref()
+            .and_then(|k| request_hash(k, uri, headers, client_ip));
         let (mut enabled, mut healthy) = (0u64, 0u64);
         for b in &self.backends {
             if b.state.available() {
@@ -221,16 +377,15 @@ impl Pool {
 /// when either changed.
 /// The consistent-hash key of a request. A request without the key (no such header,
 /// cookie or parameter) gets `None` and is balanced at random.
-fn request_hash(key: &HashKey, req: &http::request::Parts, client_ip: std::net::IpAddr) -> Option<u64> {
+fn request_hash(key: &HashKey, uri: &http::Uri, headers: &http::HeaderMap, client_ip: std::net::IpAddr) -> Option<u64> {
     match key {
         HashKey::ClientIp => Some(match client_ip {
             std::net::IpAddr::V4(v4) => hash_bytes(&v4.octets()),
             std::net::IpAddr::V6(v6) => hash_bytes(&v6.octets()),
         }),
-        HashKey::Path => Some(hash_bytes(req.uri.path().as_bytes())),
-        HashKey::Header(name) => req.headers.get(name.as_str()).map(|v| hash_bytes(v.as_bytes())),
-        HashKey::Cookie(name) => req
-            .headers
+        HashKey::Path => Some(hash_bytes(uri.path().as_bytes())),
+        HashKey::Header(name) => headers.get(name.as_str()).map(|v| hash_bytes(v.as_bytes())),
+        HashKey::Cookie(name) => headers
             .get_all(http::header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
@@ -238,8 +393,7 @@ fn request_hash(key: &HashKey, req: &http::request::Parts, client_ip: std::net::
             .filter_map(|kv| kv.trim().split_once('='))
             .find(|(k, _)| *k == name)
             .map(|(_, v)| hash_bytes(v.as_bytes())),
-        HashKey::Query(name) => req
-            .uri
+        HashKey::Query(name) => uri
             .query()?
             .split('&')
             .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
@@ -465,10 +619,13 @@ mod tests {
         assert!(p.is_some());
         let Some(p) = p else { return };
         let mut counts = [0usize; 2];
-        let (parts, _) = http::Request::new(()).into_parts();
+        let (uri, headers) = (http::Uri::default(), http::HeaderMap::new());
         let ip = std::net::IpAddr::from([127, 0, 0, 1]);
         for _ in 0..400 {
-            let b = p.pick(&parts, ip).map(|b| b.label.to_string()).unwrap_or_default();
+            let b = p
+                .pick(&uri, &headers, ip)
+                .map(|b| b.label.to_string())
+                .unwrap_or_default();
             counts[usize::from(b.contains("//b"))] += 1;
         }
         assert_eq!(counts, [100, 300]);

@@ -68,10 +68,12 @@ async fn upstream_errors_are_counted_by_reason() {
     let c = client();
     assert_eq!(c.get(e.url("/")).send().await.unwrap().status(), 502);
     let m = c.get(e.admin("/metrics")).send().await.unwrap().text().await.unwrap();
+    // The default policy retries a connect failure once: two failed exchanges, one retry.
     assert!(
-        m.contains(r#"rampart_upstream_errors_total{pool="app",reason="UPSTREAM_CONNECT_REFUSED"} 1"#),
+        m.contains(r#"rampart_upstream_errors_total{pool="app",reason="UPSTREAM_CONNECT_REFUSED"} 2"#),
         "{m}"
     );
+    assert!(m.contains(r#"rampart_upstream_retries_total{pool="app"} 1"#), "{m}");
 }
 
 #[tokio::test]

@@ -147,6 +147,11 @@ impl Origin {
         }
     }
 
+    /// From now on never answer requests for `path` (or answer them again, with `false`).
+    pub fn set_hang(&self, path: &str, hang: bool) {
+        self.set_status(path, hang.then_some(HANG));
+    }
+
     /// The paths of the most recent requests (up to 1000), oldest first.
     pub fn paths(&self) -> Vec<String> {
         self.paths
@@ -228,6 +233,8 @@ enum Mode {
 }
 
 type Overrides = Arc<std::sync::Mutex<std::collections::HashMap<String, u16>>>;
+/// An override meaning "never answer".
+const HANG: u16 = 0;
 
 #[derive(Clone)]
 struct State {
@@ -352,6 +359,9 @@ async fn handle(req: Request<Incoming>, state: State) -> Result<Response<Body>, 
         p.push_back(path.clone());
     }
     let overridden = state.overrides.lock().ok().and_then(|m| m.get(&path).copied());
+    if overridden == Some(HANG) {
+        std::future::pending::<()>().await;
+    }
     if let Some(code) = overridden {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return Ok(text(
