@@ -237,7 +237,7 @@ fn stable_hash(text: &str) -> String {
 
 /// Resolve a secret reference: `env:NAME`, `file:PATH`, or a literal.
 /// Returns the value and whether it was a literal.
-fn resolve_secret(spec: &str, base: &Path) -> Result<(String, bool), String> {
+pub fn resolve_secret(spec: &str, base: &Path) -> Result<(String, bool), String> {
     if let Some(name) = spec.strip_prefix("env:") {
         match std::env::var(name) {
             Ok(v) if !v.trim().is_empty() => Ok((v.trim().to_string(), false)),
@@ -483,6 +483,54 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
                 "success_threshold and half_open_requests must be at least 1",
             );
         }
+        if let Some(a) = &p.affinity {
+            let aat = format!("{at}.affinity");
+            if a.mode == AffinityMode::Cookie
+                && (a.cookie.is_empty()
+                    || !a
+                        .cookie
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)))
+            {
+                errs.push(format!("{aat}.cookie"), "use letters, digits, `_`, `-` and `.`");
+            }
+            if a.mode == AffinityMode::Header && http::HeaderName::from_bytes(a.header.as_bytes()).is_err() {
+                errs.push(
+                    format!("{aat}.header"),
+                    format!("`{}` is not a valid header name", a.header),
+                );
+            }
+            if !matches!(a.same_site.as_str(), "Lax" | "Strict" | "None") {
+                errs.push(format!("{aat}.same_site"), "use \"Lax\", \"Strict\" or \"None\"");
+            }
+            if a.same_site == "None" && !a.secure {
+                errs.push(
+                    format!("{aat}.secure"),
+                    "SameSite=None cookies must be Secure (browsers drop them otherwise)",
+                );
+            }
+            if a.ttl.is_zero() {
+                errs.push(format!("{aat}.ttl"), "must be greater than zero");
+            }
+            if !a.path.starts_with('/') || http::HeaderValue::from_str(&a.path).is_err() || a.path.contains(';') {
+                errs.push(format!("{aat}.path"), "must be a path starting with `/`");
+            }
+            if let Some(k) = &a.key {
+                match resolve_secret(k, base_dir) {
+                    Ok((v, literal)) => {
+                        if v.len() < 16 {
+                            errs.push(format!("{aat}.key"), "must be at least 16 bytes");
+                        }
+                        if literal {
+                            warnings.push(format!(
+                                "{aat}.key: a literal key is in the config file; prefer env:NAME or file:PATH"
+                            ));
+                        }
+                    }
+                    Err(e) => errs.push(format!("{aat}.key"), e),
+                }
+            }
+        }
         let r = &p.retry;
         if r.retries > 10 {
             errs.push(format!("{at}.retry.retries"), "must be at most 10");
@@ -521,6 +569,27 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
         }
         if p.max_idle_per_backend > 10_000 {
             errs.push(format!("{at}.max_idle_per_backend"), "must be at most 10000");
+        }
+    }
+
+    for (i, p) in config.pool.iter().enumerate() {
+        if let Some(f) = &p.fallback {
+            match config.pool.iter().find(|q| &q.name == f) {
+                None => {
+                    let hint = suggest(f, pools.keys().copied())
+                        .map(|s| format!(" (did you mean \"{s}\"?)"))
+                        .unwrap_or_default();
+                    errs.push(format!("pool[{i}].fallback"), format!("no pool named \"{f}\"{hint}"));
+                }
+                Some(q) if q.name == p.name => {
+                    errs.push(format!("pool[{i}].fallback"), "a pool cannot fall back to itself")
+                }
+                Some(q) if q.fallback.is_some() => errs.push(
+                    format!("pool[{i}].fallback"),
+                    format!("pool \"{}\" has a fallback of its own; fallbacks do not chain", q.name),
+                ),
+                Some(_) => {}
+            }
         }
     }
 

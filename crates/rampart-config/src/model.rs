@@ -217,6 +217,15 @@ pub struct Pool {
     /// Retries of failed attempts.
     #[serde(default)]
     pub retry: Retry,
+    /// Session affinity: keep a client on the backend that served it.
+    #[serde(default)]
+    pub affinity: Option<Affinity>,
+    /// Pool used when this one has no healthy backend (instead of panic mode).
+    #[serde(default)]
+    pub fallback: Option<String>,
+    /// Ramp a recovered backend's weight from 10% to 100% over this time (0: off).
+    #[serde(default)]
+    pub slow_start: Duration,
     /// When the healthy share of the pool's weight falls below this fraction, balance
     /// across every enabled backend regardless of health (panic mode).
     #[serde(default = "default_panic")]
@@ -317,6 +326,52 @@ impl Default for Outlier {
             success_threshold: 2,
             half_open_requests: 1,
             max_ejected_percent: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AffinityMode {
+    #[default]
+    Cookie,
+    Header,
+    Ip,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Affinity {
+    pub mode: AffinityMode,
+    /// Cookie carrying the signed, opaque session pin (`cookie` mode).
+    pub cookie: String,
+    /// Request header whose value keys the session (`header` mode).
+    pub header: String,
+    /// Lifetime of the cookie (Max-Age).
+    pub ttl: Duration,
+    pub path: String,
+    pub secure: bool,
+    pub http_only: bool,
+    /// `Lax`, `Strict` or `None`.
+    pub same_site: String,
+    /// HMAC key for cookies: `env:NAME`, `file:PATH` or a literal. Without one, a
+    /// random key is made at start (cookies then do not survive a restart).
+    #[serde(skip_serializing)]
+    pub key: Option<String>,
+}
+
+impl Default for Affinity {
+    fn default() -> Self {
+        Affinity {
+            mode: AffinityMode::Cookie,
+            cookie: "rampart_affinity".into(),
+            header: "x-session-id".into(),
+            ttl: Duration::from_secs(3600),
+            path: "/".into(),
+            secure: false,
+            http_only: true,
+            same_site: "Lax".into(),
+            key: None,
         }
     }
 }

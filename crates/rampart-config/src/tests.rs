@@ -251,3 +251,30 @@ fn health_settings_are_checked() {
     let e = errors(&with("outlier = { ejection_time = \"10m\" }"));
     assert!(e[0].contains("max_ejection_time at least ejection_time"), "{e:?}");
 }
+
+#[test]
+fn affinity_and_fallback_are_checked() {
+    let with = |extra: &str| BASE.replace("weight = 2 }]\n", &format!("weight = 2 }}]\n{extra}\n"));
+    assert!(load(&with("affinity = { mode = \"cookie\", ttl = \"1h\" }")).is_ok());
+    assert!(load(&with("affinity = { mode = \"ip\" }\nslow_start = \"30s\"")).is_ok());
+    let e = errors(&with(
+        "affinity = { cookie = \"bad name\", same_site = \"None\", path = \"x\" }",
+    ));
+    assert!(e.iter().any(|m| m.starts_with("pool[0].affinity.cookie:")), "{e:?}");
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("pool[0].affinity.secure: SameSite=None")),
+        "{e:?}"
+    );
+    assert!(e.iter().any(|m| m.starts_with("pool[0].affinity.path:")), "{e:?}");
+    let e = errors(&with("affinity = { key = \"short\" }"));
+    assert_eq!(e, vec!["pool[0].affinity.key: must be at least 16 bytes"]);
+    assert_eq!(
+        errors(&with("fallback = \"ap\"")),
+        vec!["pool[0].fallback: no pool named \"ap\" (did you mean \"app\"?)"]
+    );
+    assert_eq!(
+        errors(&with("fallback = \"app\"")),
+        vec!["pool[0].fallback: a pool cannot fall back to itself"]
+    );
+}

@@ -28,6 +28,8 @@ pub struct BackendState {
     /// While open: until when, in ms since [`epoch`].
     open_until_ms: AtomicU64,
     circuit: Mutex<Option<Circuit>>,
+    /// When it last became healthy again, in ms since [`epoch`] (0: never down).
+    recovered_at_ms: AtomicU64,
 }
 
 impl Default for BackendState {
@@ -39,6 +41,7 @@ impl Default for BackendState {
             circuit_flag: AtomicU8::new(0),
             open_until_ms: AtomicU64::new(0),
             circuit: Mutex::new(None),
+            recovered_at_ms: AtomicU64::new(0),
         }
     }
 }
@@ -161,6 +164,23 @@ impl BackendState {
         t
     }
 
+    /// Note that the backend just became healthy again (for slow start).
+    pub fn mark_recovered(&self) {
+        self.recovered_at_ms
+            .store(ms_since_epoch(Instant::now()).max(1), Ordering::Relaxed);
+    }
+
+    /// Share of its weight a recovering backend gets: 10% rising to 100% over
+    /// `slow_start`, then 100% (also when it never went down).
+    pub fn ramp(&self, slow_start: std::time::Duration) -> f64 {
+        let at = self.recovered_at_ms.load(Ordering::Relaxed);
+        if at == 0 || slow_start.is_zero() {
+            return 1.0;
+        }
+        let since = ms_since_epoch(Instant::now()).saturating_sub(at) as f64;
+        (since / slow_start.as_millis().max(1) as f64).clamp(0.1, 1.0)
+    }
+
     /// Count a request in flight until the guard is dropped.
     pub fn start(self: &std::sync::Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -185,7 +205,12 @@ impl Drop for InFlight {
 
 /// What a backend looks like to the balancer.
 pub trait Candidate {
+    /// Current weight (may ramp up during slow start).
     fn weight(&self) -> u32;
+    /// Configured weight, for the hash ring (which must not move while weights ramp).
+    fn base_weight(&self) -> u32 {
+        self.weight()
+    }
     fn state(&self) -> &BackendState;
     /// Stable identity for the hash ring (the backend URL).
     fn key(&self) -> &str;
@@ -298,7 +323,7 @@ impl Ring {
     pub fn new<C: Candidate>(backends: &[C]) -> Ring {
         let mut points = Vec::new();
         for (i, b) in backends.iter().enumerate() {
-            for p in 0..b.weight().saturating_mul(POINTS_PER_WEIGHT).min(160_000) {
+            for p in 0..b.base_weight().saturating_mul(POINTS_PER_WEIGHT).min(160_000) {
                 points.push((hash_bytes(format!("{}#{p}", b.key()).as_bytes()), i));
             }
         }
@@ -307,7 +332,7 @@ impl Ring {
     }
 
     /// The first available backend clockwise from the key's point.
-    fn pick<C: Candidate>(&self, backends: &[C], h: u64, ok: &dyn Fn(&C) -> bool) -> Option<usize> {
+    pub fn pick<C: Candidate>(&self, backends: &[C], h: u64, ok: &dyn Fn(&C) -> bool) -> Option<usize> {
         if self.points.is_empty() {
             return None;
         }
@@ -407,6 +432,17 @@ mod tests {
         let p = pool(&[1, 3]);
         let c = counts(&Balancer::LeastRequest, &p, 40_000);
         assert!(c[1] > c[0] * 2, "{c:?}");
+    }
+
+    #[test]
+    fn slow_start_ramps_from_a_tenth() {
+        let s = BackendState::default();
+        let ramp = std::time::Duration::from_secs(3600);
+        assert_eq!(s.ramp(ramp), 1.0, "never down: full weight");
+        s.mark_recovered();
+        let r = s.ramp(ramp);
+        assert!((0.1..0.11).contains(&r), "just recovered: {r}");
+        assert_eq!(s.ramp(std::time::Duration::ZERO), 1.0, "slow start off");
     }
 
     #[test]

@@ -282,6 +282,7 @@ mod checker {
                         probe.downs = 0;
                         if !healthy && probe.ups >= cfg.consecutive_up {
                             b.state.set_active_healthy(true);
+                            b.state.mark_recovered();
                             report(&shared, &pool.name, &b.label, &b.state, "active", "healthy");
                         }
                     } else {

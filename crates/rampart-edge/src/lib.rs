@@ -5,6 +5,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod affinity;
 pub mod balance;
 pub mod body;
 pub mod dns;

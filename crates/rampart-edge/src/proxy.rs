@@ -64,6 +64,8 @@ struct Record {
     body_state: Option<Arc<RequestBodyState>>,
     /// Counts the request against its backend until the response body ends.
     in_flight: Option<crate::balance::InFlight>,
+    /// The pool that served (the route's, or its fallback).
+    pool: Option<Arc<crate::upstream::Pool>>,
     /// Attempts made (1 without retries).
     tries: u32,
     /// `pool#index:OUTCOME,...` for `x-rampart-attempts`, built only when explaining.
@@ -87,9 +89,9 @@ impl Completion for Record {
         m.bytes_in.inc_by(bytes_in);
         m.bytes_out.inc_by(bytes_out);
         if reason != self.reason
-            && let Some(r) = &self.route
+            && let Some(p) = &self.pool
         {
-            r.pool.metrics.upstream_error(reason);
+            p.metrics.upstream_error(reason);
         }
         self.record_passive_health(reason);
         let log = &self.shared.access_log;
@@ -132,10 +134,9 @@ impl Record {
     }
 
     fn report_backend_result(&self, ok: bool) {
-        let (Some(route), Some(inflight), Some(label)) = (&self.route, &self.in_flight, &self.upstream) else {
+        let (Some(pool), Some(inflight), Some(label)) = (&self.pool, &self.in_flight, &self.upstream) else {
             return;
         };
-        let pool = &route.pool;
         if !pool.outlier.enabled {
             return;
         }
@@ -144,21 +145,24 @@ impl Record {
             let to = match t {
                 crate::health::Transition::Ejected => "ejected",
                 crate::health::Transition::HalfOpen => "half_open",
-                crate::health::Transition::Closed => "healthy",
+                crate::health::Transition::Closed => {
+                    state.mark_recovered();
+                    "healthy"
+                }
             };
             crate::health::report_transition(&self.shared.me_weak(), &pool.name, label, state, "passive", to);
         }
     }
 
     /// Note one attempt and its outcome (a status, a reason code, or SUCCESS).
-    fn note_attempt(&mut self, backend: usize, outcome: &str, explain: bool) {
+    fn note_attempt(&mut self, pool: &str, backend: usize, outcome: &str, explain: bool) {
         self.tries += 1;
-        if explain && let Some(route) = &self.route {
+        if explain {
             let a = self.attempts.get_or_insert_with(String::new);
             if !a.is_empty() {
                 a.push(',');
             }
-            a.push_str(&format!("{}#{backend}:{outcome}", route.pool.name));
+            a.push_str(&format!("{pool}#{backend}:{outcome}"));
         }
     }
 }
@@ -250,6 +254,7 @@ pub async fn handle(
         reason: Reason::Proxied,
         body_state: None,
         in_flight: None,
+        pool: None,
         tries: 0,
         attempts: None,
     };
@@ -321,7 +326,12 @@ pub async fn handle(
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
 
     let (parts, body) = req.into_parts();
-    let pool = &route.pool;
+    // A pool with no healthy backend hands over to its fallback pool, if it has one.
+    let pool = match &route.fallback {
+        Some(f) if !route.pool.has_healthy() => f,
+        _ => &route.pool,
+    };
+    rec.pool = Some(pool.clone());
     let policy = &pool.retry;
     let idempotent = matches!(
         parts.method,
@@ -391,9 +401,14 @@ pub async fn handle(
     let header_limit = policy
         .per_try_timeout
         .map_or(t.response_header.get(), |p| p.min(t.response_header.get()));
+    let (pinned, repin) = pool.pinned(&h, rec.client_ip);
     let mut tried: Vec<usize> = Vec::new();
     let (backend, resp) = loop {
-        let Some((index, backend)) = pool.pick_avoiding(&parts.uri, &h, rec.client_ip, &tried) else {
+        let picked = match pinned.filter(|_| tried.is_empty()) {
+            Some(i) => pool.backends.get(i).map(|b| (i, b)),
+            None => pool.pick_avoiding(&parts.uri, &h, rec.client_ip, &tried),
+        };
+        let Some((index, backend)) = picked else {
             return Ok(local_response(Reason::NoAvailableBackend, rec, None));
         };
         tried.push(index);
@@ -474,11 +489,11 @@ pub async fn handle(
             }
             pool.metrics.retries.inc();
             rec.report_backend_result(false);
-            rec.note_attempt(index, &outcome, explain);
+            rec.note_attempt(&pool.name, index, &outcome, explain);
             continue;
         }
         let success = result.as_ref().is_ok_and(|r| r.status().as_u16() < 500);
-        rec.note_attempt(index, if success { "SUCCESS" } else { &outcome }, explain);
+        rec.note_attempt(&pool.name, index, if success { "SUCCESS" } else { &outcome }, explain);
         match result {
             Ok(resp) => break (backend, resp),
             Err(reason) => {
@@ -492,6 +507,14 @@ pub async fn handle(
 
     let (mut rparts, rbody) = resp.into_parts();
     rec.status = rparts.status.as_u16();
+    // Pin (or re-pin) the client to the backend that served it.
+    if let Some(a) = &pool.affinity
+        && (repin || pinned != tried.last().copied())
+        && a.mode == rampart_config::AffinityMode::Cookie
+        && let Some(v) = a.set_cookie(backend.affinity_id)
+    {
+        rparts.headers.append(header::SET_COOKIE, v);
+    }
 
     if rparts.status == StatusCode::SWITCHING_PROTOCOLS {
         let (Some(client_upgrade), Some(_)) = (client_upgrade, upgrade) else {

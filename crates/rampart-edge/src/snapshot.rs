@@ -28,6 +28,8 @@ pub struct RouteEntry {
     /// Label for logs and metrics: `/prefix`, `=/exact` or `~/glob/*`.
     pub id: Arc<str>,
     pub pool: Arc<Pool>,
+    /// The pool's fallback, used when it has no healthy backend.
+    pub fallback: Option<Arc<Pool>>,
     pub rewrite: Rewrite,
     pub host: HostMode,
     pub websocket: bool,
@@ -160,7 +162,9 @@ impl Snapshot {
                         HeaderValue::from_str(&r.host_header).unwrap_or(HeaderValue::from_static("invalid")),
                     ),
                 };
+                let fallback = pool.fallback.as_ref().and_then(|f| pools.get(f).cloned());
                 let entry = RouteEntry {
+                    fallback,
                     site: name.clone(),
                     metrics: metrics.route(&name, &id),
                     id: Arc::from(id.as_str()),

@@ -2,7 +2,7 @@
 //! HTTP/1.1 or HTTP/2, plain or TLS, and the classification of failures into
 //! reason codes.
 
-use crate::balance::{BackendState, Balancer, Candidate, hash_bytes};
+use crate::balance::{BackendState, Balancer, Candidate, Ring, hash_bytes};
 use crate::body::UpstreamBody;
 use crate::dns::Resolver;
 use crate::metrics::PoolMetrics;
@@ -13,7 +13,7 @@ use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilde
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rampart_config::{Balance, HashKey, HealthCheck, Outlier, Pool as PoolConfig, Protocol, Timeouts};
+use rampart_config::{AffinityMode, Balance, HashKey, HealthCheck, Outlier, Pool as PoolConfig, Protocol, Timeouts};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -29,6 +29,9 @@ pub type UpstreamClient = Client<HttpsConnector<HttpConnector<Resolver>>, Upstre
 
 pub struct Backend {
     pub weight: u32,
+    /// Opaque id for affinity cookies (from the pool and URL, never the address).
+    pub affinity_id: u64,
+    slow_start: std::time::Duration,
     /// Runtime state (in flight, drain/disable), kept across reloads.
     pub state: Arc<BackendState>,
     pub scheme: Scheme,
@@ -40,7 +43,12 @@ pub struct Backend {
 }
 
 impl Candidate for Backend {
+    /// Weights are scaled by 100 so a slow start can ramp even a weight of 1.
     fn weight(&self) -> u32 {
+        let w = f64::from(self.weight * 100) * self.state.ramp(self.slow_start);
+        (w as u32).max(1)
+    }
+    fn base_weight(&self) -> u32 {
         self.weight
     }
     fn state(&self) -> &BackendState {
@@ -196,6 +204,11 @@ impl RetryBudget {
 pub struct Pool {
     pub name: Arc<str>,
     pub retry: RetryPolicy,
+    pub affinity: Option<crate::affinity::Affinity>,
+    /// Ring for header/ip affinity.
+    affinity_ring: Option<Ring>,
+    /// Name of the pool used when this one has no healthy backend.
+    pub fallback: Option<String>,
     pub backends: Vec<Backend>,
     pub balance: Balance,
     balancer: Balancer,
@@ -233,6 +246,8 @@ impl Pool {
             let host_value = HeaderValue::from_str(authority.as_str()).map_err(|e| format!("`{}`: {e}", b.url))?;
             backends.push(Backend {
                 weight: b.weight,
+                affinity_id: crate::affinity::backend_id(&cfg.name, &b.url),
+                slow_start: cfg.slow_start.get(),
                 state: registry.get(&cfg.name, &b.url),
                 scheme,
                 authority,
@@ -251,9 +266,20 @@ impl Pool {
             Some(k) => Some(k.parse::<HashKey>()?),
             None => None,
         };
+        let affinity = match &cfg.affinity {
+            Some(a) => Some(crate::affinity::Affinity::build(a, &cfg.name, base_dir)?),
+            None => None,
+        };
+        let affinity_ring = affinity
+            .as_ref()
+            .filter(|a| a.mode != AffinityMode::Cookie)
+            .map(|_| Ring::new(&backends));
         Ok(Pool {
             name: Arc::from(cfg.name.as_str()),
             retry: RetryPolicy::new(&cfg.retry),
+            affinity,
+            affinity_ring,
+            fallback: cfg.fallback.clone(),
             backends,
             balance: cfg.balance,
             balancer,
@@ -279,6 +305,42 @@ impl Pool {
     /// than failing everything.
     pub fn pick(&self, uri: &http::Uri, headers: &http::HeaderMap, client_ip: std::net::IpAddr) -> Option<&Backend> {
         self.pick_avoiding(uri, headers, client_ip, &[]).map(|(_, b)| b)
+    }
+
+    /// Whether any enabled backend is healthy (else a fallback pool takes over).
+    pub fn has_healthy(&self) -> bool {
+        self.backends
+            .iter()
+            .any(|b| b.state.available() && b.state.considered_healthy())
+    }
+
+    /// The backend a request's session is pinned to, if it can serve it, and whether
+    /// the response should (re)pin the client with a cookie.
+    pub fn pinned(&self, headers: &http::HeaderMap, client_ip: std::net::IpAddr) -> (Option<usize>, bool) {
+        let Some(a) = &self.affinity else {
+            return (None, false);
+        };
+        match a.pin(headers, client_ip) {
+            crate::affinity::Pin::Cookie(id) => {
+                // Existing sessions stay on a draining backend, not on a disabled or
+                // unhealthy one.
+                let found = self.backends.iter().position(|b| {
+                    b.affinity_id == id
+                        && b.state.admin() != crate::balance::AdminState::Disabled
+                        && b.state.considered_healthy()
+                });
+                (found, found.is_none())
+            }
+            crate::affinity::Pin::Hash(h) => {
+                let usable = |b: &Backend| b.state.usable(self.outlier.half_open_requests);
+                let i = self
+                    .affinity_ring
+                    .as_ref()
+                    .and_then(|r| r.pick(&self.backends, h, &usable));
+                (i, false)
+            }
+            crate::affinity::Pin::None => (None, a.mode == AffinityMode::Cookie),
+        }
     }
 
     /// Like [`Pool::pick`], but prefer backends not in `tried` (for retries); when
