@@ -593,6 +593,56 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
         }
     }
 
+    let mut chains: HashSet<&str> = HashSet::new();
+    for (i, c) in config.chain.iter().enumerate() {
+        let at = format!("chain[{i}]");
+        if c.name.trim().is_empty() {
+            errs.push(format!("{at}.name"), "must not be empty");
+        } else if !chains.insert(c.name.as_str()) {
+            errs.push(format!("{at}.name"), format!("duplicate chain name \"{}\"", c.name));
+        }
+        if c.providers.is_empty() {
+            errs.push(format!("{at}.providers"), "a chain needs at least one provider");
+        }
+        let mut names = HashSet::new();
+        for (j, p) in c.providers.iter().enumerate() {
+            let pat = format!("{at}.providers[{j}]");
+            if p.name.is_empty() || !p.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) {
+                errs.push(format!("{pat}.name"), "use letters, digits, `_`, `-` and `.`");
+            } else if !names.insert(p.name.as_str()) {
+                errs.push(format!("{pat}.name"), format!("duplicate provider \"{}\"", p.name));
+            }
+            if let Err(e) = check_provider_url(&p.url) {
+                errs.push(format!("{pat}.url"), e);
+            }
+            if p.timeout.is_some_and(|t| t.is_zero()) {
+                errs.push(format!("{pat}.timeout"), "must be greater than zero");
+            }
+        }
+        for (k, st) in c.fail_on_status.iter().enumerate() {
+            if !(100..=599).contains(st) {
+                errs.push(format!("{at}.fail_on_status[{k}]"), "must be an HTTP status (100-599)");
+            }
+        }
+        if let Some(o) = &c.origin_fallback
+            && let Err(e) = check_provider_url(&o.url)
+        {
+            errs.push(format!("{at}.origin_fallback.url"), e);
+        }
+        if !matches!(c.route_key.as_str(), "directory" | "path") {
+            errs.push(format!("{at}.route_key"), "use \"directory\" or \"path\"");
+        }
+        if c.timeout.is_zero() || c.cooldown.is_zero() || c.cooldown_after == 0 {
+            errs.push(
+                at.clone(),
+                "timeout and cooldown must be greater than zero, cooldown_after at least 1",
+            );
+        }
+        if c.replay_limit.bytes() > 16 << 20 {
+            errs.push(format!("{at}.replay_limit"), "must be at most 16MiB");
+        }
+    }
+
     let mut hosts: HashMap<String, usize> = HashMap::new();
     let mut default_site: Option<usize> = None;
     for (i, site) in config.site.iter().enumerate() {
@@ -669,11 +719,25 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
             {
                 errs.push(format!("{rat}.rewrite_prefix"), "must start with `/`");
             }
-            if !pools.contains_key(r.pool.as_str()) {
-                let hint = suggest(&r.pool, pools.keys().copied())
-                    .map(|s| format!(" (did you mean \"{s}\"?)"))
-                    .unwrap_or_default();
-                errs.push(format!("{rat}.pool"), format!("no pool named \"{}\"{hint}", r.pool));
+            match (&r.pool, &r.chain) {
+                (Some(pool), None) => {
+                    if !pools.contains_key(pool.as_str()) {
+                        let hint = suggest(pool, pools.keys().copied())
+                            .map(|s| format!(" (did you mean \"{s}\"?)"))
+                            .unwrap_or_default();
+                        errs.push(format!("{rat}.pool"), format!("no pool named \"{pool}\"{hint}"));
+                    }
+                }
+                (None, Some(chain)) => {
+                    if !chains.contains(chain.as_str()) {
+                        let hint = suggest(chain, chains.iter().copied())
+                            .map(|s| format!(" (did you mean \"{s}\"?)"))
+                            .unwrap_or_default();
+                        errs.push(format!("{rat}.chain"), format!("no chain named \"{chain}\"{hint}"));
+                    }
+                }
+                (None, None) => errs.push(rat.clone(), "set `pool` or `chain`"),
+                (Some(_), Some(_)) => errs.push(rat.clone(), "set either `pool` or `chain`, not both"),
             }
             if r.host_header.trim().is_empty() {
                 errs.push(
@@ -745,6 +809,22 @@ pub fn check_backend_url(url: &str) -> Result<http::Uri, String> {
     }
     if uri.path() != "/" && !uri.path().is_empty() {
         return Err(format!("`{url}` must not have a path; use the route's rewrite_prefix"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("`{url}` must not have a query"));
+    }
+    Ok(uri)
+}
+
+/// A provider URL: like a backend URL, but it may carry a base path.
+pub fn check_provider_url(url: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("`{url}` is not a valid URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(format!("`{url}` needs an http:// or https:// scheme")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("`{url}` has no host"));
     }
     if uri.query().is_some() {
         return Err(format!("`{url}` must not have a query"));

@@ -16,8 +16,81 @@ pub struct Config {
     pub log: Log,
     #[serde(default)]
     pub pool: Vec<Pool>,
+    /// Provider chains: ordered providers (CDNs, mirrors, origins) with failover.
+    #[serde(default)]
+    pub chain: Vec<Chain>,
     #[serde(default)]
     pub site: Vec<Site>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Chain {
+    pub name: String,
+    /// In rank order.
+    pub providers: Vec<Provider>,
+    /// Statuses that count as "blocked" and fail over to the next provider.
+    #[serde(default = "default_fail_on_status")]
+    pub fail_on_status: Vec<u16>,
+    /// What happens when every provider fails.
+    #[serde(default)]
+    pub origin_fallback: Option<OriginFallback>,
+    /// Timeout for a provider that sets none (time to its response head).
+    #[serde(default = "default_provider_timeout")]
+    pub timeout: Duration,
+    /// Scope of per-route health: `"directory"` of the path (default) or the whole `"path"`.
+    #[serde(default = "default_route_key")]
+    pub route_key: String,
+    /// Failures in a row (for one route scope) that put a provider in cooldown there.
+    #[serde(default = "default_cooldown_after")]
+    pub cooldown_after: u32,
+    /// How long a provider in cooldown is tried only after the others.
+    #[serde(default = "default_cooldown")]
+    pub cooldown: Duration,
+    /// Request bodies are kept for failover up to this size.
+    #[serde(default = "default_replay")]
+    pub replay_limit: Size,
+    #[serde(default)]
+    pub tls: UpstreamTls,
+}
+
+fn default_fail_on_status() -> Vec<u16> {
+    vec![403, 404, 408, 409, 423, 425, 429, 451, 500, 502, 503, 504]
+}
+fn default_provider_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_route_key() -> String {
+    "directory".into()
+}
+fn default_cooldown_after() -> u32 {
+    3
+}
+fn default_cooldown() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_replay() -> Size {
+    Size::kib(64)
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provider {
+    pub name: String,
+    /// Base URL; the request path is appended to its path.
+    pub url: String,
+    /// Time to the response head (default: the chain's `timeout`).
+    #[serde(default)]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginFallback {
+    pub url: String,
+    /// Whether the origin may be fetched when every provider failed.
+    #[serde(default)]
+    pub allowed: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -533,7 +606,12 @@ pub struct Route {
     /// Glob match on the path (`*` within a segment, `**` across segments).
     #[serde(default)]
     pub glob: Option<String>,
-    pub pool: String,
+    /// The pool that serves this route (or set `chain`).
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// The provider chain that serves this route (or set `pool`).
+    #[serde(default)]
+    pub chain: Option<String>,
     /// Remove the matched prefix before forwarding (prefix routes only).
     #[serde(default)]
     pub strip_prefix: bool,

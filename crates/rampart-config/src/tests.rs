@@ -278,3 +278,33 @@ fn affinity_and_fallback_are_checked() {
         vec!["pool[0].fallback: a pool cannot fall back to itself"]
     );
 }
+
+#[test]
+fn chains_are_checked() {
+    let chain = "[[chain]]\nname = \"video\"\nproviders = [{ name = \"cdn-a\", url = \"https://a.example/base\" }]\n";
+    let ok = format!("{BASE}\n{chain}").replace("pool = \"app\"\n", "chain = \"video\"\n");
+    assert!(load(&ok).is_ok(), "{:?}", errors(&ok));
+    let typo = format!("{BASE}\n{chain}").replace("pool = \"app\"\n", "chain = \"vidoe\"\n");
+    assert_eq!(
+        errors(&typo),
+        vec!["site[0].route[0].chain: no chain named \"vidoe\" (did you mean \"video\"?)"]
+    );
+    let both = format!("{BASE}\n{chain}").replace("pool = \"app\"\n", "pool = \"app\"\n  chain = \"video\"\n");
+    assert_eq!(
+        errors(&both),
+        vec!["site[0].route[0]: set either `pool` or `chain`, not both"]
+    );
+    let bad = format!(
+        "{BASE}\n[[chain]]\nname = \"c\"\nproviders = [{{ name = \"a b\", url = \"ftp://x\" }}, {{ name = \"ok\", url = \"https://x?q=1\" }}]\nfail_on_status = [42]\nroute_key = \"host\"\n"
+    );
+    let e = errors(&bad);
+    for want in [
+        "chain[0].providers[0].name:",
+        "chain[0].providers[0].url:",
+        "chain[0].providers[1].url: `https://x?q=1` must not have a query",
+        "chain[0].fail_on_status[0]:",
+        "chain[0].route_key:",
+    ] {
+        assert!(e.iter().any(|m| m.starts_with(want)), "missing {want}: {e:?}");
+    }
+}

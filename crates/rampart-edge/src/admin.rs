@@ -4,7 +4,7 @@
 //! read-only endpoints answer and the mutating ones are refused.
 
 use crate::Shared;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -21,6 +21,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/admin/config", get(config))
         .route("/admin/reload", post(reload))
         .route("/admin/pools", get(pools))
+        .route("/admin/traces", get(traces))
+        .route("/admin/chains", get(chains))
         .route("/admin/pools/{pool}/backends/{backend}/{action}", post(backend_action))
         .route_layer(middleware::from_fn_with_state(shared.clone(), auth));
     Router::new()
@@ -226,4 +228,24 @@ async fn backend_action(
         "in_flight": b.state.in_flight(),
     }))
     .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct TraceQuery {
+    route: Option<String>,
+    provider: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /admin/traces?route=/videos/&provider=cdn-a&limit=50`: the newest route traces
+/// (at most 1000 are kept), filtered by route key and by a provider that was tried.
+async fn traces(State(shared): State<Arc<Shared>>, Query(q): Query<TraceQuery>) -> Json<serde_json::Value> {
+    let limit = q.limit.unwrap_or(100).min(1000);
+    let t = shared.traces.query(q.route.as_deref(), q.provider.as_deref(), limit);
+    Json(json!({ "traces": t }))
+}
+
+/// `GET /admin/chains`: provider health per chain, provider and scope.
+async fn chains(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    Json(json!({ "health": shared.chain_health.report() }))
 }

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod affinity;
 pub mod balance;
 pub mod body;
+pub mod chain;
 pub mod dns;
 pub mod headers;
 pub mod health;
@@ -39,6 +40,10 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     /// Per-backend runtime state (in flight, drain/disable), keyed by (pool, URL).
     pub backends: upstream::BackendRegistry,
+    /// Provider health by chain, provider and scope (kept across reloads).
+    pub chain_health: chain::HealthStore,
+    /// The last route traces of chain decisions.
+    pub traces: chain::TraceStore,
     pub metrics: Arc<Metrics>,
     access_log_slot: ArcSwap<(String, AccessLog)>,
     pub access_log: AccessLogHandle,
@@ -287,6 +292,8 @@ impl Edge {
         let shared = Arc::new_cyclic(|me| Shared {
             snapshot: ArcSwap::from_pointee(snap),
             backends,
+            chain_health: chain::HealthStore::default(),
+            traces: chain::TraceStore::default(),
             metrics,
             access_log_slot: ArcSwap::from_pointee((access, log)),
             access_log: AccessLogHandle { slot: me.clone() },

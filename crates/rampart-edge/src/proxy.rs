@@ -68,6 +68,8 @@ struct Record {
     pool: Option<Arc<crate::upstream::Pool>>,
     /// Attempts made (1 without retries).
     tries: u32,
+    /// A chain decision's reason code, which the access log shows instead of `reason`.
+    reason_text: Option<&'static str>,
     /// `pool#index:OUTCOME,...` for `x-rampart-attempts`, built only when explaining.
     attempts: Option<String>,
 }
@@ -112,7 +114,10 @@ impl Completion for Record {
                 route: self.route.as_ref().map_or("-", |r| &r.id),
                 upstream: self.upstream.as_deref().unwrap_or("-"),
                 attempts: self.tries,
-                reason: reason.as_str(),
+                reason: match (self.reason_text, reason) {
+                    (Some(text), Reason::Proxied) => text,
+                    _ => reason.as_str(),
+                },
             });
         }
     }
@@ -256,6 +261,7 @@ pub async fn handle(
         in_flight: None,
         pool: None,
         tries: 0,
+        reason_text: None,
         attempts: None,
     };
 
@@ -326,10 +332,28 @@ pub async fn handle(
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
 
     let (parts, body) = req.into_parts();
+    let Some(route_pool) = &route.pool else {
+        let chain = route.chain.clone();
+        let Some(chain) = chain else {
+            return Ok(local_response(Reason::NoAvailableBackend, rec, None));
+        };
+        let pq = rewrite_path(&path, parts.uri.query(), &route.rewrite, matched);
+        let h = upstream_headers(
+            parts.headers,
+            false,
+            None,
+            &conn,
+            trusted_peer,
+            &host_value,
+            snap.via.then_some(parts.version),
+            &rec.request_id,
+        );
+        return Ok(serve_chain(&shared, &snap, rec, &chain, &parts.method, &pq, h, body, explain).await);
+    };
     // A pool with no healthy backend hands over to its fallback pool, if it has one.
     let pool = match &route.fallback {
-        Some(f) if !route.pool.has_healthy() => f,
-        _ => &route.pool,
+        Some(f) if !route_pool.has_healthy() => f,
+        _ => route_pool,
     };
     rec.pool = Some(pool.clone());
     let policy = &pool.retry;
@@ -343,23 +367,16 @@ pub async fn handle(
     policy.note_request();
 
     let pq = rewrite_path(&path, parts.uri.query(), &route.rewrite, matched);
-    let mut h = parts.headers;
-    headers::remove_hop_by_hop(&mut h, pool.protocol == Protocol::Http2);
-    if let Some(proto) = &upgrade {
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        h.insert(header::UPGRADE, proto.clone());
-    }
-    headers::set_forwarded(
-        &mut h,
-        &conn.peer_value,
+    let mut h = upstream_headers(
+        parts.headers,
+        pool.protocol == Protocol::Http2,
+        upgrade.as_ref(),
+        &conn,
         trusted_peer,
-        if conn.tls { "https" } else { "http" },
-        Some(&host_value),
+        &host_value,
+        snap.via.then_some(parts.version),
+        &rec.request_id,
     );
-    if snap.via {
-        headers::append_via(&mut h, parts.version);
-    }
-    h.insert(X_REQUEST_ID.clone(), rec.request_id.clone());
 
     // The request body: streamed as it arrives, or, when a retry may need it again,
     // kept in memory up to the replay limit (past it, it streams and is not retried).
@@ -519,7 +536,7 @@ pub async fn handle(
     if rparts.status == StatusCode::SWITCHING_PROTOCOLS {
         let (Some(client_upgrade), Some(_)) = (client_upgrade, upgrade) else {
             // A 101 nobody asked for cannot be relayed.
-            route.pool.metrics.upstream_error(Reason::UpstreamInvalidResponse);
+            pool.metrics.upstream_error(Reason::UpstreamInvalidResponse);
             return Ok(local_response(Reason::UpstreamInvalidResponse, rec, None));
         };
         let route_tunnel_idle = route.tunnel_idle;
@@ -552,6 +569,167 @@ pub async fn handle(
     let body = EdgeBody::upstream(rbody, t.body_idle.get(), deadline).on_complete(Box::new(rec));
     Ok(Response::from_parts(rparts, body))
 }
+
+/// The request headers sent upstream: hop-by-hop removed (an upgrade's kept),
+/// `X-Forwarded-*`, `Via` (when `via` is set) and `x-request-id`. Host is set per attempt.
+#[allow(clippy::too_many_arguments)]
+fn upstream_headers(
+    mut h: http::HeaderMap,
+    keep_te_trailers: bool,
+    upgrade: Option<&HeaderValue>,
+    conn: &ConnInfo,
+    trusted_peer: bool,
+    host: &HeaderValue,
+    via: Option<Version>,
+    request_id: &HeaderValue,
+) -> http::HeaderMap {
+    headers::remove_hop_by_hop(&mut h, keep_te_trailers);
+    if let Some(proto) = upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, proto.clone());
+    }
+    headers::set_forwarded(
+        &mut h,
+        &conn.peer_value,
+        trusted_peer,
+        if conn.tls { "https" } else { "http" },
+        Some(host),
+    );
+    if let Some(v) = via {
+        headers::append_via(&mut h, v);
+    }
+    h.insert(X_REQUEST_ID.clone(), request_id.clone());
+    h
+}
+
+/// Serve a route whose target is a provider chain.
+#[allow(clippy::too_many_arguments)]
+async fn serve_chain(
+    shared: &Arc<Shared>,
+    snap: &Snapshot,
+    mut rec: Record,
+    chain: &crate::chain::Chain,
+    method: &Method,
+    path_and_query: &str,
+    h: http::HeaderMap,
+    body: Incoming,
+    explain: bool,
+) -> Response<EdgeBody> {
+    // Keep the body for failover up to the chain's replay bound.
+    let body = if body.is_end_stream() {
+        UpstreamBody::Empty
+    } else {
+        let state = Arc::new(RequestBodyState::new());
+        rec.body_state = Some(state.clone());
+        match crate::body::buffer_for_replay(
+            body,
+            chain.replay_limit,
+            snap.limits.max_body,
+            state,
+            snap.validated.config.server.client_body_timeout.get(),
+        )
+        .await
+        {
+            Ok(b) => b,
+            Err(_) => {
+                let reason = client_body_fault(rec.body_state.as_deref()).unwrap_or(Reason::ClientBodyError);
+                return local_response(reason, rec, None);
+            }
+        }
+    };
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    let session = h
+        .get("x-rampart-session-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let request_id = rec.request_id.to_str().unwrap_or("-").to_string();
+    let req = crate::chain::ChainRequest {
+        method,
+        path,
+        query,
+        headers: &h,
+        session: session.as_deref(),
+        request_id: &request_id,
+        deadline: None,
+    };
+    let result = crate::chain::forward(chain, &shared.chain_health, &req, body).await;
+    let trace = result.trace;
+    rec.tries = u32::try_from(trace.attempts.len()).unwrap_or(u32::MAX);
+    rec.upstream = trace.provider.as_deref().map(Arc::from);
+    rec.reason_text = Some(trace.reason);
+    shared.traces.push(trace.clone());
+
+    let explain_headers = |h: &mut http::HeaderMap| {
+        if !explain {
+            return;
+        }
+        let mut put = |name: &'static str, v: String| {
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                h.insert(header::HeaderName::from_static(name), v);
+            }
+        };
+        if let Some(p) = &trace.provider {
+            put("x-rampart-provider", p.clone());
+        }
+        put("x-rampart-reason", trace.reason.to_string());
+        put("x-rampart-attempts", trace.attempts_header());
+        put("x-rampart-failure-points", trace.failure_points_header());
+        put("x-rampart-route-trace", trace.encoded());
+    };
+
+    let Some(resp) = result.response else {
+        // Every provider failed and the policy allows no (working) fallback: fail closed.
+        let status = if trace.selected_fallback == "origin" {
+            StatusCode::BAD_GATEWAY
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        let body = serde_json::json!({
+            "status": status.as_u16(),
+            "reason": trace.reason,
+            "policy": trace.policy_id,
+            "route_key": trace.route_key,
+            "selected_fallback": trace.selected_fallback,
+            "failure_points": trace.failure_points_header(),
+            "request_id": request_id,
+        });
+        let mut resp = Response::new(EdgeBody::empty());
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(X_REQUEST_ID.clone(), rec.request_id.clone());
+        if let Ok(v) = HeaderValue::from_str(trace.reason) {
+            h.insert(X_RAMPART_REASON.clone(), v);
+        }
+        explain_headers(h);
+        rec.status = status.as_u16();
+        let is_head = *method == Method::HEAD;
+        let body = if is_head {
+            EdgeBody::empty()
+        } else {
+            EdgeBody::full(format!("{body}\n"))
+        };
+        *resp.body_mut() = body.on_complete(Box::new(rec));
+        return resp;
+    };
+    let (mut rparts, rbody) = resp.into_parts();
+    rec.status = rparts.status.as_u16();
+    headers::remove_hop_by_hop(&mut rparts.headers, false);
+    if snap.via {
+        headers::append_via(&mut rparts.headers, Version::HTTP_11);
+    }
+    rparts.headers.insert(X_REQUEST_ID.clone(), rec.request_id.clone());
+    explain_headers(&mut rparts.headers);
+    rparts.version = Version::HTTP_11;
+    let body = EdgeBody::upstream(rbody, CHAIN_BODY_IDLE, None).on_complete(Box::new(rec));
+    Response::from_parts(rparts, body)
+}
+
+/// Longest pause allowed in a provider's response body.
+const CHAIN_BODY_IDLE: Duration = Duration::from_secs(60);
 
 /// When the exchange failed because of the client's body, say so (413/400/408)
 /// rather than blaming the upstream.

@@ -2,6 +2,7 @@
 //! from a validated config, then swapped in atomically. Requests in flight keep
 //! the snapshot they started with.
 
+use crate::chain::Chain;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routing::{PathMatch, Router};
 use crate::upstream::{self, BackendRegistry, Pool};
@@ -27,7 +28,10 @@ pub struct RouteEntry {
     pub site: Arc<str>,
     /// Label for logs and metrics: `/prefix`, `=/exact` or `~/glob/*`.
     pub id: Arc<str>,
-    pub pool: Arc<Pool>,
+    /// The pool serving this route (None for chain routes).
+    pub pool: Option<Arc<Pool>>,
+    /// The provider chain serving this route (None for pool routes).
+    pub chain: Option<Arc<Chain>>,
     /// The pool's fallback, used when it has no healthy backend.
     pub fallback: Option<Arc<Pool>>,
     pub rewrite: Rewrite,
@@ -107,6 +111,16 @@ impl Snapshot {
             }
         }
 
+        let mut chains = HashMap::new();
+        for (i, c) in cfg.chain.iter().enumerate() {
+            match Chain::build(c, &base) {
+                Ok(chain) => {
+                    chains.insert(c.name.clone(), Arc::new(chain));
+                }
+                Err(e) => errs.push(format!("chain[{i}]"), e),
+            }
+        }
+
         let tls = match &cfg.server.tls {
             Some(t) => match crate::tls::server_config(&t.certificates, t.http2, &base) {
                 Ok(c) => Some(c),
@@ -137,9 +151,11 @@ impl Snapshot {
             );
             let mut routes = Vec::with_capacity(s.route.len());
             for r in &s.route {
-                let Some(pool) = pools.get(&r.pool).cloned() else {
+                let pool = r.pool.as_ref().and_then(|p| pools.get(p).cloned());
+                let chain = r.chain.as_ref().and_then(|c| chains.get(c).cloned());
+                if pool.is_none() && chain.is_none() {
                     continue;
-                };
+                }
                 let (m, id) = if let Some(p) = &r.exact {
                     (PathMatch::Exact(p.clone()), format!("={p}"))
                 } else if let Some(g) = &r.glob {
@@ -162,9 +178,13 @@ impl Snapshot {
                         HeaderValue::from_str(&r.host_header).unwrap_or(HeaderValue::from_static("invalid")),
                     ),
                 };
-                let fallback = pool.fallback.as_ref().and_then(|f| pools.get(f).cloned());
+                let fallback = pool
+                    .as_ref()
+                    .and_then(|p| p.fallback.as_ref())
+                    .and_then(|f| pools.get(f).cloned());
                 let entry = RouteEntry {
                     fallback,
+                    chain,
                     site: name.clone(),
                     metrics: metrics.route(&name, &id),
                     id: Arc::from(id.as_str()),

@@ -497,7 +497,33 @@ fn native_roots() -> Arc<RootCertStore> {
         .clone()
 }
 
+/// What an upstream client is built from (a pool's or a chain's settings).
+pub struct ClientSettings<'a> {
+    pub tls: &'a rampart_config::UpstreamTls,
+    pub connect: std::time::Duration,
+    pub protocol: Protocol,
+    pub max_idle: usize,
+    pub idle_timeout: std::time::Duration,
+}
+
 fn build_client(cfg: &PoolConfig, base_dir: &Path) -> Result<(UpstreamClient, Arc<rustls::ClientConfig>), String> {
+    build_client_with(
+        &ClientSettings {
+            tls: &cfg.tls,
+            connect: cfg.timeouts.connect.get(),
+            protocol: cfg.protocol,
+            max_idle: cfg.max_idle_per_backend,
+            idle_timeout: cfg.idle_timeout.get(),
+        },
+        base_dir,
+    )
+}
+
+/// Build a pooled HTTP client with TLS towards upstreams.
+pub fn build_client_with(
+    cfg: &ClientSettings<'_>,
+    base_dir: &Path,
+) -> Result<(UpstreamClient, Arc<rustls::ClientConfig>), String> {
     let provider = provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -534,7 +560,7 @@ fn build_client(cfg: &PoolConfig, base_dir: &Path) -> Result<(UpstreamClient, Ar
     let mut http = HttpConnector::new_with_resolver(Resolver::shared());
     http.enforce_http(false);
     http.set_nodelay(true);
-    http.set_connect_timeout(Some(cfg.timeouts.connect.get()));
+    http.set_connect_timeout(Some(cfg.connect));
     http.set_keepalive(Some(Duration::from_secs(60)));
 
     let tls = Arc::new(tls);
@@ -553,8 +579,8 @@ fn build_client(cfg: &PoolConfig, base_dir: &Path) -> Result<(UpstreamClient, Ar
         Protocol::Http2 => b.enable_http2().wrap_connector(http),
     };
     let mut cb = Client::builder(TokioExecutor::new());
-    cb.pool_max_idle_per_host(cfg.max_idle_per_backend)
-        .pool_idle_timeout(cfg.idle_timeout.get())
+    cb.pool_max_idle_per_host(cfg.max_idle)
+        .pool_idle_timeout(cfg.idle_timeout)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .http2_only(cfg.protocol == Protocol::Http2);

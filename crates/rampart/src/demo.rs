@@ -17,6 +17,12 @@ fn free_or_any(port: u16) -> u16 {
 pub async fn run(port: u16, admin_port: u16) -> anyhow::Result<()> {
     let origin = Origin::start_at(SocketAddr::from(([127, 0, 0, 1], 0)), "demo-origin").await?;
     let dead = closed_port().await?;
+    // Three simulated CDNs for the provider chain: one too slow, one blocking, one healthy.
+    let slow = Origin::start_at(SocketAddr::from(([127, 0, 0, 1], 0)), "cdn-slow").await?;
+    let blocking = Origin::start_at(SocketAddr::from(([127, 0, 0, 1], 0)), "cdn-block").await?;
+    let healthy = Origin::start_at(SocketAddr::from(([127, 0, 0, 1], 0)), "cdn-ok").await?;
+    slow.set_hang("/video/intro.mp4", true);
+    blocking.set_status("/video/intro.mp4", Some(429));
     let dir = std::env::temp_dir().join(format!("rampart-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let token = format!("{:016x}{:016x}", fastrand_u64(), fastrand_u64());
@@ -43,6 +49,15 @@ name = "broken"
 backends = ["http://{dead}"]
 timeouts = {{ connect = "1s" }}
 
+[[chain]]
+name = "video"
+providers = [
+  {{ name = "cdn-slow", url = "{slow}", timeout = "800ms" }},
+  {{ name = "cdn-block", url = "{blocking}" }},
+  {{ name = "cdn-ok", url = "{healthy}" }},
+]
+origin_fallback = {{ url = "{origin}", allowed = false }}
+
 [[site]]
 name = "demo"
 hosts = ["localhost", "127.0.0.1"]
@@ -52,12 +67,18 @@ explain = true
   path = "/broken/"
   pool = "broken"
   [[site.route]]
+  path = "/video/"
+  chain = "video"
+  [[site.route]]
   path = "/"
   pool = "origin"
 "#,
         port = free_or_any(port),
         admin_port = free_or_any(admin_port),
         origin = origin.url(),
+        slow = slow.url(),
+        blocking = blocking.url(),
+        healthy = healthy.url(),
     );
     let path = dir.join("rampart.toml");
     std::fs::write(&path, &config)?;
@@ -86,6 +107,8 @@ Try:
   curl -i {e}/status/503                # an origin error passes through unchanged
   curl -i {e}/hang                      # the origin never answers: 504 UPSTREAM_HEADER_TIMEOUT after 2s
   curl -i {e}/broken/                   # nothing listens there: 502 UPSTREAM_CONNECT_REFUSED
+  curl -si {e}/video/intro.mp4 | grep -i x-rampart   # chain: cdn-slow times out, cdn-block says 429, cdn-ok serves
+  curl -s '{a}/admin/traces?limit=1' -H 'Authorization: Bearer {token}'   # the route trace behind it
   curl -s {a}/metrics | grep rampart_requests
   curl -s -H 'Authorization: Bearer {token}' {a}/admin/status
   curl -s -X POST -H 'Authorization: Bearer {token}' {a}/admin/reload   # re-reads the config file
@@ -95,7 +118,7 @@ Try:
     );
     let r = crate::serve_until_signal(edge).await;
     let _ = std::fs::remove_dir_all(&dir);
-    drop(origin);
+    drop((origin, slow, blocking, healthy));
     r
 }
 

@@ -271,6 +271,13 @@ async fn demo_runs_and_shows_the_edge_working() {
     let r = get(&format!("{edge}/broken/")).await;
     assert_eq!(r.status(), 502);
     assert_eq!(r.headers()["x-rampart-reason"], "UPSTREAM_CONNECT_REFUSED");
+    let r = get(&format!("{edge}/video/intro.mp4")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-rampart-provider"], "cdn-ok");
+    assert_eq!(
+        r.headers()["x-rampart-attempts"],
+        "cdn-slow:PROVIDER_TIMEOUT,cdn-block:PROVIDER_BLOCKED_429,cdn-ok:PROVIDER_SUCCESS"
+    );
     let m = get(&format!("{admin}/metrics")).await.text().await.unwrap();
     assert!(
         m.contains(r#"rampart_requests_total{site="demo",route="/",class="2xx"} 1"#),
