@@ -308,6 +308,12 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
             "\"current_thread\" runs one worker; set workers = 1 or use \"multi_thread\"",
         );
     }
+    if let Some(d) = &s.data_dir {
+        let p = resolve(base_dir, d);
+        if p.exists() && !p.is_dir() {
+            errs.push("server.data_dir", format!("{} is not a directory", p.display()));
+        }
+    }
     if s.max_connections == 0 {
         errs.push("server.max_connections", "must be at least 1");
     }
@@ -636,6 +642,12 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
             errs.push(
                 at.clone(),
                 "timeout and cooldown must be greater than zero, cooldown_after at least 1",
+            );
+        }
+        if c.recommend_after == 0 || c.recommend_ttl.is_zero() {
+            errs.push(
+                at.clone(),
+                "recommend_after must be at least 1 and recommend_ttl greater than zero",
             );
         }
         if c.replay_limit.bytes() > 16 << 20 {

@@ -50,6 +50,13 @@ pub struct Chain {
     /// Request bodies are kept for failover up to this size.
     #[serde(default = "default_replay")]
     pub replay_limit: Size,
+    /// Failures of one provider on one route scope within 5 minutes that raise a
+    /// recommendation.
+    #[serde(default = "default_recommend_after")]
+    pub recommend_after: u32,
+    /// How long an approved recommendation's change lasts.
+    #[serde(default = "default_recommend_ttl")]
+    pub recommend_ttl: Duration,
     #[serde(default)]
     pub tls: UpstreamTls,
 }
@@ -68,6 +75,12 @@ fn default_cooldown_after() -> u32 {
 }
 fn default_cooldown() -> Duration {
     Duration::from_secs(60)
+}
+fn default_recommend_after() -> u32 {
+    5
+}
+fn default_recommend_ttl() -> Duration {
+    Duration::from_secs(900)
 }
 fn default_replay() -> Size {
     Size::kib(64)
@@ -116,6 +129,9 @@ pub struct Server {
     pub header_read_timeout: Duration,
     /// Longest wait for the next chunk of a client's request body (over it: 408).
     pub client_body_timeout: Duration,
+    /// Directory for state that outlives the process (recommendations, decisions,
+    /// audit log). Without one, that state is kept in memory only.
+    pub data_dir: Option<String>,
     /// How long graceful shutdown waits for in-flight requests.
     pub shutdown_timeout: Duration,
     /// Maximum open client connections across all listeners; past it, new
@@ -136,6 +152,7 @@ impl Default for Server {
             via: true,
             header_read_timeout: Duration::from_secs(30),
             client_body_timeout: Duration::from_secs(60),
+            data_dir: None,
             shutdown_timeout: Duration::from_secs(30),
             max_connections: 65_536,
             limits: Limits::default(),

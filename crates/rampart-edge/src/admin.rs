@@ -22,6 +22,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/admin/reload", post(reload))
         .route("/admin/pools", get(pools))
         .route("/admin/traces", get(traces))
+        .route("/admin/analyze", post(analyze))
+        .route("/admin/recommendations", get(recommendations))
+        .route("/admin/recommendations/{id}/{decision}", post(decide))
+        .route("/admin/audit", get(audit))
         .route("/admin/chains", get(chains))
         .route("/admin/pools/{pool}/backends/{backend}/{action}", post(backend_action))
         .route_layer(middleware::from_fn_with_state(shared.clone(), auth));
@@ -57,7 +61,10 @@ async fn auth(State(shared): State<Arc<Shared>>, headers: HeaderMap, req: Reques
                 r
             }
         }
-        None if req.method() == Method::GET || req.method() == Method::HEAD => next.run(req).await,
+        // Reading, and analysing a trace (which changes nothing), is open without a token.
+        None if req.method() == Method::GET || req.method() == Method::HEAD || req.uri().path() == "/admin/analyze" => {
+            next.run(req).await
+        }
         None => (
             StatusCode::FORBIDDEN,
             Json(json!({"error": "no admin token is configured (admin.token), so mutating endpoints are disabled"})),
@@ -211,6 +218,12 @@ async fn backend_action(
     };
     let before = b.state.admin();
     b.state.set_admin(state);
+    shared.control.record_audit(
+        "admin-api",
+        &format!("backend-{action}"),
+        &format!("pool {pool} backend {}", b.label),
+        None,
+    );
     tracing::info!(
         target: "rampart::audit",
         pool = %pool,
@@ -248,4 +261,75 @@ async fn traces(State(shared): State<Arc<Shared>>, Query(q): Query<TraceQuery>) 
 /// `GET /admin/chains`: provider health per chain, provider and scope.
 async fn chains(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     Json(json!({ "health": shared.chain_health.report() }))
+}
+
+/// `POST /admin/analyze`: a report on one route trace, given as the JSON that
+/// `/admin/traces` returns, or as `{"trace": "<x-rampart-route-trace value>"}`.
+async fn analyze(body: axum::body::Bytes) -> Response {
+    let parsed: Result<serde_json::Value, String> =
+        serde_json::from_slice::<serde_json::Value>(&body).map_err(|e| format!("the body is not JSON: {e}"));
+    let trace = parsed.and_then(|v| match v.get("trace").and_then(|t| t.as_str()) {
+        Some(encoded) => crate::chain::unbase64url(encoded)
+            .ok_or_else(|| "`trace` is not base64url".to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("`trace` does not decode to JSON: {e}"))),
+        None => Ok(v),
+    });
+    match trace.and_then(|t| crate::analyser::analyze(&t)) {
+        Ok(report) => Json(report).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, Json(json!({"error": e}))).into_response(),
+    }
+}
+
+async fn recommendations(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    Json(json!({ "recommendations": shared.control.recommendations() }))
+}
+
+#[derive(serde::Deserialize, Default)]
+struct Decision {
+    operator: Option<String>,
+    note: Option<String>,
+}
+
+/// `POST /admin/recommendations/{id}/{approve|reject}` with `{"operator": "...", "note": "..."}`.
+async fn decide(
+    State(shared): State<Arc<Shared>>,
+    Path((id, decision)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let approve = match decision.as_str() {
+        "approve" => true,
+        "reject" => false,
+        _ => {
+            return (StatusCode::NOT_FOUND, Json(json!({"error": "use approve or reject"}))).into_response();
+        }
+    };
+    let d: Decision = if body.is_empty() {
+        Decision::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(d) => d,
+            Err(e) => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    Json(json!({"error": format!("the body is not valid JSON: {e}")})),
+                )
+                    .into_response();
+            }
+        }
+    };
+    match shared
+        .control
+        .decide(&id, approve, d.operator.as_deref(), d.note, &shared.chain_health)
+    {
+        Ok(r) => Json(json!(r)).into_response(),
+        Err((code, msg)) => (
+            StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST),
+            Json(json!({"error": msg})),
+        )
+            .into_response(),
+    }
+}
+
+async fn audit(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    Json(json!({ "audit": shared.control.audit() }))
 }

@@ -27,16 +27,19 @@ use std::time::{Duration, Instant};
 
 pub struct Provider {
     pub name: Arc<str>,
+    /// Configured time to the response head.
+    pub timeout: Duration,
     scheme: Scheme,
     authority: Authority,
     host: HeaderValue,
     /// The URL's path, without a trailing slash ("" for none).
     base_path: String,
-    timeout: Duration,
 }
 
 pub struct Chain {
     pub name: Arc<str>,
+    pub recommend_after: u32,
+    pub recommend_ttl: Duration,
     pub providers: Vec<Provider>,
     fail_on_status: Vec<u16>,
     origin: Option<Provider>,
@@ -84,6 +87,8 @@ impl Chain {
         )?;
         Ok(Chain {
             name: Arc::from(cfg.name.as_str()),
+            recommend_after: cfg.recommend_after,
+            recommend_ttl: cfg.recommend_ttl.get(),
             providers,
             fail_on_status: cfg.fail_on_status.clone(),
             origin_allowed: cfg.origin_fallback.as_ref().is_some_and(|o| o.allowed),
@@ -131,11 +136,17 @@ struct Stat {
 const MAX_SCOPES: usize = 10_000;
 
 type StatKey = (Arc<str>, Arc<str>, Scope);
+/// (chain, provider, route scope)
+type DecisionKey = (String, String, String);
 
 /// Provider health by (chain, provider, scope): kept across reloads, bounded.
 #[derive(Default)]
 pub struct HealthStore {
     stats: Mutex<HashMap<StatKey, Stat>>,
+    /// Operator decisions for a route scope: (chain, provider, route) → (action, until).
+    decisions: Mutex<HashMap<DecisionKey, (&'static str, Instant)>>,
+    /// Operator timeout overrides: (chain, provider) → (timeout, until).
+    timeouts: Mutex<HashMap<(String, String), (Duration, Instant)>>,
 }
 
 /// The health scopes a request belongs to.
@@ -162,11 +173,58 @@ impl HealthStore {
         v
     }
 
+    /// Apply an approved decision until `until`: `"cooldown"` or `"demote"` (the
+    /// provider is tried after the others on that route scope), or `"raise_timeout"`.
+    pub fn apply(
+        &self,
+        action: &'static str,
+        chain: &str,
+        provider: &str,
+        route: &str,
+        until: Instant,
+        timeout: Option<Duration>,
+    ) {
+        match (action, timeout) {
+            ("raise_timeout", Some(t)) => {
+                if let Ok(mut m) = self.timeouts.lock() {
+                    m.insert((chain.to_string(), provider.to_string()), (t, until));
+                }
+            }
+            _ => {
+                if let Ok(mut m) = self.decisions.lock() {
+                    m.insert(
+                        (chain.to_string(), provider.to_string(), route.to_string()),
+                        (action, until),
+                    );
+                }
+            }
+        }
+    }
+
+    /// The operator's timeout for a provider, while it lasts.
+    fn timeout_for(&self, chain: &str, provider: &str) -> Option<Duration> {
+        let now = Instant::now();
+        let mut m = self.timeouts.lock().ok()?;
+        m.retain(|_, (_, until)| *until > now);
+        m.get(&(chain.to_string(), provider.to_string())).map(|(t, _)| *t)
+    }
+
     /// Providers in the order to try them: those not cooling down in any of this
-    /// request's scopes by rank, then those cooling down by rank.
+    /// request's scopes (nor set back by an operator decision for its route) by rank,
+    /// then the others by rank.
     fn rank(&self, chain: &Chain, w: &Scopes<'_>) -> (Vec<usize>, Vec<RankEntry>) {
         let now = Instant::now();
         let scopes = Self::scopes(w);
+        let decided: HashMap<String, &'static str> = match self.decisions.lock() {
+            Ok(mut m) => {
+                m.retain(|_, (_, until)| *until > now);
+                m.iter()
+                    .filter(|((c, _, r), _)| **c == *chain.name && r == w.route)
+                    .map(|((_, p, _), (a, _))| (p.clone(), *a))
+                    .collect()
+            }
+            Err(_) => HashMap::new(),
+        };
         let stats = match self.stats.lock() {
             Ok(s) => s,
             Err(p) => p.into_inner(),
@@ -182,15 +240,19 @@ impl HealthStore {
                         .and_then(|s| s.cooldown_until)
                         .is_some_and(|until| until > now)
                 });
-                let state = match cooling {
-                    None => "ok".to_string(),
-                    Some(Scope::Route(r)) => format!("cooldown:route:{r}"),
-                    Some(Scope::Chunk(c)) => format!("cooldown:chunk:{c}"),
-                    Some(Scope::Session(s)) => format!("cooldown:session:{s}"),
-                    Some(Scope::Global) => "cooldown:global".to_string(),
+                let operator = decided.get(&*p.name);
+                let state = match (operator, cooling) {
+                    (Some(action), _) => format!("operator:{action}:route:{}", w.route),
+                    (None, cooling) => match cooling {
+                        None => "ok".to_string(),
+                        Some(Scope::Route(r)) => format!("cooldown:route:{r}"),
+                        Some(Scope::Chunk(c)) => format!("cooldown:chunk:{c}"),
+                        Some(Scope::Session(s)) => format!("cooldown:session:{s}"),
+                        Some(Scope::Global) => "cooldown:global".to_string(),
+                    },
                 };
                 (
-                    cooling.is_some(),
+                    cooling.is_some() || operator.is_some(),
                     i,
                     RankEntry {
                         provider: p.name.to_string(),
@@ -348,6 +410,33 @@ impl Trace {
     }
 }
 
+/// Decode base64url without padding (what `x-rampart-route-trace` carries).
+pub fn unbase64url(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => return None,
+        })
+    };
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for chunk in s.trim_end_matches('=').as_bytes().chunks(4) {
+        if chunk.len() == 1 {
+            return None;
+        }
+        let mut n = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            n |= val(*c)? << (18 - 6 * i);
+        }
+        let bytes = n.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
+}
+
 fn base64url(data: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
@@ -391,6 +480,7 @@ fn kind_of(result: &str) -> &'static str {
 
 async fn attempt(
     chain: &Chain,
+    store: &HealthStore,
     p: &Provider,
     req: &ChainRequest<'_>,
     body: UpstreamBody,
@@ -417,7 +507,8 @@ async fn attempt(
     *r.headers_mut() = req.headers.clone();
     r.headers_mut().insert(http::header::HOST, p.host.clone());
     *r.version_mut() = Version::HTTP_11;
-    let mut wait = tokio::time::Instant::now() + p.timeout;
+    let timeout = store.timeout_for(&chain.name, &p.name).unwrap_or(p.timeout);
+    let mut wait = tokio::time::Instant::now() + timeout;
     if let Some(d) = req.deadline {
         wait = wait.min(d);
     }
@@ -471,7 +562,7 @@ pub async fn forward(chain: &Chain, store: &HealthStore, req: &ChainRequest<'_>,
                 None => break,
             },
         };
-        let (out, took) = attempt(chain, p, req, body).await;
+        let (out, took) = attempt(chain, store, p, req, body).await;
         let result = match &out {
             Ok(resp) if chain.fail_on_status.contains(&resp.status().as_u16()) => {
                 format!("PROVIDER_BLOCKED_{}", resp.status().as_u16())
@@ -522,7 +613,7 @@ pub async fn forward(chain: &Chain, store: &HealthStore, req: &ChainRequest<'_>,
         if let Some(body) = body {
             trace.selected_fallback = "origin";
             trace.reason = "ALL_PROVIDERS_FAILED_ORIGIN_FALLBACK_SELECTED";
-            let (out, took) = attempt(chain, origin, req, body).await;
+            let (out, took) = attempt(chain, store, origin, req, body).await;
             let result = match &out {
                 Ok(_) => "PROVIDER_SUCCESS".to_string(),
                 Err(r) => (*r).to_string(),
@@ -604,5 +695,19 @@ mod tests {
         assert_eq!(base64url(b"foo"), "Zm9v");
         assert_eq!(base64url(b"foob"), "Zm9vYg");
         assert_eq!(base64url(&[0xfb, 0xff]), "-_8");
+        for s in [
+            &b""[..],
+            b"f",
+            b"fo",
+            b"foo",
+            b"foob",
+            b"fooba",
+            b"foobar",
+            &[0xfb, 0xff, 0x00, 0x01],
+        ] {
+            assert_eq!(unbase64url(&base64url(s)).as_deref(), Some(s));
+        }
+        assert_eq!(unbase64url("a"), None);
+        assert_eq!(unbase64url("a*bc"), None);
     }
 }

@@ -6,6 +6,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod affinity;
+pub mod analyser;
 pub mod balance;
 pub mod body;
 pub mod chain;
@@ -44,6 +45,8 @@ pub struct Shared {
     pub chain_health: chain::HealthStore,
     /// The last route traces of chain decisions.
     pub traces: chain::TraceStore,
+    /// Recommendations, decisions and the audit log.
+    pub control: analyser::Control,
     pub metrics: Arc<Metrics>,
     access_log_slot: ArcSwap<(String, AccessLog)>,
     pub access_log: AccessLogHandle,
@@ -286,14 +289,26 @@ impl Edge {
         let backends = upstream::BackendRegistry::default();
         let snap = Snapshot::build(validated, 1, &metrics, &backends, None).map_err(|e| anyhow::anyhow!("{e}"))?;
         let log = open_access_log(&snap.validated, &metrics)?;
+        let data_dir = snap
+            .validated
+            .config
+            .server
+            .data_dir
+            .as_deref()
+            .map(|d| snap.validated.resolve_path(d));
+        let control = analyser::Control::open(data_dir)
+            .map_err(|e| anyhow::anyhow!("server.data_dir: cannot open the decisions store: {e}"))?;
+        let chain_health = chain::HealthStore::default();
+        control.restore(&chain_health);
         let access = snap.validated.config.log.access.clone();
         let wanted = listener_specs(&snap.validated);
         let (shutdown, _) = watch::channel(false);
         let shared = Arc::new_cyclic(|me| Shared {
             snapshot: ArcSwap::from_pointee(snap),
             backends,
-            chain_health: chain::HealthStore::default(),
+            chain_health,
             traces: chain::TraceStore::default(),
+            control,
             metrics,
             access_log_slot: ArcSwap::from_pointee((access, log)),
             access_log: AccessLogHandle { slot: me.clone() },

@@ -660,6 +660,7 @@ async fn serve_chain(
     rec.tries = u32::try_from(trace.attempts.len()).unwrap_or(u32::MAX);
     rec.upstream = trace.provider.as_deref().map(Arc::from);
     rec.reason_text = Some(trace.reason);
+    shared.control.observe(chain, &trace);
     shared.traces.push(trace.clone());
 
     let explain_headers = |h: &mut http::HeaderMap| {
