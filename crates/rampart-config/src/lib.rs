@@ -644,6 +644,9 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
                 "timeout and cooldown must be greater than zero, cooldown_after at least 1",
             );
         }
+        if c.penalty_half_life.is_zero() {
+            errs.push(format!("{at}.penalty_half_life"), "must be greater than zero");
+        }
         if c.recommend_after == 0 || c.recommend_ttl.is_zero() {
             errs.push(
                 at.clone(),

@@ -50,6 +50,13 @@ pub struct Chain {
     /// Request bodies are kept for failover up to this size.
     #[serde(default = "default_replay")]
     pub replay_limit: Size,
+    /// Rank providers by recent failures (a decaying penalty per route scope) as well
+    /// as by cooldowns; `false` keeps the configured order apart from cooldowns.
+    #[serde(default = "yes")]
+    pub adaptive: bool,
+    /// Half-life of the failure penalty.
+    #[serde(default = "default_half_life")]
+    pub penalty_half_life: Duration,
     /// Failures of one provider on one route scope within 5 minutes that raise a
     /// recommendation.
     #[serde(default = "default_recommend_after")]
@@ -75,6 +82,9 @@ fn default_cooldown_after() -> u32 {
 }
 fn default_cooldown() -> Duration {
     Duration::from_secs(60)
+}
+fn default_half_life() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_recommend_after() -> u32 {
     5

@@ -38,6 +38,8 @@ pub struct Provider {
 
 pub struct Chain {
     pub name: Arc<str>,
+    adaptive: bool,
+    half_life: Duration,
     pub recommend_after: u32,
     pub recommend_ttl: Duration,
     pub providers: Vec<Provider>,
@@ -87,6 +89,8 @@ impl Chain {
         )?;
         Ok(Chain {
             name: Arc::from(cfg.name.as_str()),
+            adaptive: cfg.adaptive,
+            half_life: cfg.penalty_half_life.get(),
             recommend_after: cfg.recommend_after,
             recommend_ttl: cfg.recommend_ttl.get(),
             providers,
@@ -125,6 +129,9 @@ enum Scope {
 
 #[derive(Debug)]
 struct Stat {
+    /// Recent failures, decaying: +1 per failure, halved per success and per half-life.
+    penalty: f64,
+    penalty_at: Instant,
     consecutive_failures: u32,
     cooldown_until: Option<Instant>,
     ewma_ms: f64,
@@ -160,9 +167,25 @@ struct Scopes<'a> {
 #[derive(Serialize, Clone, Debug)]
 pub struct RankEntry {
     pub provider: String,
-    /// `"ok"`, or the scope it is cooling down in.
+    /// `ok`; `penalty:N` (recent failures on this route scope); `cooldown:SCOPE:KEY`;
+    /// or `operator:ACTION:route:KEY`.
     pub state: String,
+    /// The decayed failure penalty on this route scope.
+    pub penalty: f64,
+    /// EWMA of its response-head latency on this route scope, if seen.
+    pub ewma_ms: Option<f64>,
 }
+
+impl Stat {
+    fn decayed_penalty(&self, now: Instant, half_life: Duration) -> f64 {
+        let halves = now.saturating_duration_since(self.penalty_at).as_secs_f64() / half_life.as_secs_f64().max(1e-3);
+        self.penalty * 0.5f64.powf(halves)
+    }
+}
+
+/// A penalty at or above this demotes a provider behind cleaner ones: two recent
+/// failures do (their sum has barely decayed), one does not.
+const PENALTY_DEMOTES: f64 = 1.5;
 
 impl HealthStore {
     fn scopes(w: &Scopes<'_>) -> Vec<Scope> {
@@ -229,11 +252,14 @@ impl HealthStore {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         };
-        let mut keyed: Vec<(bool, usize, RankEntry)> = chain
+        let mut keyed: Vec<(bool, u32, usize, RankEntry)> = chain
             .providers
             .iter()
             .enumerate()
             .map(|(i, p)| {
+                let route_stat = stats.get(&(chain.name.clone(), p.name.clone(), Scope::Route(w.route.to_string())));
+                let penalty = route_stat.map_or(0.0, |s| s.decayed_penalty(now, chain.half_life));
+                let demoted = chain.adaptive && penalty >= PENALTY_DEMOTES;
                 let cooling = scopes.iter().find(|sc| {
                     stats
                         .get(&(chain.name.clone(), p.name.clone(), (*sc).clone()))
@@ -244,6 +270,7 @@ impl HealthStore {
                 let state = match (operator, cooling) {
                     (Some(action), _) => format!("operator:{action}:route:{}", w.route),
                     (None, cooling) => match cooling {
+                        None if demoted => format!("penalty:{penalty:.1}"),
                         None => "ok".to_string(),
                         Some(Scope::Route(r)) => format!("cooldown:route:{r}"),
                         Some(Scope::Chunk(c)) => format!("cooldown:chunk:{c}"),
@@ -253,17 +280,20 @@ impl HealthStore {
                 };
                 (
                     cooling.is_some() || operator.is_some(),
+                    u32::from(demoted),
                     i,
                     RankEntry {
                         provider: p.name.to_string(),
                         state,
+                        penalty: (penalty * 100.0).round() / 100.0,
+                        ewma_ms: route_stat.map(|s| (s.ewma_ms * 10.0).round() / 10.0),
                     },
                 )
             })
             .collect();
-        keyed.sort_by_key(|(cooling, i, _)| (*cooling, *i));
-        let order = keyed.iter().map(|(_, i, _)| *i).collect();
-        let why = keyed.into_iter().map(|(_, _, r)| r).collect();
+        keyed.sort_by_key(|(cooling, demoted, i, _)| (*cooling, *demoted, *i));
+        let order = keyed.iter().map(|(_, _, i, _)| *i).collect();
+        let why = keyed.into_iter().map(|(_, _, _, r)| r).collect();
         (order, why)
     }
 
@@ -292,6 +322,8 @@ impl HealthStore {
             let s = stats
                 .entry((chain.name.clone(), provider.clone(), scope))
                 .or_insert(Stat {
+                    penalty: 0.0,
+                    penalty_at: now,
                     consecutive_failures: 0,
                     cooldown_until: None,
                     ewma_ms: took.as_secs_f64() * 1000.0,
@@ -301,6 +333,9 @@ impl HealthStore {
                 });
             s.last_seen = now;
             s.ewma_ms = 0.8 * s.ewma_ms + 0.2 * took.as_secs_f64() * 1000.0;
+            let decayed = s.decayed_penalty(now, chain.half_life);
+            s.penalty = if ok { decayed * 0.5 } else { decayed + 1.0 };
+            s.penalty_at = now;
             if ok {
                 s.successes += 1;
                 s.consecutive_failures = 0;

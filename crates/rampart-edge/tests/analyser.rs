@@ -26,6 +26,7 @@ providers = [
   {{ name = "cdn-b", url = "{b}" }},
 ]
 cooldown_after = 100
+adaptive = false
 recommend_after = 3
 {extra}
 [[site]]

@@ -285,3 +285,44 @@ async fn traces_are_kept_and_filtered() {
         .unwrap();
     assert_eq!(b["traces"].as_array().unwrap().len(), 1, "only /f/1 reached cdn-b");
 }
+
+#[tokio::test]
+async fn the_ranking_adapts_to_recent_failures_and_recovers_as_they_decay() {
+    let o = cdns().await;
+    o.a.set_status("/r/1", Some(503));
+    o.a.set_status("/r/2", Some(503));
+    let e = TestEdge::start(&config(&o, "penalty_half_life = \"150ms\"", false)).await;
+    let first = |p: String| {
+        let url = e.url(&p);
+        async move { header(&client().get(url).send().await.unwrap(), "x-rampart-attempts") }
+    };
+    assert!(first("/r/1".into()).await.starts_with("cdn-a:PROVIDER_BLOCKED_503"));
+    assert!(first("/r/2".into()).await.starts_with("cdn-a:PROVIDER_BLOCKED_503"));
+    // Two recent failures on /r/: cdn-a now ranks behind cdn-b there, and the trace says why.
+    assert_eq!(first("/r/3".into()).await, "cdn-b:PROVIDER_SUCCESS");
+    let t: serde_json::Value = client()
+        .get(e.admin("/admin/traces?route=/r/&limit=1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let a_rank = &t["traces"][0]["rank"][2];
+    assert_eq!(a_rank["provider"], "cdn-a");
+    assert!(a_rank["state"].as_str().unwrap().starts_with("penalty:"), "{a_rank}");
+    assert!(a_rank["ewma_ms"].as_f64().is_some());
+    // As the penalty decays (half-life 150 ms), cdn-a returns to first place.
+    let end = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut i = 4;
+    loop {
+        let got = first(format!("/r/{i}")).await;
+        if got == "cdn-a:PROVIDER_SUCCESS" {
+            break;
+        }
+        assert_eq!(got, "cdn-b:PROVIDER_SUCCESS");
+        assert!(tokio::time::Instant::now() < end, "cdn-a never recovered its rank");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        i += 1;
+    }
+}
