@@ -362,6 +362,16 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
         }
     }
 
+    let cs = &config.cache;
+    if cs.memory_size.bytes() < 1 << 20 {
+        errs.push("cache.memory_size", "must be at least 1MiB");
+    }
+    if cs.max_object_size.bytes() == 0 || cs.max_object_size > cs.memory_size {
+        errs.push(
+            "cache.max_object_size",
+            "must be at least 1 byte and at most cache.memory_size",
+        );
+    }
     let acc = &config.log.access;
     if acc.is_empty() {
         errs.push("log.access", "use \"stdout\", \"off\" or a file path");

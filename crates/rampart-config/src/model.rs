@@ -15,6 +15,8 @@ pub struct Config {
     #[serde(default)]
     pub log: Log,
     #[serde(default)]
+    pub cache: CacheSettings,
+    #[serde(default)]
     pub pool: Vec<Pool>,
     /// Provider chains: ordered providers (CDNs, mirrors, origins) with failover.
     #[serde(default)]
@@ -220,6 +222,46 @@ pub struct Certificate {
     pub cert: String,
     /// PEM file with the private key.
     pub key: String,
+}
+
+/// The HTTP cache's storage (shared by every route that caches).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// Memory tier size.
+    pub memory_size: Size,
+    /// Larger responses are passed through and not stored.
+    pub max_object_size: Size,
+    /// Upper bound of heuristic freshness.
+    pub heuristic_max: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            memory_size: Size::mib(256),
+            max_object_size: Size::mib(8),
+            heuristic_max: Duration::from_secs(86_400),
+        }
+    }
+}
+
+/// Caching on a route.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteCache {
+    pub enabled: bool,
+    /// Store responses that set cookies (the cookies are never stored or replayed).
+    pub allow_set_cookie: bool,
+}
+
+impl Default for RouteCache {
+    fn default() -> Self {
+        RouteCache {
+            enabled: true,
+            allow_set_cookie: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -648,6 +690,9 @@ pub struct Route {
     /// `"preserve"` (default), `"backend"` (the backend's host:port), or a literal host.
     #[serde(default = "preserve")]
     pub host_header: String,
+    /// HTTP caching on this route (pool routes).
+    #[serde(default)]
+    pub cache: Option<RouteCache>,
     /// Allow retries of non-idempotent methods (POST, PATCH) on this route.
     #[serde(default)]
     pub retry_non_idempotent: bool,

@@ -266,8 +266,27 @@ enum Kind {
     Full(Option<Bytes>),
 }
 
+/// Collects a response body for the cache while it streams to the client; hands it
+/// over only if the body completes within the size limit.
+pub struct Fill {
+    buf: bytes::BytesMut,
+    limit: usize,
+    done: Box<dyn FnOnce(Bytes) + Send>,
+}
+
+impl Fill {
+    pub fn new(limit: usize, done: Box<dyn FnOnce(Bytes) + Send>) -> Fill {
+        Fill {
+            buf: bytes::BytesMut::new(),
+            limit,
+            done,
+        }
+    }
+}
+
 pub struct EdgeBody {
     kind: Kind,
+    fill: Option<Fill>,
     idle: Duration,
     deadline: Option<Instant>,
     timer: Option<Pin<Box<Sleep>>>,
@@ -290,6 +309,7 @@ impl EdgeBody {
         let b: Bytes = b.into();
         EdgeBody {
             kind: Kind::Full(if b.is_empty() { None } else { Some(b) }),
+            fill: None,
             idle: Duration::ZERO,
             deadline: None,
             timer: None,
@@ -307,6 +327,7 @@ impl EdgeBody {
     pub fn upstream(inner: Incoming, idle: Duration, deadline: Option<Instant>) -> EdgeBody {
         EdgeBody {
             kind: Kind::Upstream(inner),
+            fill: None,
             idle,
             deadline,
             timer: None,
@@ -316,9 +337,22 @@ impl EdgeBody {
         }
     }
 
+    /// Also collect the body for the cache.
+    pub fn fill(mut self, f: Fill) -> EdgeBody {
+        self.fill = Some(f);
+        self
+    }
+
     pub fn on_complete(mut self, c: Box<dyn Completion>) -> EdgeBody {
         self.done = Some(c);
         self
+    }
+
+    /// The body ended whole: give what was collected to the cache.
+    fn deliver_fill(&mut self) {
+        if let Some(f) = self.fill.take() {
+            (f.done)(f.buf.freeze());
+        }
     }
 
     fn finish(&mut self, outcome: BodyOutcome) {
@@ -373,6 +407,19 @@ impl Body for EdgeBody {
                 this.armed = false;
                 if let Some(d) = frame.data_ref() {
                     this.bytes += d.len() as u64;
+                    if let Some(f) = &mut this.fill {
+                        if f.buf.len() + d.len() > f.limit {
+                            // Too large to store: stop collecting, keep streaming.
+                            this.fill = None;
+                        } else {
+                            f.buf.extend_from_slice(d);
+                        }
+                    }
+                }
+                // hyper stops polling once the body says it has ended (a known
+                // length fully read), so hand the fill over now rather than at `None`.
+                if this.is_end_stream() {
+                    this.deliver_fill();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -381,6 +428,7 @@ impl Body for EdgeBody {
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
+                this.deliver_fill();
                 this.finish(BodyOutcome::Complete);
                 Poll::Ready(None)
             }
@@ -423,6 +471,7 @@ impl Drop for EdgeBody {
     fn drop(&mut self) {
         // A body dropped with nothing left to send (e.g. HEAD, 304) still completed.
         let outcome = if self.is_end_stream() {
+            self.deliver_fill();
             BodyOutcome::Complete
         } else {
             BodyOutcome::Aborted

@@ -9,6 +9,7 @@ pub mod affinity;
 pub mod analyser;
 pub mod balance;
 pub mod body;
+pub mod cache;
 pub mod chain;
 pub mod dns;
 pub mod headers;
@@ -47,6 +48,8 @@ pub struct Shared {
     pub traces: chain::TraceStore,
     /// Recommendations, decisions and the audit log.
     pub control: analyser::Control,
+    /// The HTTP cache's memory tier (sized at start).
+    pub cache: cache::Store,
     pub metrics: Arc<Metrics>,
     access_log_slot: ArcSwap<(String, AccessLog)>,
     pub access_log: AccessLogHandle,
@@ -299,6 +302,12 @@ impl Edge {
         let control = analyser::Control::open(data_dir)
             .map_err(|e| anyhow::anyhow!("server.data_dir: cannot open the decisions store: {e}"))?;
         let chain_health = chain::HealthStore::default();
+        let cs = &snap.validated.config.cache;
+        let cache = cache::Store::new(
+            cs.memory_size.bytes(),
+            cs.max_object_size.as_usize(),
+            cs.heuristic_max.get(),
+        );
         control.restore(&chain_health);
         let access = snap.validated.config.log.access.clone();
         let wanted = listener_specs(&snap.validated);
@@ -309,6 +318,7 @@ impl Edge {
             chain_health,
             traces: chain::TraceStore::default(),
             control,
+            cache,
             metrics,
             access_log_slot: ArcSwap::from_pointee((access, log)),
             access_log: AccessLogHandle { slot: me.clone() },

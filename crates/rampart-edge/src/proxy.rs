@@ -418,6 +418,68 @@ pub async fn handle(
     let header_limit = policy
         .per_try_timeout
         .map_or(t.response_header.get(), |p| p.min(t.response_header.get()));
+    // HTTP cache: answer from a usable stored response, or prepare to validate a
+    // stale one, before any upstream is contacted.
+    let mut cached: Option<CacheCtx> = None;
+    if let Some(rc) = route.cache.clone() {
+        let key = crate::cache::key(
+            conn.tls,
+            host_value.to_str().unwrap_or(""),
+            &match parts.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.clone(),
+            },
+        );
+        let req_cc = crate::cache::cache_control(&h);
+        let safe = parts.method == Method::GET || parts.method == Method::HEAD;
+        let authorized = h.contains_key(header::AUTHORIZATION);
+        let mut ctx = CacheCtx {
+            key,
+            // The request as the client sent it: for Vary, Authorization and its own
+            // conditionals (before the cache's validators replace them).
+            req_headers: h.clone(),
+            req_cc,
+            settings: rc,
+            entry: None,
+            status: if safe { "MISS" } else { "BYPASS" },
+            request_time: crate::cache::now_secs(),
+        };
+        if safe {
+            let found = shared.cache.lookup(&ctx.key, &h).filter(|e| {
+                // §3.5: a request with Authorization is answered from the cache only by
+                // a response that allows it.
+                !authorized || e.cc.public || e.cc.s_maxage.is_some() || e.cc.must_revalidate
+            });
+            match found {
+                Some(e) if e.usable(&ctx.req_cc, crate::cache::now_secs()) => {
+                    return Ok(cached_response(&e, &h, &parts.method, "HIT", rec, snap.via));
+                }
+                Some(e) => {
+                    // Stale, or no-cache: validate with the origin.
+                    for name in [
+                        header::IF_NONE_MATCH,
+                        header::IF_MODIFIED_SINCE,
+                        header::IF_MATCH,
+                        header::IF_UNMODIFIED_SINCE,
+                    ] {
+                        h.remove(name);
+                    }
+                    for (name, value) in e.validators() {
+                        h.insert(name, value);
+                    }
+                    ctx.status = "EXPIRED";
+                    ctx.entry = Some(e);
+                }
+                None if ctx.req_cc.only_if_cached => {
+                    return Ok(local_response(Reason::OnlyIfCachedMiss, rec, None));
+                }
+                None => {}
+            }
+        }
+        cached = Some(ctx);
+    }
+    let request_method = parts.method.clone();
+
     let (pinned, repin) = pool.pinned(&h, rec.client_ip);
     let mut tried: Vec<usize> = Vec::new();
     let (backend, resp) = loop {
@@ -563,11 +625,227 @@ pub async fn handle(
         ));
     }
 
+    let mut fill = None;
+    if let Some(ctx) = cached {
+        let response_time = crate::cache::now_secs();
+        // A 304 to our validation: refresh the stored response and serve it (§4.3.4).
+        if rparts.status == StatusCode::NOT_MODIFIED
+            && let Some(e) = &ctx.entry
+        {
+            let refreshed = e.refreshed(
+                &rparts.headers,
+                ctx.request_time,
+                response_time,
+                shared.cache.heuristic_max,
+            );
+            shared.cache.insert(&ctx.key, refreshed.clone());
+            rec.upstream = Some(backend.label.clone());
+            return Ok(cached_response(
+                &refreshed,
+                &ctx.req_headers,
+                &request_method,
+                "REVALIDATED",
+                rec,
+                snap.via,
+            ));
+        }
+        let resp_cc = crate::cache::cache_control(&rparts.headers);
+        let unsafe_method = matches!(
+            request_method,
+            Method::POST | Method::PUT | Method::DELETE | Method::PATCH
+        );
+        if unsafe_method && (rparts.status.is_success() || rparts.status.is_redirection()) {
+            // §4.4: a successful unsafe request invalidates the target and the
+            // same-origin Location / Content-Location.
+            shared.cache.invalidate(&ctx.key);
+            let host = host_value.to_str().unwrap_or("");
+            for name in [header::LOCATION, header::CONTENT_LOCATION] {
+                if let Some(loc) = rparts.headers.get(&name).and_then(|v| v.to_str().ok())
+                    && let Some(target) = same_origin_path(loc, host)
+                {
+                    shared.cache.invalidate(&crate::cache::key(conn.tls, host, &target));
+                }
+            }
+        }
+        let too_large = rparts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .is_some_and(|n| n > shared.cache.max_object);
+        let why_not = crate::cache::not_storable(
+            &request_method,
+            &ctx.req_headers,
+            &ctx.req_cc,
+            rparts.status,
+            &rparts.headers,
+            &resp_cc,
+            ctx.settings.allow_set_cookie,
+        );
+        let stored = why_not.is_none() && !too_large;
+        if stored {
+            let (status, headers) = (rparts.status, rparts.headers.clone());
+            let store = shared.clone();
+            let key = ctx.key.clone();
+            let req_headers = ctx.req_headers.clone();
+            let age = rparts.headers.get(header::AGE).cloned();
+            let request_time = ctx.request_time;
+            fill = Some(crate::body::Fill::new(
+                shared.cache.max_object,
+                Box::new(move |body| {
+                    let entry = crate::cache::Entry::new(
+                        status,
+                        headers,
+                        body,
+                        request_time,
+                        response_time,
+                        &req_headers,
+                        store.cache.heuristic_max,
+                    )
+                    .with_age(age.as_ref());
+                    store.cache.insert(&key, entry);
+                }),
+            ));
+        }
+        let status_text = ctx.status;
+        rparts
+            .headers
+            .insert(X_CACHE_STATUS.clone(), HeaderValue::from_static(status_text));
+        let detail = match (status_text, stored) {
+            ("BYPASS", _) => "rampart; fwd=bypass".to_string(),
+            ("EXPIRED", true) => "rampart; fwd=stale; stored".to_string(),
+            ("EXPIRED", false) => "rampart; fwd=stale".to_string(),
+            (_, true) => "rampart; fwd=uri-miss; stored".to_string(),
+            (_, false) => format!("rampart; fwd=uri-miss; detail={}", why_not.unwrap_or("too-large")),
+        };
+        if let Ok(v) = HeaderValue::from_str(&detail) {
+            rparts.headers.insert(CACHE_STATUS.clone(), v);
+        }
+        rec.reason_text = Some(match status_text {
+            "BYPASS" => "CACHE_BYPASS",
+            "EXPIRED" => "CACHE_EXPIRED",
+            _ => "CACHE_MISS",
+        });
+    }
     headers::remove_hop_by_hop(&mut rparts.headers, false);
     finish_headers(&mut rparts.headers, &rec, snap.via, explain, &route, backend);
     rparts.version = Version::HTTP_11;
-    let body = EdgeBody::upstream(rbody, t.body_idle.get(), deadline).on_complete(Box::new(rec));
-    Ok(Response::from_parts(rparts, body))
+    let mut body = EdgeBody::upstream(rbody, t.body_idle.get(), deadline);
+    if let Some(f) = fill {
+        body = body.fill(f);
+    }
+    Ok(Response::from_parts(rparts, body.on_complete(Box::new(rec))))
+}
+
+/// The path and query of a `Location`-style URL when it is on the request's own host
+/// (a relative reference, or an absolute URL with the same host).
+fn same_origin_path(loc: &str, host: &str) -> Option<String> {
+    if loc.starts_with('/') && !loc.starts_with("//") {
+        return Some(loc.to_string());
+    }
+    let uri: Uri = loc.parse().ok()?;
+    let same = uri
+        .host()
+        .is_some_and(|h| h.eq_ignore_ascii_case(crate::routing::strip_port(host)));
+    same.then(|| uri.path_and_query().map_or("/", |pq| pq.as_str()).to_string())
+}
+
+static X_CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("x-cache-status");
+static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
+
+/// What the cache knows about the request being forwarded.
+struct CacheCtx {
+    key: String,
+    req_headers: http::HeaderMap,
+    req_cc: crate::cache::CacheControl,
+    settings: rampart_config::RouteCache,
+    /// A stored response being validated.
+    entry: Option<Arc<crate::cache::Entry>>,
+    /// MISS, EXPIRED or BYPASS.
+    status: &'static str,
+    request_time: f64,
+}
+
+/// Answer from a stored response: its status and headers, a correct `Age`, the
+/// cache status, and the body (none for HEAD). The client's own conditionals are
+/// answered with 304 when they match (§4.3.2).
+fn cached_response(
+    e: &crate::cache::Entry,
+    req: &http::HeaderMap,
+    method: &Method,
+    status_text: &'static str,
+    mut rec: Record,
+    via: bool,
+) -> Response<EdgeBody> {
+    let now = crate::cache::now_secs();
+    let age = e.current_age(now).max(0.0).floor() as u64;
+    let not_modified = client_conditional_matches(e, req);
+    let mut resp = Response::new(EdgeBody::empty());
+    *resp.status_mut() = if not_modified {
+        StatusCode::NOT_MODIFIED
+    } else {
+        e.status
+    };
+    let h = resp.headers_mut();
+    *h = e.headers.clone();
+    if not_modified {
+        for name in [
+            header::CONTENT_LENGTH,
+            header::CONTENT_TYPE,
+            header::CONTENT_ENCODING,
+            header::TRANSFER_ENCODING,
+        ] {
+            h.remove(name);
+        }
+    }
+    headers::remove_hop_by_hop(h, false);
+    h.insert(header::AGE, HeaderValue::from(age));
+    h.insert(X_CACHE_STATUS.clone(), HeaderValue::from_static(status_text));
+    let ttl = (e.freshness - e.current_age(now)).floor() as i64;
+    let detail = if status_text == "HIT" {
+        format!("rampart; hit; ttl={ttl}")
+    } else {
+        "rampart; fwd=stale; fwd-status=304".to_string()
+    };
+    if let Ok(v) = HeaderValue::from_str(&detail) {
+        h.insert(CACHE_STATUS.clone(), v);
+    }
+    if via {
+        headers::append_via(h, Version::HTTP_11);
+    }
+    h.insert(X_REQUEST_ID.clone(), rec.request_id.clone());
+    rec.status = resp.status().as_u16();
+    rec.reason_text = Some(if status_text == "HIT" {
+        "CACHE_HIT"
+    } else {
+        "CACHE_REVALIDATED"
+    });
+    let body = if not_modified || *method == Method::HEAD {
+        EdgeBody::empty()
+    } else {
+        EdgeBody::full(e.body.clone())
+    };
+    *resp.body_mut() = body.on_complete(Box::new(rec));
+    resp
+}
+
+/// `If-None-Match` (weak comparison, `*`), else `If-Modified-Since`, against a stored response.
+fn client_conditional_matches(e: &crate::cache::Entry, req: &http::HeaderMap) -> bool {
+    if let Some(inm) = req.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+        let Some(etag) = e.headers.get(header::ETAG).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let weak = |t: &str| t.trim().trim_start_matches("W/").to_string();
+        return inm.split(',').any(|t| t.trim() == "*" || weak(t) == weak(etag));
+    }
+    if let (Some(ims), Some(lm)) = (
+        req.get(header::IF_MODIFIED_SINCE).and_then(|v| v.to_str().ok()),
+        e.headers.get(header::LAST_MODIFIED).and_then(|v| v.to_str().ok()),
+    ) && let (Ok(ims), Ok(lm)) = (httpdate::parse_http_date(ims), httpdate::parse_http_date(lm))
+    {
+        return lm <= ims;
+    }
+    false
 }
 
 /// The request headers sent upstream: hop-by-hop removed (an upgrade's kept),
@@ -898,6 +1176,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn same_origin_locations() {
+        assert_eq!(same_origin_path("/a?b=1", "x.test:8080").as_deref(), Some("/a?b=1"));
+        assert_eq!(
+            same_origin_path("https://X.test/p", "x.test:8080").as_deref(),
+            Some("/p")
+        );
+        assert_eq!(same_origin_path("https://other.test/p", "x.test"), None);
+        assert_eq!(same_origin_path("//other.test/p", "x.test"), None);
+    }
 
     #[test]
     fn rewrites() {

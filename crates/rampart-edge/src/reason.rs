@@ -29,10 +29,11 @@ pub enum Reason {
     UpstreamBodyError,
     ClientBodyError,
     ClientBodyTimeout,
+    OnlyIfCachedMiss,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 24] = [
         Reason::Proxied,
         Reason::NoMatchingSite,
         Reason::NoMatchingRoute,
@@ -56,6 +57,7 @@ impl Reason {
         Reason::UpstreamBodyError,
         Reason::ClientBodyError,
         Reason::ClientBodyTimeout,
+        Reason::OnlyIfCachedMiss,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -83,6 +85,7 @@ impl Reason {
             Reason::UpstreamBodyError => "UPSTREAM_BODY_ERROR",
             Reason::ClientBodyError => "CLIENT_BODY_ERROR",
             Reason::ClientBodyTimeout => "CLIENT_BODY_TIMEOUT",
+            Reason::OnlyIfCachedMiss => "ONLY_IF_CACHED_MISS",
         }
     }
 
@@ -103,6 +106,7 @@ impl Reason {
             | Reason::UpstreamRequestTimeout
             | Reason::UpstreamBodyIdleTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Reason::OnlyIfCachedMiss => StatusCode::GATEWAY_TIMEOUT,
             Reason::UpstreamConnectRefused
             | Reason::UpstreamConnectError
             | Reason::UpstreamDnsError

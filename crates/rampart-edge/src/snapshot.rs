@@ -38,6 +38,8 @@ pub struct RouteEntry {
     pub host: HostMode,
     pub websocket: bool,
     pub retry_non_idempotent: bool,
+    /// Caching on this route, when enabled.
+    pub cache: Option<rampart_config::RouteCache>,
     pub tunnel_idle: Duration,
     pub metrics: RouteMetrics,
 }
@@ -193,6 +195,7 @@ impl Snapshot {
                     host,
                     websocket: r.websocket,
                     retry_non_idempotent: r.retry_non_idempotent,
+                    cache: r.cache.clone().filter(|c| c.enabled),
                     tunnel_idle: r.tunnel_idle_timeout.get(),
                 };
                 routes.push((m, Arc::new(entry)));

@@ -13,6 +13,7 @@
 //! | `/large?size=1048576` | a body of that many bytes, streamed |
 //! | `/echo`, `…/echo` | JSON with method, path, query, headers and body length received |
 //! | `/ws` | WebSocket echo |
+//! | `/cache/…?cc=max-age%3D60&etag=v1&vary=accept-encoding&cookie=1&lm=…&status=200` | a cacheable response with those headers; body `n=<origin hit count> ae=<accept-encoding>`; `If-None-Match` matching `etag` gets 304 |
 //! | anything else | `200`, body `hello from {name}` |
 //!
 //! Connection-level faults use their own origin: [`Origin::resetting`] resets every
@@ -385,6 +386,9 @@ async fn handle(req: Request<Incoming>, state: State) -> Result<Response<Body>, 
             .unwrap_or(StatusCode::BAD_REQUEST);
         return Ok(text(status, &name, format!("status {} from {name}\n", status.as_u16())));
     }
+    if path.starts_with("/cache/") {
+        return Ok(cacheable(&req, &query, &state));
+    }
     if path.ends_with("/echo") {
         return Ok(echo(req, &name).await);
     }
@@ -448,6 +452,81 @@ async fn handle(req: Request<Incoming>, state: State) -> Result<Response<Body>, 
         "/ws" => Ok(websocket(req, &name)),
         _ => Ok(text(StatusCode::OK, &name, format!("hello from {name}\n"))),
     }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Some(v) = s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn cacheable(req: &Request<Incoming>, query: &str, state: &State) -> Response<Body> {
+    let param = |k: &str| query_param(query, k).map(percent_decode);
+    let etag = param("etag").map(|e| format!("\"{e}\""));
+    let n = state.requests.load(Ordering::SeqCst);
+    let matches = etag.as_ref().is_some_and(|e| {
+        req.headers()
+            .get("if-none-match")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim().trim_start_matches("W/") == e))
+    });
+    let status = if matches {
+        StatusCode::NOT_MODIFIED
+    } else {
+        param("status")
+            .and_then(|s| s.parse::<u16>().ok())
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .unwrap_or(StatusCode::OK)
+    };
+    let ae = req
+        .headers()
+        .get("accept-encoding")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    let body = if matches {
+        String::new()
+    } else {
+        format!("n={n} ae={ae}")
+    };
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert("x-origin-name", header(&state.name));
+    h.insert(
+        "date",
+        HeaderValue::from_str(&httpdate::fmt_http_date(std::time::SystemTime::now()))
+            .unwrap_or(HeaderValue::from_static("")),
+    );
+    for (k, name) in [
+        ("cc", "cache-control"),
+        ("vary", "vary"),
+        ("lm", "last-modified"),
+        ("expires", "expires"),
+    ] {
+        if let Some(v) = param(k).and_then(|v| HeaderValue::from_str(&v).ok()) {
+            h.insert(name, v);
+        }
+    }
+    if let Some(v) = etag.and_then(|e| HeaderValue::from_str(&e).ok()) {
+        h.insert("etag", v);
+    }
+    if param("cookie").is_some() {
+        h.insert("set-cookie", HeaderValue::from_static("session=secret-for-one-client"));
+    }
+    r
 }
 
 fn header(v: &str) -> HeaderValue {

@@ -1,0 +1,437 @@
+//! HTTP cache (RFC 9111, shared cache): a memory tier bounded by bytes.
+//!
+//! This module holds the semantics as pure functions of the headers and explicit
+//! times (so tests drive the clock), and the store. What is built: storability
+//! (§3), freshness lifetime (§4.2.1, heuristic §4.2.2 bounded), age (§4.2.3),
+//! request directives (§5.2.1: no-cache, max-age, max-stale, min-fresh,
+//! only-if-cached, no-store), `Vary` (§4.1), validation with `If-None-Match` /
+//! `If-Modified-Since` and header refresh on 304 (§4.3.4), and invalidation by
+//! unsafe methods (§4.4).
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Parsed `Cache-Control` (all fields, case-insensitive).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct CacheControl {
+    pub no_store: bool,
+    pub no_cache: bool,
+    pub private: bool,
+    pub public: bool,
+    pub must_revalidate: bool,
+    pub proxy_revalidate: bool,
+    pub max_age: Option<u64>,
+    pub s_maxage: Option<u64>,
+    /// `max-stale` without a value means any staleness.
+    pub max_stale: Option<Option<u64>>,
+    pub min_fresh: Option<u64>,
+    pub only_if_cached: bool,
+}
+
+pub fn cache_control(h: &HeaderMap) -> CacheControl {
+    let mut cc = CacheControl::default();
+    for v in h.get_all(header::CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()) {
+        for d in split_directives(v) {
+            let (name, value) = match d.split_once('=') {
+                Some((n, v)) => (n.trim().to_ascii_lowercase(), Some(v.trim().trim_matches('"'))),
+                None => (d.trim().to_ascii_lowercase(), None),
+            };
+            let secs = || value.and_then(|v| v.parse::<u64>().ok());
+            match name.as_str() {
+                "no-store" => cc.no_store = true,
+                // Qualified forms (`no-cache="field"`, `private="field"`) are treated as
+                // their unqualified, stricter forms.
+                "no-cache" => cc.no_cache = true,
+                "private" => cc.private = true,
+                "public" => cc.public = true,
+                "must-revalidate" => cc.must_revalidate = true,
+                "proxy-revalidate" => cc.proxy_revalidate = true,
+                // An invalid delta-seconds value is treated as 0 (stale), as §1.2.2 asks.
+                "max-age" => cc.max_age = Some(secs().unwrap_or(0)),
+                "s-maxage" => cc.s_maxage = Some(secs().unwrap_or(0)),
+                "max-stale" => cc.max_stale = Some(secs()),
+                "min-fresh" => cc.min_fresh = Some(secs().unwrap_or(0)),
+                "only-if-cached" => cc.only_if_cached = true,
+                _ => {}
+            }
+        }
+    }
+    cc
+}
+
+/// Split on commas outside quoted strings.
+fn split_directives(v: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    for (i, c) in v.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                out.push(&v[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&v[start..]);
+    out.into_iter().map(str::trim).filter(|d| !d.is_empty()).collect()
+}
+
+/// Statuses cacheable by default (heuristically), RFC 9110 §15.1. 206 is not here
+/// because partial content is not stored yet.
+pub fn heuristically_cacheable(s: u16) -> bool {
+    matches!(s, 200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501)
+}
+
+fn http_date(h: &HeaderMap, name: HeaderName) -> Option<f64> {
+    let v = h.get(name)?.to_str().ok()?;
+    let t = httpdate::parse_http_date(v.trim()).ok()?;
+    Some(t.duration_since(UNIX_EPOCH).ok()?.as_secs_f64())
+}
+
+/// Why a response is not stored (for logs and tests), or `None` when it may be.
+pub fn not_storable(
+    method: &Method,
+    req: &HeaderMap,
+    req_cc: &CacheControl,
+    status: StatusCode,
+    resp: &HeaderMap,
+    resp_cc: &CacheControl,
+    allow_set_cookie: bool,
+) -> Option<&'static str> {
+    if method != Method::GET {
+        return Some("method");
+    }
+    if req_cc.no_store || resp_cc.no_store {
+        return Some("no-store");
+    }
+    if resp_cc.private {
+        return Some("private");
+    }
+    if req.contains_key(header::AUTHORIZATION)
+        && !(resp_cc.public || resp_cc.s_maxage.is_some() || resp_cc.must_revalidate)
+    {
+        return Some("authorization");
+    }
+    if resp.contains_key(header::SET_COOKIE) && !allow_set_cookie {
+        return Some("set-cookie");
+    }
+    if resp
+        .get_all(header::VARY)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|f| f.trim() == "*")))
+    {
+        return Some("vary-star");
+    }
+    let code = status.as_u16();
+    if code == 206 || code == 304 || status.is_informational() {
+        return Some("status");
+    }
+    let explicit = resp_cc.max_age.is_some() || resp_cc.s_maxage.is_some() || resp.contains_key(header::EXPIRES);
+    let heuristic = heuristically_cacheable(code);
+    if explicit || resp_cc.public || heuristic || resp_cc.no_cache {
+        None
+    } else {
+        Some("not-cacheable")
+    }
+}
+
+/// Freshness lifetime in seconds (§4.2.1); heuristic (§4.2.2) as a fraction of the
+/// time since Last-Modified, bounded by `heuristic_max`.
+pub fn freshness_lifetime(status: u16, resp: &HeaderMap, cc: &CacheControl, heuristic_max: f64) -> f64 {
+    if let Some(s) = cc.s_maxage {
+        return s as f64;
+    }
+    if let Some(m) = cc.max_age {
+        return m as f64;
+    }
+    if resp.contains_key(header::EXPIRES) {
+        let date = http_date(resp, header::DATE);
+        return match (http_date(resp, header::EXPIRES), date) {
+            (Some(exp), Some(date)) => (exp - date).max(0.0),
+            (Some(exp), None) => (exp - now_secs()).max(0.0),
+            // An invalid Expires means "already expired".
+            _ => 0.0,
+        };
+    }
+    if (heuristically_cacheable(status) || cc.public)
+        && let (Some(lm), Some(date)) = (
+            http_date(resp, header::LAST_MODIFIED),
+            http_date(resp, header::DATE).or(Some(now_secs())),
+        )
+    {
+        return ((date - lm) * 0.1).clamp(0.0, heuristic_max);
+    }
+    0.0
+}
+
+pub fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// A stored response.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub request_time: f64,
+    pub response_time: f64,
+    pub date_value: f64,
+    pub age_value: f64,
+    pub freshness: f64,
+    pub cc: CacheControl,
+    /// The request header values the entry was selected by (`Vary`).
+    pub vary: Vec<(HeaderName, Option<String>)>,
+}
+
+impl Entry {
+    pub fn new(
+        status: StatusCode,
+        mut headers: HeaderMap,
+        body: Bytes,
+        request_time: f64,
+        response_time: f64,
+        req: &HeaderMap,
+        heuristic_max: f64,
+    ) -> Entry {
+        let cc = cache_control(&headers);
+        // Never replay cookies (when storing is allowed at all) or hop-by-hop fields.
+        headers.remove(header::SET_COOKIE);
+        headers.remove(header::AGE);
+        let freshness = freshness_lifetime(status.as_u16(), &headers, &cc, heuristic_max);
+        let date_value = http_date(&headers, header::DATE).unwrap_or(response_time);
+        Entry {
+            vary: vary_values(&headers, req),
+            status,
+            body,
+            request_time,
+            response_time,
+            date_value,
+            age_value: 0.0,
+            freshness,
+            cc,
+            headers,
+        }
+    }
+
+    /// Take the `Age` the origin sent into account (§4.2.3).
+    pub fn with_age(mut self, age: Option<&HeaderValue>) -> Entry {
+        self.age_value = age
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        self
+    }
+
+    /// current_age (§4.2.3).
+    pub fn current_age(&self, now: f64) -> f64 {
+        let apparent_age = (self.response_time - self.date_value).max(0.0);
+        let response_delay = self.response_time - self.request_time;
+        let corrected_age_value = self.age_value + response_delay;
+        let corrected_initial_age = apparent_age.max(corrected_age_value);
+        let resident_time = now - self.response_time;
+        corrected_initial_age + resident_time
+    }
+
+    /// Whether the response must not be served stale (§4.2.4): must-revalidate, or for
+    /// a shared cache proxy-revalidate and s-maxage.
+    fn never_stale(&self) -> bool {
+        self.cc.must_revalidate || self.cc.proxy_revalidate || self.cc.s_maxage.is_some()
+    }
+
+    /// Can this entry answer the request without contacting the origin (§4.2, §5.2.1)?
+    pub fn usable(&self, req_cc: &CacheControl, now: f64) -> bool {
+        if self.cc.no_cache || req_cc.no_cache {
+            return false;
+        }
+        let age = self.current_age(now);
+        if req_cc.max_age.is_some_and(|m| age > m as f64) {
+            return false;
+        }
+        let left = self.freshness - age;
+        if let Some(min) = req_cc.min_fresh {
+            return left >= min as f64;
+        }
+        if left > 0.0 {
+            return true;
+        }
+        match req_cc.max_stale {
+            Some(limit) if !self.never_stale() => limit.is_none_or(|m| -left <= m as f64),
+            _ => false,
+        }
+    }
+
+    /// Validators for a conditional request to the origin (§4.3.1).
+    pub fn validators(&self) -> Vec<(HeaderName, HeaderValue)> {
+        let mut v = Vec::new();
+        if let Some(etag) = self.headers.get(header::ETAG) {
+            v.push((header::IF_NONE_MATCH, etag.clone()));
+        }
+        if let Some(lm) = self.headers.get(header::LAST_MODIFIED) {
+            v.push((header::IF_MODIFIED_SINCE, lm.clone()));
+        }
+        v
+    }
+
+    /// Refresh from a 304 (§4.3.4): its fields replace the stored ones (except the
+    /// framing fields), and the entry's times start again.
+    pub fn refreshed(
+        &self,
+        not_modified: &HeaderMap,
+        request_time: f64,
+        response_time: f64,
+        heuristic_max: f64,
+    ) -> Entry {
+        let mut headers = self.headers.clone();
+        for (name, _) in not_modified {
+            if matches!(
+                *name,
+                header::CONTENT_LENGTH | header::TRANSFER_ENCODING | header::CONTENT_RANGE | header::SET_COOKIE
+            ) {
+                continue;
+            }
+            headers.remove(name);
+            for v in not_modified.get_all(name) {
+                headers.append(name.clone(), v.clone());
+            }
+        }
+        headers.remove(header::AGE);
+        let cc = cache_control(&headers);
+        Entry {
+            status: self.status,
+            freshness: freshness_lifetime(self.status.as_u16(), &headers, &cc, heuristic_max),
+            date_value: http_date(&headers, header::DATE).unwrap_or(response_time),
+            age_value: not_modified
+                .get(header::AGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0.0),
+            request_time,
+            response_time,
+            cc,
+            headers,
+            body: self.body.clone(),
+            vary: self.vary.clone(),
+        }
+    }
+
+    fn weight(&self) -> u32 {
+        let h: usize = self.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+        u32::try_from(self.body.len() + h + 256).unwrap_or(u32::MAX)
+    }
+}
+
+/// The request values of the fields a response varies on, normalised (trimmed,
+/// lower-cased, whitespace around commas removed).
+fn vary_values(resp: &HeaderMap, req: &HeaderMap) -> Vec<(HeaderName, Option<String>)> {
+    let mut names: Vec<HeaderName> = resp
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|f| HeaderName::from_bytes(f.trim().as_bytes()).ok())
+        .collect();
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    names.dedup();
+    names
+        .into_iter()
+        .map(|n| {
+            let v = normalised(req, &n);
+            (n, v)
+        })
+        .collect()
+}
+
+fn normalised(req: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let vals: Vec<String> = req
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_ascii_lowercase())
+        .filter(|p| !p.is_empty())
+        .collect();
+    (!vals.is_empty()).then(|| vals.join(","))
+}
+
+/// Whether a stored variant matches a request (§4.1).
+fn selects(e: &Entry, req: &HeaderMap) -> bool {
+    e.vary.iter().all(|(n, v)| normalised(req, n) == *v)
+}
+
+const MAX_VARIANTS: usize = 16;
+
+/// The memory tier: one moka entry per URL holding its variants, weighed in bytes,
+/// with TinyLFU admission and eviction.
+pub struct Store {
+    map: moka::sync::Cache<String, Arc<Mutex<Vec<Arc<Entry>>>>>,
+    pub max_object: usize,
+    pub heuristic_max: f64,
+}
+
+impl Store {
+    pub fn new(capacity: u64, max_object: usize, heuristic_max: Duration) -> Store {
+        Store {
+            map: moka::sync::Cache::builder()
+                .max_capacity(capacity)
+                .weigher(|_k: &String, v: &Arc<Mutex<Vec<Arc<Entry>>>>| {
+                    v.lock().map_or(256, |list| {
+                        list.iter().map(|e| e.weight()).fold(0u32, u32::saturating_add)
+                    })
+                })
+                .build(),
+            max_object,
+            heuristic_max: heuristic_max.as_secs_f64(),
+        }
+    }
+
+    /// The stored variant that matches the request, if any.
+    pub fn lookup(&self, key: &str, req: &HeaderMap) -> Option<Arc<Entry>> {
+        let variants = self.map.get(key)?;
+        let list = variants.lock().ok()?;
+        list.iter().find(|e| selects(e, req)).cloned()
+    }
+
+    pub fn insert(&self, key: &str, entry: Entry) {
+        let entry = Arc::new(entry);
+        let existing = self.map.get(key);
+        let list = existing.unwrap_or_default();
+        if let Ok(mut l) = list.lock() {
+            l.retain(|e| e.vary != entry.vary);
+            l.insert(0, entry);
+            l.truncate(MAX_VARIANTS);
+        }
+        // Re-insert so moka re-weighs the entry.
+        self.map.insert(key.to_string(), list);
+    }
+
+    /// Remove every variant of a URL (§4.4).
+    pub fn invalidate(&self, key: &str) {
+        self.map.invalidate(key);
+    }
+
+    pub fn objects(&self) -> u64 {
+        self.map.run_pending_tasks();
+        self.map.entry_count()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.map.run_pending_tasks();
+        self.map.weighted_size()
+    }
+}
+
+/// The cache key: scheme, host (lower case, without port) and path with query.
+pub fn key(tls: bool, host: &str, path_and_query: &str) -> String {
+    let host = crate::routing::strip_port(host).to_ascii_lowercase();
+    format!("{}://{host}{path_and_query}", if tls { "https" } else { "http" })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,238 @@
+//! The HTTP cache over real sockets (RFC 9111 shared cache, memory tier).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+use common::*;
+use rampart_testkit::Origin;
+
+fn config(origin: &Origin, route_cache: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+[log]
+access = "off"
+[cache]
+memory_size = "16MiB"
+max_object_size = "64KiB"
+[[pool]]
+name = "app"
+backends = ["{}"]
+[[site]]
+default = true
+  [[site.route]]
+  path = "/"
+  pool = "app"
+  cache = {{ {route_cache} }}
+"#,
+        origin.url()
+    )
+}
+
+struct Got {
+    status: u16,
+    cache: String,
+    body: String,
+    age: Option<u64>,
+    headers: reqwest::header::HeaderMap,
+}
+
+async fn get(e: &TestEdge, path: &str, headers: &[(&str, &str)]) -> Got {
+    let mut r = client().get(e.url(path));
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status().as_u16();
+    let h = r.headers().clone();
+    let cache = h
+        .get("x-cache-status")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let age = h.get("age").map(|v| v.to_str().unwrap().parse().unwrap());
+    let body = r.text().await.unwrap();
+    Got {
+        status,
+        cache,
+        body,
+        age,
+        headers: h,
+    }
+}
+
+#[tokio::test]
+async fn a_fresh_response_is_served_from_cache_with_age() {
+    let o = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&config(&o, "")).await;
+    let p = "/cache/a?cc=max-age%3D60";
+    let first = get(&e, p, &[]).await;
+    assert_eq!((first.status, first.cache.as_str()), (200, "MISS"));
+    assert_eq!(first.headers["cache-status"], "rampart; fwd=uri-miss; stored");
+    let second = get(&e, p, &[]).await;
+    assert_eq!(second.cache, "HIT");
+    assert_eq!(second.body, first.body, "the same stored body");
+    assert_eq!(o.requests(), 1, "the origin was asked once");
+    assert!(second.age.is_some_and(|a| a < 5));
+    assert!(
+        second.headers["cache-status"]
+            .to_str()
+            .unwrap()
+            .starts_with("rampart; hit; ttl=")
+    );
+    // HEAD is answered from the stored GET, without a body.
+    let head = client().head(e.url(p)).send().await.unwrap();
+    assert_eq!(head.headers()["x-cache-status"], "HIT");
+    assert_eq!(o.requests(), 1);
+}
+
+#[tokio::test]
+async fn private_no_store_and_cookies_are_never_shared() {
+    let o = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&config(&o, "")).await;
+    for p in [
+        "/cache/p?cc=private%2C%20max-age%3D60",
+        "/cache/n?cc=no-store",
+        "/cache/c?cc=max-age%3D60&cookie=1",
+    ] {
+        let a = get(&e, p, &[]).await;
+        let b = get(&e, p, &[]).await;
+        assert_eq!(b.cache, "MISS", "{p} was served from cache");
+        assert_ne!(a.body, b.body, "{p}");
+    }
+    assert_eq!(o.requests(), 6);
+    // With allow_set_cookie the response is stored, but its cookie never replayed.
+    let e2 = TestEdge::start(&config(&o, "allow_set_cookie = true")).await;
+    let p = "/cache/c2?cc=max-age%3D60&cookie=1";
+    let first = get(&e2, p, &[]).await;
+    assert!(
+        first.headers.contains_key("set-cookie"),
+        "the client that caused it gets its cookie"
+    );
+    let second = get(&e2, p, &[]).await;
+    assert_eq!(second.cache, "HIT");
+    assert!(
+        !second.headers.contains_key("set-cookie"),
+        "never replayed to another client"
+    );
+}
+
+#[tokio::test]
+async fn authorization_is_answered_from_cache_only_when_the_response_allows_it() {
+    let o = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&config(&o, "")).await;
+    let auth = [("authorization", "Bearer abc")];
+    let p = "/cache/auth?cc=max-age%3D60";
+    assert_eq!(get(&e, p, &auth).await.cache, "MISS");
+    assert_eq!(
+        get(&e, p, &auth).await.cache,
+        "MISS",
+        "not stored: no public/s-maxage/must-revalidate"
+    );
+    let p = "/cache/auth-public?cc=public%2C%20max-age%3D60";
+    get(&e, p, &auth).await;
+    assert_eq!(get(&e, p, &auth).await.cache, "HIT");
+}
+
+#[tokio::test]
+async fn vary_keeps_variants_apart() {
+    let o = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&config(&o, "")).await;
+    let p = "/cache/v?cc=max-age%3D60&vary=accept-encoding";
+    let gz = get(&e, p, &[("accept-encoding", "gzip")]).await;
+    let br = get(&e, p, &[("accept-encoding", "br")]).await;
+    assert_eq!((gz.cache.as_str(), br.cache.as_str()), ("MISS", "MISS"));
+    let gz2 = get(&e, p, &[("accept-encoding", "GZIP")]).await;
+    assert_eq!(gz2.cache, "HIT");
+    assert!(gz2.body.ends_with("ae=gzip"), "{}", gz2.body);
+    let br2 = get(&e, p, &[("accept-encoding", "br")]).await;
+    assert!(br2.body.ends_with("ae=br"));
+    // Vary: * is never served from cache.
+    let star = "/cache/star?cc=max-age%3D60&vary=*";
+    get(&e, star, &[]).await;
+    assert_eq!(get(&e, star, &[]).await.cache, "MISS");
+}
+
+#[tokio::test]
+async fn stale_entries_revalidate_and_304_refreshes_them() {
+    let o = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&config(&o, "")).await;
+    // max-age=0: stored, immediately stale, validated with its ETag.
+    let p = "/cache/r?cc=max-age%3D0&etag=v1";
+    let first = get(&e, p, &[]).await;
+    assert_eq!(first.cache, "MISS");
+    let second = get(&e, p, &[]).await;
+    assert_eq!(second.cache, "REVALIDATED");
+    assert_eq!(second.status, 200);
+    assert_eq!(second.body, first.body, "the stored body, after a 304 from the origin");
+    assert_eq!(o.requests(), 2);
+    // no-cache: stored but validated on every use.
+    let p = "/cache/nc?cc=no-cache&etag=v2";
+    get(&e, p, &[]).await;
+    assert_eq!(get(&e, p, &[]).await.cache, "REVALIDATED");
+    // Without a validator, a stale entry is fetched again in full.
+    let p = "/cache/x?cc=max-age%3D0";
+    get(&e, p, &[]).await;
+    assert_eq!(get(&e, p, &[]).await.cache, "EXPIRED");
+}
+
+#[tokio::test]
+async fn client_conditionals_are_answered_from_cache() {
+    let o = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&config(&o, "")).await;
+    let p = "/cache/cond?cc=max-age%3D60&etag=v7";
+    get(&e, p, &[]).await;
+    let r = get(&e, p, &[("if-none-match", "\"v7\"")]).await;
+    assert_eq!((r.status, r.cache.as_str()), (304, "HIT"));
+    assert_eq!(r.body, "");
+    let r = get(&e, p, &[("if-none-match", "\"other\"")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(o.requests(), 1);
+}
+
+#[tokio::test]
+async fn request_directives_are_honoured() {
+    let o = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&config(&o, "")).await;
+    let p = "/cache/rd?cc=max-age%3D60";
+    get(&e, p, &[]).await;
+    assert_eq!(
+        get(&e, p, &[("cache-control", "no-cache")]).await.cache,
+        "EXPIRED",
+        "no-cache goes to the origin"
+    );
+    assert_eq!(get(&e, p, &[("cache-control", "min-fresh=120")]).await.cache, "EXPIRED");
+    let r = get(
+        &e,
+        "/cache/never-seen?cc=max-age%3D60",
+        &[("cache-control", "only-if-cached")],
+    )
+    .await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.headers["x-rampart-reason"], "ONLY_IF_CACHED_MISS");
+}
+
+#[tokio::test]
+async fn unsafe_methods_invalidate_the_target() {
+    let o = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&config(&o, "")).await;
+    let p = "/cache/inv?cc=max-age%3D60";
+    get(&e, p, &[]).await;
+    assert_eq!(get(&e, p, &[]).await.cache, "HIT");
+    let r = client().post(e.url(p)).body("x").send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "BYPASS");
+    assert_eq!(get(&e, p, &[]).await.cache, "MISS", "invalidated by the POST");
+}
+
+#[tokio::test]
+async fn objects_over_the_size_limit_are_not_stored() {
+    let o = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&config(&o, "")).await;
+    let small = "/cache/small?cc=max-age%3D60";
+    get(&e, small, &[]).await;
+    assert_eq!(get(&e, small, &[]).await.cache, "HIT", "small objects are stored");
+    // A 200 is cacheable by default, but this one is larger than max_object_size (64 KiB).
+    let r = get(&e, "/large?size=200000", &[]).await;
+    assert_eq!(r.body.len(), 200_000, "streamed through whole");
+    assert_eq!(r.headers["cache-status"], "rampart; fwd=uri-miss; detail=too-large");
+    assert_eq!(get(&e, "/large?size=200000", &[]).await.cache, "MISS", "not stored");
+}
