@@ -29,76 +29,20 @@ PROXIES=${PROXIES:-nginx haproxy rampart}  # run order within a round; nginx is 
 OUT_DIR=${OUT_DIR:-$BENCH_DIR/out}
 KEEP_TMP=${KEEP_TMP:-0}            # 1 = keep the temp dir (configs, logs, wrk output)
 
-die() { echo "run.sh: $*" >&2; exit 1; }
-note() { echo "== $*"; }
+# shellcheck source=bench/lib.sh
+. "$BENCH_DIR/lib.sh"   # die, note, process bookkeeping and cleanup, measure, ...
 
-# --- Process bookkeeping and cleanup ------------------------------------------
-PIDS=()          # root PIDs of every long-running process we started
 IDLE_PID=""      # the idle-connection client while it runs
-WORK=""
-
-alive() {  # a PID that exists and is not a zombie
-  [[ -r /proc/$1/status ]] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null
-}
-
-descendants() {  # PID and all its descendants, one per line (nginx master + workers)
-  local queue=("$1") i=0 child
-  while (( i < ${#queue[@]} )); do
-    for child in $(ps -o pid= --ppid "${queue[i]}" 2>/dev/null || true); do
-      queue+=("$child")
-    done
-    i=$((i + 1))
-  done
-  printf '%s\n' "${queue[@]}"
-}
-
-cleanup() {
-  local rc=$? pid all=() waited=0
-  trap - EXIT INT TERM
-  set +e   # best effort from here on: never stop half-way through cleaning up
-  if [[ -n $IDLE_PID ]]; then kill -TERM "$IDLE_PID" 2>/dev/null; fi
-  # Collect descendants first: if a master dies hard its workers get reparented.
-  for pid in ${PIDS[@]+"${PIDS[@]}"}; do
-    mapfile -t -O "${#all[@]}" all < <(descendants "$pid")
-  done
-  for pid in ${PIDS[@]+"${PIDS[@]}"}; do kill -TERM "$pid" 2>/dev/null || true; done
-  # Give them up to 5 s to exit cleanly (Rampart drains, nginx stops its workers).
-  while (( waited < 50 )); do
-    local left=0
-    for pid in ${all[@]+"${all[@]}"}; do alive "$pid" && left=1 && break; done
-    (( left )) || break
-    sleep 0.1
-    waited=$((waited + 1))
-  done
-  for pid in ${all[@]+"${all[@]}"}; do alive "$pid" && kill -KILL "$pid" 2>/dev/null; done
-  wait 2>/dev/null || true
-  if [[ -n $WORK && -d $WORK ]]; then
-    if [[ $KEEP_TMP == 1 ]]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
-  fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+cleanup_hook() { if [[ -n $IDLE_PID ]]; then kill -TERM "$IDLE_PID" 2>/dev/null; fi; }
+install_cleanup
 
 # --- Checks -------------------------------------------------------------------
 for p in $PROXIES; do
   case $p in nginx|haproxy|rampart) ;; *) die "unknown proxy '$p' in PROXIES" ;; esac
 done
-for tool in nginx haproxy wrk python3 curl taskset ps getconf; do
-  command -v "$tool" >/dev/null || die "$tool not found (apt-get install -y nginx haproxy wrk python3 curl util-linux procps)"
-done
-PIN_PROXY=(); [[ -n $PROXY_CPU ]] && PIN_PROXY=(taskset -c "$PROXY_CPU")
-PIN_LOAD=();  [[ -n $LOAD_CPU ]] && PIN_LOAD=(taskset -c "$LOAD_CPU")
-for pin in "$PROXY_CPU" "$LOAD_CPU"; do
-  [[ -z $pin ]] || taskset -c "$pin" true 2>/dev/null || die "cannot pin to CPU '$pin' (set PROXY_CPU/LOAD_CPU, or empty to disable)"
-done
-
-if [[ ! -x $RAMPART_BIN ]]; then
-  [[ $RAMPART_BIN == "$DEFAULT_RAMPART_BIN" ]] || die "RAMPART_BIN=$RAMPART_BIN is not executable"
-  note "building rampart (cargo build --release -p rampart)"
-  (cd "$REPO_DIR" && cargo build --release -p rampart)
-fi
+need_tools nginx haproxy wrk python3 curl taskset ps getconf
+setup_pinning
+ensure_rampart
 
 # 10k idle client sockets live in one process here and in one proxy process:
 # raise the fd limit (children inherit it). The hard limit may be lower than
@@ -128,11 +72,7 @@ CLK_TCK=$(getconf CLK_TCK)
 declare -A PORT=([nginx]=$((BASE_PORT + 1)) [haproxy]=$((BASE_PORT + 2)) [rampart]=$((BASE_PORT + 3)))
 ORIGIN_PORT=$BASE_PORT
 ADMIN_PORT=$((BASE_PORT + 4))
-for port in "$ORIGIN_PORT" "${PORT[@]}" "$ADMIN_PORT"; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    die "port $port is in use (set BASE_PORT)"
-  fi
-done
+ports_free "$ORIGIN_PORT" "${PORT[@]}" "$ADMIN_PORT"
 
 WORK=$(mktemp -d /tmp/rampart-bench.XXXXXX)
 chmod 755 "$WORK"   # nginx workers run as 'nobody' and must reach their temp dirs
@@ -180,17 +120,8 @@ EOF
 mkdir -p "$WORK"/{origin,nginx,haproxy,rampart}
 for d in origin nginx; do mkdir -p "$WORK/$d/tmp"; done
 
-# nginx keeps temp files under /var/lib/nginx by default; keep each instance self-contained.
-nginx_temp_paths() {
-  local t=$1
-  printf '    client_body_temp_path %s/body;\n    proxy_temp_path %s/proxy;\n' "$t" "$t"
-  printf '    fastcgi_temp_path %s/fastcgi;\n    uwsgi_temp_path %s/uwsgi;\n    scgi_temp_path %s/scgi;\n' "$t" "$t" "$t"
-}
-
 # Origin: 1 KiB static file over keep-alive, cheap enough to stay out of the way.
-mkdir -p "$WORK/origin/html"
-head -c 1023 /dev/zero | tr '\0' 'x' >"$WORK/origin/html/1k.html"
-echo >>"$WORK/origin/html/1k.html"
+write_1k_page "$WORK/origin/html"
 cat >"$WORK/origin/nginx.conf" <<EOF
 worker_processes 1;
 daemon off;
@@ -310,29 +241,6 @@ haproxy -c -q -f "$WORK/haproxy/haproxy.cfg" || die "haproxy config rejected"
 "$RAMPART_BIN" check --config "$WORK/rampart/rampart.toml" >/dev/null || die "rampart config rejected"
 
 # --- Start everything ---------------------------------------------------------
-declare -A ROOT_PID LOG
-
-start_bg() {  # NAME STDOUT STDERR CMD...: start in the background, remember its PID
-  local name=$1 out=$2 err=$3; shift 3
-  "$@" >"$out" 2>"$err" &
-  ROOT_PID[$name]=$!
-  LOG[$name]=$err
-  PIDS+=("$!")
-}
-
-wait_http() {  # NAME PORT: wait until GET / answers 200 with the 1 KiB body
-  local name=$1 port=$2 i
-  for i in $(seq 100); do
-    alive "${ROOT_PID[$name]}" || { tail -n 20 "${LOG[$name]}" >&2; die "$name exited during startup"; }
-    if [[ $(curl -s -o /dev/null -w '%{http_code} %{size_download}' --max-time 1 "http://127.0.0.1:$port/" || true) == "200 1024" ]]; then
-      return 0
-    fi
-    sleep 0.1
-  done
-  tail -n 20 "${LOG[$name]}" >&2
-  die "$name did not serve the 1 KiB page on port $port within 10 s"
-}
-
 start_bg origin /dev/null "$WORK/origin/stderr.log" ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} \
   nginx -e "$WORK/origin/error.log" -p "$WORK/origin" -c "$WORK/origin/nginx.conf"
 wait_http origin "$ORIGIN_PORT"
@@ -353,45 +261,7 @@ for p in $PROXIES; do
   note "$p: pid(s) $(descendants "${ROOT_PID[$p]}" | paste -sd' '), port ${PORT[$p]}"
 done
 
-# --- Measurements -------------------------------------------------------------
-cpu_ticks() {  # utime+stime (clock ticks) summed over a PID and its descendants
-  local pid total=0 t
-  for pid in $(descendants "$1"); do
-    # Fields after the "(comm)" start at field 3, so utime (14) and stime (15)
-    # are $12 and $13; /proc/PID/stat already covers all threads.
-    t=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12 + $13}') || t=0
-    total=$((total + ${t:-0}))
-  done
-  echo "$total"
-}
-
-rss_kib() {  # VmRSS (KiB) summed over a PID and its descendants
-  local pid total=0 r
-  for pid in $(descendants "$1"); do
-    r=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null) || r=0
-    total=$((total + ${r:-0}))
-  done
-  echo "$total"
-}
-
-measure() {  # PROXY ROUND: one warm-up and one measured wrk run
-  local p=$1 round=$2 url="http://127.0.0.1:${PORT[$1]}/" out="$WORK/wrk-$1-$2.txt"
-  local before after json rec
-  if [[ $WARMUP != 0 ]]; then
-    ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} wrk -t"$THREADS" -c"$CONNS" -d"$WARMUP" "$url" >/dev/null
-  fi
-  alive "${ROOT_PID[$p]}" || die "$p is not running"
-  before=$(cpu_ticks "${ROOT_PID[$p]}")
-  ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency \
-    -s "$BENCH_DIR/report.lua" "$url" >"$out" 2>&1 || { cat "$out" >&2; die "wrk failed against $p"; }
-  after=$(cpu_ticks "${ROOT_PID[$p]}")
-  json=$(sed -n 's/^WRK_JSON //p' "$out")
-  [[ -n $json ]] || { cat "$out" >&2; die "wrk printed no result for $p"; }
-  rec=$(printf '{"proxy":"%s","round":%d,"cpu_ticks":%d,"clk_tck":%d,"wrk":%s}' \
-    "$p" "$round" "$((after - before))" "$CLK_TCK" "$json")
-  echo "$rec" >>"$RUN_DIR/runs.jsonl"
-  python3 "$BENCH_DIR/report.py" line "$rec"
-}
+# --- Measurements (cpu_ticks, rss_kib and measure are in lib.sh) ---------------
 
 note "throughput: $ROUNDS round(s), alternating $PROXIES"
 for round in $(seq "$ROUNDS"); do

@@ -1,0 +1,187 @@
+# shellcheck shell=bash
+# Shared helpers for the bench/*.sh scripts. Source it; do not run it.
+#
+# The sourcing script owns these globals (the helpers read or fill them):
+#   WORK      temp dir (removed on exit unless KEEP_TMP=1)
+#   PIDS      root PIDs of every long-running process started (stopped on exit)
+#   ROOT_PID  NAME -> PID of a started process (assoc. array, declared here)
+#   LOG       NAME -> its stderr file (assoc. array, declared here)
+# and, for measure(): PORT (NAME -> port), RUN_DIR, BENCH_DIR, THREADS, CONNS,
+# DURATION, WARMUP, PIN_LOAD, CLK_TCK.
+#
+# A script may define cleanup_hook (called first on exit, before any process is
+# stopped) to stop things of its own.
+
+SCRIPT_NAME=${0##*/}
+
+die() { echo "$SCRIPT_NAME: $*" >&2; exit 1; }
+note() { echo "== $*"; }
+
+# --- Process bookkeeping and cleanup ------------------------------------------
+PIDS=()
+WORK=""
+declare -A ROOT_PID LOG
+
+alive() {  # a PID that exists and is not a zombie
+  [[ -r /proc/$1/status ]] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null
+}
+
+descendants() {  # PID and all its descendants, one per line (nginx master + workers)
+  local queue=("$1") i=0 child
+  while (( i < ${#queue[@]} )); do
+    for child in $(ps -o pid= --ppid "${queue[i]}" 2>/dev/null || true); do
+      queue+=("$child")
+    done
+    i=$((i + 1))
+  done
+  printf '%s\n' "${queue[@]}"
+}
+
+forget_pid() {  # PID: drop it from PIDS (it was stopped and reaped by the caller)
+  local pid keep=()
+  for pid in ${PIDS[@]+"${PIDS[@]}"}; do [[ $pid == "$1" ]] || keep+=("$pid"); done
+  PIDS=(${keep[@]+"${keep[@]}"})
+}
+
+cleanup() {
+  local rc=$? pid all=() waited=0
+  trap - EXIT INT TERM
+  set +e   # best effort from here on: never stop half-way through cleaning up
+  if declare -F cleanup_hook >/dev/null; then cleanup_hook; fi
+  # Collect descendants first: if a master dies hard its workers get reparented.
+  for pid in ${PIDS[@]+"${PIDS[@]}"}; do
+    mapfile -t -O "${#all[@]}" all < <(descendants "$pid")
+  done
+  for pid in ${PIDS[@]+"${PIDS[@]}"}; do kill -TERM "$pid" 2>/dev/null || true; done
+  # Give them up to 5 s to exit cleanly (Rampart drains, nginx stops its workers).
+  while (( waited < 50 )); do
+    local left=0
+    for pid in ${all[@]+"${all[@]}"}; do alive "$pid" && left=1 && break; done
+    (( left )) || break
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+  for pid in ${all[@]+"${all[@]}"}; do alive "$pid" && kill -KILL "$pid" 2>/dev/null; done
+  wait 2>/dev/null || true
+  if [[ -n $WORK && -d $WORK ]]; then
+    if [[ ${KEEP_TMP:-0} == 1 ]]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
+  fi
+  exit "$rc"
+}
+
+install_cleanup() {  # stop everything on exit, error, Ctrl-C or TERM
+  trap cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+}
+
+# --- Checks -------------------------------------------------------------------
+need_tools() {  # TOOL...: die unless every tool is on PATH
+  local tool
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null || die "$tool not found (apt-get install -y nginx haproxy wrk python3 curl util-linux procps)"
+  done
+}
+
+setup_pinning() {  # fill PIN_PROXY / PIN_LOAD from PROXY_CPU / LOAD_CPU and check them
+  local pin
+  PIN_PROXY=(); [[ -n $PROXY_CPU ]] && PIN_PROXY=(taskset -c "$PROXY_CPU")
+  PIN_LOAD=();  [[ -n $LOAD_CPU ]] && PIN_LOAD=(taskset -c "$LOAD_CPU")
+  for pin in "$PROXY_CPU" "$LOAD_CPU"; do
+    [[ -z $pin ]] || taskset -c "$pin" true 2>/dev/null || die "cannot pin to CPU '$pin' (set PROXY_CPU/LOAD_CPU, or empty to disable)"
+  done
+  return 0
+}
+
+ensure_rampart() {  # build the default binary if it is missing (never rebuilds)
+  if [[ ! -x $RAMPART_BIN ]]; then
+    [[ $RAMPART_BIN == "$DEFAULT_RAMPART_BIN" ]] || die "RAMPART_BIN=$RAMPART_BIN is not executable"
+    note "building rampart (cargo build --release -p rampart)"
+    (cd "$REPO_DIR" && cargo build --release -p rampart)
+  fi
+}
+
+ports_free() {  # PORT...: die if anything already listens on one of them
+  local port
+  for port in "$@"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      die "port $port is in use (set BASE_PORT)"
+    fi
+  done
+}
+
+# --- Configs ------------------------------------------------------------------
+# nginx keeps temp files under /var/lib/nginx by default; keep each instance self-contained.
+nginx_temp_paths() {
+  local t=$1
+  printf '    client_body_temp_path %s/body;\n    proxy_temp_path %s/proxy;\n' "$t" "$t"
+  printf '    fastcgi_temp_path %s/fastcgi;\n    uwsgi_temp_path %s/uwsgi;\n    scgi_temp_path %s/scgi;\n' "$t" "$t" "$t"
+}
+
+write_1k_page() {  # DIR: the 1 KiB static file every origin serves, as DIR/1k.html
+  mkdir -p "$1"
+  head -c 1023 /dev/zero | tr '\0' 'x' >"$1/1k.html"
+  echo >>"$1/1k.html"
+}
+
+# --- Start processes ----------------------------------------------------------
+start_bg() {  # NAME STDOUT STDERR CMD...: start in the background, remember its PID
+  local name=$1 out=$2 err=$3; shift 3
+  "$@" >"$out" 2>"$err" &
+  ROOT_PID[$name]=$!
+  LOG[$name]=$err
+  PIDS+=("$!")
+}
+
+wait_http() {  # NAME PORT: wait until GET / answers 200 with the 1 KiB body
+  local name=$1 port=$2 i
+  for i in $(seq 100); do
+    alive "${ROOT_PID[$name]}" || { tail -n 20 "${LOG[$name]}" >&2; die "$name exited during startup"; }
+    if [[ $(curl -s -o /dev/null -w '%{http_code} %{size_download}' --max-time 1 "http://127.0.0.1:$port/" || true) == "200 1024" ]]; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  tail -n 20 "${LOG[$name]}" >&2
+  die "$name did not serve the 1 KiB page on port $port within 10 s"
+}
+
+# --- Measurements -------------------------------------------------------------
+cpu_ticks() {  # utime+stime (clock ticks) summed over a PID and its descendants
+  local pid total=0 t
+  for pid in $(descendants "$1"); do
+    # Fields after the "(comm)" start at field 3, so utime (14) and stime (15)
+    # are $12 and $13; /proc/PID/stat already covers all threads.
+    t=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12 + $13}') || t=0
+    total=$((total + ${t:-0}))
+  done
+  echo "$total"
+}
+
+rss_kib() {  # VmRSS (KiB) summed over a PID and its descendants
+  local pid total=0 r
+  for pid in $(descendants "$1"); do
+    r=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null) || r=0
+    total=$((total + ${r:-0}))
+  done
+  echo "$total"
+}
+
+measure() {  # PROXY ROUND: one warm-up and one measured wrk run -> RUN_DIR/runs.jsonl
+  local p=$1 round=$2 url="http://127.0.0.1:${PORT[$1]}/" out="$WORK/wrk-$1-$2.txt"
+  local before after json rec
+  if [[ $WARMUP != 0 ]]; then
+    ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} wrk -t"$THREADS" -c"$CONNS" -d"$WARMUP" "$url" >/dev/null
+  fi
+  alive "${ROOT_PID[$p]}" || die "$p is not running"
+  before=$(cpu_ticks "${ROOT_PID[$p]}")
+  ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency \
+    -s "$BENCH_DIR/report.lua" "$url" >"$out" 2>&1 || { cat "$out" >&2; die "wrk failed against $p"; }
+  after=$(cpu_ticks "${ROOT_PID[$p]}")
+  json=$(sed -n 's/^WRK_JSON //p' "$out")
+  [[ -n $json ]] || { cat "$out" >&2; die "wrk printed no result for $p"; }
+  rec=$(printf '{"proxy":"%s","round":%d,"cpu_ticks":%d,"clk_tck":%d,"wrk":%s}' \
+    "$p" "$round" "$((after - before))" "$CLK_TCK" "$json")
+  echo "$rec" >>"$RUN_DIR/runs.jsonl"
+  python3 "$BENCH_DIR/report.py" line "$rec"
+}
