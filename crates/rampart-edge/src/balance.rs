@@ -145,6 +145,18 @@ impl BackendState {
             && ms_since_epoch(Instant::now()) < self.open_until_ms.load(Ordering::Relaxed)
     }
 
+    /// Close the circuit (the backend recovered); true if it was not closed.
+    pub fn reset_circuit(&self) -> bool {
+        let mut guard = match self.circuit.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let changed = guard.as_mut().is_some_and(|c| c.reset(Instant::now()));
+        self.circuit_flag.store(0, Ordering::Relaxed);
+        self.open_until_ms.store(0, Ordering::Relaxed);
+        changed
+    }
+
     /// Record a proxied exchange for passive health.
     pub fn record_result(&self, ok: bool, cfg: &Outlier, may_eject: bool) -> Option<Transition> {
         let now = Instant::now();

@@ -189,6 +189,17 @@ impl Circuit {
         }
     }
 
+    /// Close the circuit because the backend was seen to recover (active checks went
+    /// from failing to passing). The growth of ejection times is kept.
+    pub fn reset(&mut self, now: Instant) -> bool {
+        let was_closed = self.state == CircuitState::Closed;
+        self.state = CircuitState::Closed;
+        self.consecutive_failures = 0;
+        self.window.clear();
+        self.last_closed = Some(now);
+        !was_closed
+    }
+
     pub fn is_open(&self) -> bool {
         matches!(self.state, CircuitState::Open { .. })
     }
@@ -283,6 +294,11 @@ mod checker {
                         if !healthy && probe.ups >= cfg.consecutive_up {
                             b.state.set_active_healthy(true);
                             b.state.mark_recovered();
+                            // It was seen down and is back: an ejection from the same
+                            // outage should not keep it out any longer.
+                            if b.state.reset_circuit() {
+                                report(&shared, &pool.name, &b.label, &b.state, "passive", "healthy");
+                            }
                             report(&shared, &pool.name, &b.label, &b.state, "active", "healthy");
                         }
                     } else {
@@ -524,6 +540,20 @@ mod tests {
             assert_eq!(k.record(true, &c, later, true), None);
         }
         assert_eq!(k.record(false, &c, later, true), None, "1 of 10 in the window");
+    }
+
+    #[test]
+    fn reset_closes_an_open_circuit() {
+        let c = cfg();
+        let t0 = Instant::now();
+        let mut k = Circuit::new(&c, t0);
+        for _ in 0..3 {
+            k.record(false, &c, t0, true);
+        }
+        assert!(k.is_open());
+        assert!(k.reset(t0 + Duration::from_secs(1)), "it was open");
+        assert_eq!(k.state, CircuitState::Closed);
+        assert!(!k.reset(t0), "already closed");
     }
 
     #[test]

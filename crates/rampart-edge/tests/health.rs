@@ -270,3 +270,30 @@ health = {{ path = "/hc", interval = "{interval}", jitter = "0", timeout = "200m
     assert_eq!(backend(&e, 0).await["healthy"], true);
     assert_eq!(backend(&e, 0).await["active_check"], "none");
 }
+
+#[tokio::test]
+async fn a_backend_seen_down_and_back_is_not_kept_out_by_its_circuit() {
+    let a = Origin::start("a").await.unwrap();
+    let addr = a.addr();
+    let b = Origin::start("b").await.unwrap();
+    a.set_status("/", Some(503));
+    let cfg = r#"outlier = { consecutive_failures = 1, ejection_time = "60s", max_ejection_time = "10m" }
+retry = { retries = 0 }
+health = { kind = "tcp", interval = "50ms", jitter = "0", timeout = "200ms", consecutive_up = 2, consecutive_down = 1 }"#;
+    let e = TestEdge::start(&config(&a.url(), &b.url(), cfg)).await;
+    // a answers 503: ejected by passive checks for 60s, while its TCP checks still pass.
+    for _ in 0..4 {
+        client().get(e.url("/")).send().await.unwrap();
+    }
+    wait_for(&e, 0, |b| b["circuit"] == "open" && b["active_check"] == "passing").await;
+    // a goes away (active checks fail), then comes back on the same address.
+    drop(a);
+    wait_for(&e, 0, |b| b["active_check"] == "failing").await;
+    let _back = Origin::start_at(addr, "a").await.unwrap();
+    let st = wait_for(&e, 0, |b| b["active_check"] == "passing").await;
+    assert_eq!(
+        st["circuit"], "closed",
+        "seen down and back: not held out for the rest of the 60s ejection"
+    );
+    assert_eq!(st["healthy"], true);
+}
