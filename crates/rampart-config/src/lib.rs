@@ -372,6 +372,12 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
             "must be at least 1 byte and at most cache.memory_size",
         );
     }
+    if http::HeaderName::from_bytes(cs.tag_header.as_bytes()).is_err() {
+        errs.push(
+            "cache.tag_header",
+            format!("`{}` is not a valid header name", cs.tag_header),
+        );
+    }
     let acc = &config.log.access;
     if acc.is_empty() {
         errs.push("log.access", "use \"stdout\", \"off\" or a file path");

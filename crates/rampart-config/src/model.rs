@@ -234,6 +234,9 @@ pub struct CacheSettings {
     pub max_object_size: Size,
     /// Upper bound of heuristic freshness.
     pub heuristic_max: Duration,
+    /// Response header whose values tag an object for purge by tag
+    /// (comma- or space-separated, as `Cache-Tag` and `Surrogate-Key` are).
+    pub tag_header: String,
 }
 
 impl Default for CacheSettings {
@@ -242,6 +245,7 @@ impl Default for CacheSettings {
             memory_size: Size::mib(256),
             max_object_size: Size::mib(8),
             heuristic_max: Duration::from_secs(86_400),
+            tag_header: "cache-tag".into(),
         }
     }
 }
@@ -253,6 +257,9 @@ pub struct RouteCache {
     pub enabled: bool,
     /// Store responses that set cookies (the cookies are never stored or replayed).
     pub allow_set_cookie: bool,
+    /// Serve a stale response this long past its freshness when the origin fails
+    /// (RFC 5861 `stale-if-error`; a response's own directive takes precedence).
+    pub stale_if_error: Duration,
 }
 
 impl Default for RouteCache {
@@ -260,6 +267,7 @@ impl Default for RouteCache {
         RouteCache {
             enabled: true,
             allow_set_cookie: false,
+            stale_if_error: Duration::from_secs(0),
         }
     }
 }

@@ -26,6 +26,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/admin/recommendations", get(recommendations))
         .route("/admin/recommendations/{id}/{decision}", post(decide))
         .route("/admin/audit", get(audit))
+        .route("/admin/cache/stats", get(cache_stats))
+        .route("/admin/cache/purge", post(cache_purge))
         .route("/admin/chains", get(chains))
         .route("/admin/pools/{pool}/backends/{backend}/{action}", post(backend_action))
         .route_layer(middleware::from_fn_with_state(shared.clone(), auth));
@@ -82,6 +84,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    shared.cache.refresh_gauges();
     let body = shared.metrics.encode();
     (
         [(
@@ -332,4 +335,74 @@ async fn decide(
 
 async fn audit(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     Json(json!({ "audit": shared.control.audit() }))
+}
+
+async fn cache_stats(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let c = &shared.cache;
+    c.refresh_gauges();
+    let s = &c.stats;
+    Json(json!({
+        "memory": { "objects": c.objects(), "bytes": c.bytes(), "capacity_bytes": c.capacity },
+        "hits": s.hit.get(), "misses": s.miss.get(), "expired": s.expired.get(),
+        "revalidated": s.revalidated.get(), "stale_served": s.stale.get(), "bypassed": s.bypass.get(),
+        "stored": s.stored.get(), "evicted": s.evicted.get(),
+    }))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeRequest {
+    url: Option<String>,
+    prefix: Option<String>,
+    tag: Option<String>,
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    soft: bool,
+}
+
+/// `POST /admin/cache/purge` with exactly one of `{"url": ...}` (every variant),
+/// `{"prefix": ...}`, `{"tag": ...}` or `{"all": true}`, and optionally `"soft": true`
+/// (mark stale so the next request revalidates; the default hard purge deletes).
+async fn cache_purge(State(shared): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+    let req: PurgeRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({"error": e.to_string()}))).into_response(),
+    };
+    // URLs and prefixes are given as http(s)://host/path; they are keyed like requests.
+    let as_key = |u: &str| -> Option<String> {
+        let uri: http::Uri = u.parse().ok()?;
+        let tls = uri.scheme_str() == Some("https");
+        let host = uri.host()?;
+        let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+        Some(crate::cache::key(tls, host, pq))
+    };
+    let what = match (req.url, req.prefix, req.tag, req.all) {
+        (Some(u), None, None, false) => as_key(&u).map(crate::cache::Purge::Url),
+        (None, Some(p), None, false) => as_key(&p).map(crate::cache::Purge::Prefix),
+        (None, None, Some(t), false) if !t.is_empty() => Some(crate::cache::Purge::Tag(t)),
+        (None, None, None, true) => Some(crate::cache::Purge::All),
+        _ => None,
+    };
+    let Some(what) = what else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "give exactly one of url, prefix (absolute http(s) URLs), tag, or all: true"})),
+        )
+            .into_response();
+    };
+    let n = shared.cache.purge(&what, req.soft);
+    let target = match &what {
+        crate::cache::Purge::Url(k) => format!("url {k}"),
+        crate::cache::Purge::Prefix(k) => format!("prefix {k}"),
+        crate::cache::Purge::Tag(t) => format!("tag {t}"),
+        crate::cache::Purge::All => "everything".into(),
+    };
+    shared.control.record_audit(
+        "admin-api",
+        if req.soft { "cache-soft-purge" } else { "cache-purge" },
+        &target,
+        None,
+    );
+    Json(json!({"purged": n, "soft": req.soft})).into_response()
 }

@@ -11,6 +11,8 @@
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -29,6 +31,8 @@ pub struct CacheControl {
     pub max_stale: Option<Option<u64>>,
     pub min_fresh: Option<u64>,
     pub only_if_cached: bool,
+    /// RFC 5861.
+    pub stale_if_error: Option<u64>,
 }
 
 pub fn cache_control(h: &HeaderMap) -> CacheControl {
@@ -55,6 +59,7 @@ pub fn cache_control(h: &HeaderMap) -> CacheControl {
                 "max-stale" => cc.max_stale = Some(secs()),
                 "min-fresh" => cc.min_fresh = Some(secs().unwrap_or(0)),
                 "only-if-cached" => cc.only_if_cached = true,
+                "stale-if-error" => cc.stale_if_error = secs(),
                 _ => {}
             }
         }
@@ -188,6 +193,10 @@ pub struct Entry {
     pub cc: CacheControl,
     /// The request header values the entry was selected by (`Vary`).
     pub vary: Vec<(HeaderName, Option<String>)>,
+    /// Purge tags from the tag header.
+    pub tags: Vec<String>,
+    /// Soft-purged: must be validated before it is used again.
+    pub purged: bool,
 }
 
 impl Entry {
@@ -208,6 +217,8 @@ impl Entry {
         let date_value = http_date(&headers, header::DATE).unwrap_or(response_time);
         Entry {
             vary: vary_values(&headers, req),
+            tags: Vec::new(),
+            purged: false,
             status,
             body,
             request_time,
@@ -218,6 +229,20 @@ impl Entry {
             cc,
             headers,
         }
+    }
+
+    /// Read purge tags from `tag_header` (comma- or space-separated values).
+    pub fn with_tags(mut self, tag_header: &str) -> Entry {
+        self.tags = self
+            .headers
+            .get_all(tag_header)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(|c: char| c == ',' || c.is_whitespace()))
+            .filter(|t| !t.is_empty())
+            .map(str::to_string)
+            .collect();
+        self
     }
 
     /// Take the `Age` the origin sent into account (§4.2.3).
@@ -247,7 +272,7 @@ impl Entry {
 
     /// Can this entry answer the request without contacting the origin (§4.2, §5.2.1)?
     pub fn usable(&self, req_cc: &CacheControl, now: f64) -> bool {
-        if self.cc.no_cache || req_cc.no_cache {
+        if self.purged || self.cc.no_cache || req_cc.no_cache {
             return false;
         }
         let age = self.current_age(now);
@@ -265,6 +290,17 @@ impl Entry {
             Some(limit) if !self.never_stale() => limit.is_none_or(|m| -left <= m as f64),
             _ => false,
         }
+    }
+
+    /// Whether this entry may stand in for a failed origin (RFC 5861 `stale-if-error`):
+    /// within the response's own window, else the route's, and never past
+    /// must-revalidate, proxy-revalidate or s-maxage.
+    pub fn serves_on_error(&self, route_window: f64, now: f64) -> bool {
+        if self.never_stale() {
+            return false;
+        }
+        let window = self.cc.stale_if_error.map_or(route_window, |w| w as f64);
+        self.current_age(now) - self.freshness <= window
     }
 
     /// Validators for a conditional request to the origin (§4.3.1).
@@ -318,6 +354,8 @@ impl Entry {
             headers,
             body: self.body.clone(),
             vary: self.vary.clone(),
+            tags: self.tags.clone(),
+            purged: false,
         }
     }
 
@@ -367,28 +405,129 @@ fn selects(e: &Entry, req: &HeaderMap) -> bool {
 
 const MAX_VARIANTS: usize = 16;
 
+/// What a purge selects.
+pub enum Purge {
+    /// One URL, every variant.
+    Url(String),
+    /// Every URL starting with this (scheme://host/path...).
+    Prefix(String),
+    /// Every object carrying this tag.
+    Tag(String),
+    All,
+}
+
+/// Counters for `/admin/cache/stats`, registered as `rampart_cache_*` metrics.
+#[derive(Default, Clone)]
+pub struct Stats {
+    pub hit: Counter,
+    pub miss: Counter,
+    pub expired: Counter,
+    pub revalidated: Counter,
+    pub stale: Counter,
+    pub bypass: Counter,
+    pub stored: Counter,
+    pub evicted: Counter,
+    pub objects: Gauge,
+    pub bytes: Gauge,
+}
+
+impl Stats {
+    pub fn count(&self, status: &str) {
+        let c = match status {
+            "HIT" => &self.hit,
+            "MISS" => &self.miss,
+            "EXPIRED" => &self.expired,
+            "REVALIDATED" => &self.revalidated,
+            "STALE" => &self.stale,
+            _ => &self.bypass,
+        };
+        c.inc();
+    }
+}
+
+type Variants = Arc<Mutex<Vec<Arc<Entry>>>>;
+
 /// The memory tier: one moka entry per URL holding its variants, weighed in bytes,
 /// with TinyLFU admission and eviction.
 pub struct Store {
-    map: moka::sync::Cache<String, Arc<Mutex<Vec<Arc<Entry>>>>>,
+    map: moka::sync::Cache<String, Variants>,
     pub max_object: usize,
     pub heuristic_max: f64,
+    pub tag_header: String,
+    pub capacity: u64,
+    pub stats: Stats,
 }
 
 impl Store {
-    pub fn new(capacity: u64, max_object: usize, heuristic_max: Duration) -> Store {
+    pub fn new(capacity: u64, max_object: usize, heuristic_max: Duration, tag_header: &str, stats: Stats) -> Store {
+        let count = stats.evicted.clone();
         Store {
             map: moka::sync::Cache::builder()
                 .max_capacity(capacity)
-                .weigher(|_k: &String, v: &Arc<Mutex<Vec<Arc<Entry>>>>| {
+                .weigher(|_k: &String, v: &Variants| {
                     v.lock().map_or(256, |list| {
                         list.iter().map(|e| e.weight()).fold(0u32, u32::saturating_add)
                     })
                 })
+                .eviction_listener(move |_k, _v, cause| {
+                    if cause == moka::notification::RemovalCause::Size {
+                        count.inc();
+                    }
+                })
                 .build(),
             max_object,
             heuristic_max: heuristic_max.as_secs_f64(),
+            tag_header: tag_header.to_string(),
+            capacity,
+            stats,
         }
+    }
+
+    /// Purge matching objects: hard removes them; soft marks them stale, so the next
+    /// request validates them with the origin. Returns the number of objects (variants).
+    pub fn purge(&self, what: &Purge, soft: bool) -> usize {
+        let keys: Vec<String> = match what {
+            Purge::Url(k) => vec![k.clone()],
+            Purge::Prefix(p) => self
+                .map
+                .iter()
+                .filter(|(k, _)| k.starts_with(p.as_str()))
+                .map(|(k, _)| (*k).clone())
+                .collect(),
+            Purge::Tag(t) => self
+                .map
+                .iter()
+                .filter(|(_, v)| v.lock().is_ok_and(|l| l.iter().any(|e| e.tags.iter().any(|x| x == t))))
+                .map(|(k, _)| (*k).clone())
+                .collect(),
+            Purge::All => self.map.iter().map(|(k, _)| (*k).clone()).collect(),
+        };
+        let mut n = 0;
+        for k in keys {
+            let Some(variants) = self.map.get(&k) else { continue };
+            let Ok(mut list) = variants.lock() else { continue };
+            let selected = |e: &Entry| match what {
+                Purge::Tag(t) => e.tags.iter().any(|x| x == t),
+                _ => true,
+            };
+            if soft {
+                for e in list.iter_mut().filter(|e| selected(e)) {
+                    let mut stale = (**e).clone();
+                    stale.purged = true;
+                    *e = Arc::new(stale);
+                    n += 1;
+                }
+            } else {
+                let before = list.len();
+                list.retain(|e| !selected(e));
+                n += before - list.len();
+                if list.is_empty() {
+                    drop(list);
+                    self.map.invalidate(&k);
+                }
+            }
+        }
+        n
     }
 
     /// The stored variant that matches the request, if any.
@@ -414,6 +553,14 @@ impl Store {
     /// Remove every variant of a URL (§4.4).
     pub fn invalidate(&self, key: &str) {
         self.map.invalidate(key);
+    }
+
+    /// Refresh the object and byte gauges (before a scrape or a stats answer).
+    pub fn refresh_gauges(&self) {
+        self.stats
+            .objects
+            .set(i64::try_from(self.objects()).unwrap_or(i64::MAX));
+        self.stats.bytes.set(i64::try_from(self.bytes()).unwrap_or(i64::MAX));
     }
 
     pub fn objects(&self) -> u64 {

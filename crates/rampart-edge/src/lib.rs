@@ -307,6 +307,8 @@ impl Edge {
             cs.memory_size.bytes(),
             cs.max_object_size.as_usize(),
             cs.heuristic_max.get(),
+            &cs.tag_header,
+            metrics.cache_stats(),
         );
         control.restore(&chain_health);
         let access = snap.validated.config.log.access.clone();

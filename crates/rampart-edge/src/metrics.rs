@@ -80,6 +80,7 @@ pub struct Metrics {
     pub connections: Family<ListenerLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
     pub access_log_dropped: Counter,
+    cache: crate::cache::Stats,
     pub tls_handshake_failures: Counter,
 }
 
@@ -193,6 +194,45 @@ impl Metrics {
             "Access log lines dropped because the writer fell behind",
             access_log_dropped.clone(),
         );
+        let cache = crate::cache::Stats::default();
+        for (name, help, c) in [
+            (
+                "cache_hits",
+                "Responses served from a fresh stored response",
+                &cache.hit,
+            ),
+            ("cache_misses", "Requests with nothing usable stored", &cache.miss),
+            (
+                "cache_expired",
+                "Stale stored responses fetched again in full",
+                &cache.expired,
+            ),
+            (
+                "cache_revalidations",
+                "Stale stored responses the origin confirmed with 304",
+                &cache.revalidated,
+            ),
+            (
+                "cache_stale_served",
+                "Stale responses served because the origin failed",
+                &cache.stale,
+            ),
+            (
+                "cache_bypasses",
+                "Requests the cache does not serve (unsafe methods)",
+                &cache.bypass,
+            ),
+            ("cache_stored", "Responses stored", &cache.stored),
+            (
+                "cache_evictions",
+                "Stored responses evicted to make room (memory tier)",
+                &cache.evicted,
+            ),
+        ] {
+            registry.register(name, help, c.clone());
+        }
+        registry.register("cache_objects", "URLs stored in the memory tier", cache.objects.clone());
+        registry.register("cache_bytes", "Bytes stored in the memory tier", cache.bytes.clone());
         let tls_handshake_failures = Counter::default();
         registry.register(
             "tls_handshake_failures",
@@ -215,6 +255,7 @@ impl Metrics {
             connections,
             reloads,
             access_log_dropped,
+            cache,
             tls_handshake_failures,
         })
     }
@@ -289,6 +330,11 @@ impl Metrics {
                 to,
             })
             .inc();
+    }
+
+    /// The cache's counters and gauges (registered in `new`), shared with the store.
+    pub fn cache_stats(&self) -> crate::cache::Stats {
+        self.cache.clone()
     }
 
     pub fn encode(&self) -> String {

@@ -578,6 +578,19 @@ pub async fn handle(
             Err(reason) => {
                 if reason.is_upstream_error() {
                     pool.metrics.upstream_error(reason);
+                    // The origin failed: a stale stored response may stand in (RFC 5861).
+                    if let Some(e) = cached.as_ref().and_then(CacheCtx::stale_on_error) {
+                        rec.upstream = Some(backend.label.clone());
+                        let req_headers = cached.as_ref().map(|c| c.req_headers.clone()).unwrap_or_default();
+                        return Ok(cached_response(
+                            &e,
+                            &req_headers,
+                            &request_method,
+                            "STALE",
+                            rec,
+                            snap.via,
+                        ));
+                    }
                 }
                 return Ok(local_response(reason, rec, None));
             }
@@ -649,6 +662,20 @@ pub async fn handle(
                 snap.via,
             ));
         }
+        // An origin 5xx when a stale response may stand in for it (RFC 5861).
+        if matches!(rparts.status.as_u16(), 500 | 502 | 503 | 504)
+            && let Some(e) = ctx.stale_on_error()
+        {
+            rec.upstream = Some(backend.label.clone());
+            return Ok(cached_response(
+                &e,
+                &ctx.req_headers,
+                &request_method,
+                "STALE",
+                rec,
+                snap.via,
+            ));
+        }
         let resp_cc = crate::cache::cache_control(&rparts.headers);
         let unsafe_method = matches!(
             request_method,
@@ -702,12 +729,15 @@ pub async fn handle(
                         &req_headers,
                         store.cache.heuristic_max,
                     )
-                    .with_age(age.as_ref());
+                    .with_age(age.as_ref())
+                    .with_tags(&store.cache.tag_header);
                     store.cache.insert(&key, entry);
+                    store.cache.stats.stored.inc();
                 }),
             ));
         }
         let status_text = ctx.status;
+        shared.cache.stats.count(status_text);
         rparts
             .headers
             .insert(X_CACHE_STATUS.clone(), HeaderValue::from_static(status_text));
@@ -766,6 +796,17 @@ struct CacheCtx {
     request_time: f64,
 }
 
+impl CacheCtx {
+    /// The stored response that may stand in for a failed origin, if any.
+    fn stale_on_error(&self) -> Option<Arc<crate::cache::Entry>> {
+        let window = self.settings.stale_if_error.get().as_secs_f64();
+        self.entry
+            .as_ref()
+            .filter(|e| e.serves_on_error(window, crate::cache::now_secs()))
+            .cloned()
+    }
+}
+
 /// Answer from a stored response: its status and headers, a correct `Age`, the
 /// cache status, and the body (none for HEAD). The client's own conditionals are
 /// answered with 304 when they match (§4.3.2).
@@ -802,10 +843,10 @@ fn cached_response(
     h.insert(header::AGE, HeaderValue::from(age));
     h.insert(X_CACHE_STATUS.clone(), HeaderValue::from_static(status_text));
     let ttl = (e.freshness - e.current_age(now)).floor() as i64;
-    let detail = if status_text == "HIT" {
-        format!("rampart; hit; ttl={ttl}")
-    } else {
-        "rampart; fwd=stale; fwd-status=304".to_string()
+    let detail = match status_text {
+        "HIT" => format!("rampart; hit; ttl={ttl}"),
+        "STALE" => format!("rampart; hit; ttl={ttl}; detail=stale-if-error"),
+        _ => "rampart; fwd=stale; fwd-status=304".to_string(),
     };
     if let Ok(v) = HeaderValue::from_str(&detail) {
         h.insert(CACHE_STATUS.clone(), v);
@@ -815,10 +856,11 @@ fn cached_response(
     }
     h.insert(X_REQUEST_ID.clone(), rec.request_id.clone());
     rec.status = resp.status().as_u16();
-    rec.reason_text = Some(if status_text == "HIT" {
-        "CACHE_HIT"
-    } else {
-        "CACHE_REVALIDATED"
+    rec.shared.cache.stats.count(status_text);
+    rec.reason_text = Some(match status_text {
+        "HIT" => "CACHE_HIT",
+        "STALE" => "CACHE_STALE",
+        _ => "CACHE_REVALIDATED",
     });
     let body = if not_modified || *method == Method::HEAD {
         EdgeBody::empty()

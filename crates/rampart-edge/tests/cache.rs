@@ -236,3 +236,170 @@ async fn objects_over_the_size_limit_are_not_stored() {
     assert_eq!(r.headers["cache-status"], "rampart; fwd=uri-miss; detail=too-large");
     assert_eq!(get(&e, "/large?size=200000", &[]).await.cache, "MISS", "not stored");
 }
+
+fn admin_config(origin: &Origin, route_cache: &str) -> String {
+    config(origin, route_cache) + "\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"file:token\"\n"
+}
+
+async fn start_admin(cfg: &str) -> TestEdge {
+    let dir = temp_dir();
+    std::fs::write(dir.join("token"), "tok").unwrap();
+    TestEdge::start_in(dir, cfg).await
+}
+
+async fn purge(e: &TestEdge, body: &str) -> (u16, serde_json::Value) {
+    let r = client()
+        .post(e.admin("/admin/cache/purge"))
+        .bearer_auth("tok")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn purge_by_url_prefix_tag_and_all() {
+    let o = Origin::start("o").await.unwrap();
+    let e = start_admin(&admin_config(&o, "")).await;
+    let host = e.http.to_string();
+    let paths = [
+        "/cache/a/1?cc=max-age%3D60&tag=red",
+        "/cache/a/2?cc=max-age%3D60&tag=red%2Cblue",
+        "/cache/b/1?cc=max-age%3D60&tag=blue",
+    ];
+    let warm = |e: &TestEdge| {
+        let urls: Vec<String> = paths.iter().map(|p| e.url(p)).collect();
+        async move {
+            for u in urls {
+                client().get(u).send().await.unwrap().bytes().await.unwrap();
+            }
+        }
+    };
+    warm(&e).await;
+    for p in paths {
+        assert_eq!(get(&e, p, &[]).await.cache, "HIT");
+    }
+    let url = format!("http://{host}/cache/a/1?cc=max-age%3D60&tag=red");
+    assert_eq!(
+        purge(&e, &serde_json::json!({ "url": url }).to_string()).await.1["purged"],
+        1
+    );
+    assert_eq!(get(&e, paths[0], &[]).await.cache, "MISS");
+    assert_eq!(get(&e, paths[1], &[]).await.cache, "HIT");
+
+    let (_, r) = purge(&e, &serde_json::json!({ "tag": "blue" }).to_string()).await;
+    assert_eq!(r["purged"], 2);
+    assert_eq!(get(&e, paths[1], &[]).await.cache, "MISS");
+    assert_eq!(get(&e, paths[2], &[]).await.cache, "MISS");
+
+    warm(&e).await;
+    let (_, r) = purge(
+        &e,
+        &serde_json::json!({ "prefix": format!("http://{host}/cache/a/") }).to_string(),
+    )
+    .await;
+    assert_eq!(r["purged"], 2);
+    assert_eq!(get(&e, paths[2], &[]).await.cache, "HIT", "outside the prefix");
+    let (_, r) = purge(&e, r#"{"all": true}"#).await;
+    assert!(r["purged"].as_u64().unwrap() >= 1);
+    assert_eq!(get(&e, paths[2], &[]).await.cache, "MISS");
+
+    assert_eq!(purge(&e, r#"{"url": "x", "tag": "y"}"#).await.0, 400);
+    assert_eq!(purge(&e, r#"{"colour": "red"}"#).await.0, 400);
+    let audit: serde_json::Value = client()
+        .get(e.admin("/admin/audit"))
+        .bearer_auth("tok")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(audit["audit"][0]["action"], "cache-purge");
+}
+
+#[tokio::test]
+async fn soft_purge_revalidates_and_hard_purge_deletes() {
+    let o = Origin::start("o").await.unwrap();
+    let e = start_admin(&admin_config(&o, "")).await;
+    let p = "/cache/soft?cc=max-age%3D60&etag=s1";
+    let first = get(&e, p, &[]).await;
+    let url = format!("http://{}{p}", e.http);
+    let (_, r) = purge(&e, &serde_json::json!({ "url": url, "soft": true }).to_string()).await;
+    assert_eq!((r["purged"].as_u64(), r["soft"].as_bool()), (Some(1), Some(true)));
+    let second = get(&e, p, &[]).await;
+    assert_eq!(second.cache, "REVALIDATED", "soft purge: validated with the origin");
+    assert_eq!(second.body, first.body);
+    purge(&e, &serde_json::json!({ "url": url }).to_string()).await;
+    assert_eq!(get(&e, p, &[]).await.cache, "MISS", "hard purge: gone");
+}
+
+#[tokio::test]
+async fn stats_and_metrics() {
+    let o = Origin::start("o").await.unwrap();
+    let e = start_admin(&admin_config(&o, "")).await;
+    let p = "/cache/st?cc=max-age%3D60";
+    get(&e, p, &[]).await;
+    get(&e, p, &[]).await;
+    get(&e, p, &[]).await;
+    let s: serde_json::Value = client()
+        .get(e.admin("/admin/cache/stats"))
+        .bearer_auth("tok")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (s["hits"].as_u64(), s["misses"].as_u64(), s["stored"].as_u64()),
+        (Some(2), Some(1), Some(1))
+    );
+    assert_eq!(s["memory"]["objects"], 1);
+    assert!(s["memory"]["bytes"].as_u64().unwrap() > 0);
+    let m = client()
+        .get(e.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("rampart_cache_hits_total 2"), "{m}");
+    assert!(m.contains("rampart_cache_objects 1"), "{m}");
+}
+
+#[tokio::test]
+async fn stale_if_error_serves_a_stale_response_when_the_origin_fails() {
+    let o = Origin::start("o").await.unwrap();
+    // No idle upstream connections: once the origin is gone, connecting fails.
+    let cfg = config(&o, "stale_if_error = \"60s\"").replace("\n[[site]]", "\nmax_idle_per_backend = 0\n[[site]]");
+    let e = TestEdge::start(&cfg).await;
+    // Stored, immediately stale (max-age=0), no validator.
+    let p = "/cache/sie?cc=max-age%3D0";
+    let first = get(&e, p, &[]).await;
+    // The origin answers 503 for it now: the stale copy stands in.
+    o.set_status("/cache/sie", Some(503));
+    let r = get(&e, p, &[]).await;
+    assert_eq!((r.status, r.cache.as_str()), (200, "STALE"));
+    assert_eq!(r.body, first.body);
+    assert!(
+        r.headers["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("detail=stale-if-error")
+    );
+    // The origin goes away entirely: still served stale.
+    let p2 = "/cache/sie2?cc=max-age%3D0";
+    get(&e, p2, &[]).await;
+    drop(o);
+    let r = get(&e, p2, &[]).await;
+    assert_eq!((r.status, r.cache.as_str()), (200, "STALE"));
+    // Without a window the error reaches the client.
+    let o2 = Origin::start("o2").await.unwrap();
+    let e2 = TestEdge::start(&config(&o2, "")).await;
+    get(&e2, p, &[]).await;
+    o2.set_status("/cache/sie", Some(503));
+    assert_eq!(get(&e2, p, &[]).await.status, 503);
+}

@@ -13,7 +13,7 @@
 //! | `/large?size=1048576` | a body of that many bytes, streamed |
 //! | `/echo`, `…/echo` | JSON with method, path, query, headers and body length received |
 //! | `/ws` | WebSocket echo |
-//! | `/cache/…?cc=max-age%3D60&etag=v1&vary=accept-encoding&cookie=1&lm=…&status=200` | a cacheable response with those headers; body `n=<origin hit count> ae=<accept-encoding>`; `If-None-Match` matching `etag` gets 304 |
+//! | `/cache/…?cc=max-age%3D60&etag=v1&vary=accept-encoding&cookie=1&lm=…&tag=t1&status=200` | a cacheable response with those headers; body `n=<origin hit count> ae=<accept-encoding>`; `If-None-Match` matching `etag` gets 304 |
 //! | anything else | `200`, body `hello from {name}` |
 //!
 //! Connection-level faults use their own origin: [`Origin::resetting`] resets every
@@ -515,6 +515,7 @@ fn cacheable(req: &Request<Incoming>, query: &str, state: &State) -> Response<Bo
         ("vary", "vary"),
         ("lm", "last-modified"),
         ("expires", "expires"),
+        ("tag", "cache-tag"),
     ] {
         if let Some(v) = param(k).and_then(|v| HeaderValue::from_str(&v).ok()) {
             h.insert(name, v);

@@ -218,6 +218,30 @@ fn serving_with_request_directives_section_5_2_1() {
 }
 
 #[test]
+fn stale_if_error_rfc_5861() {
+    let date = httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(1000));
+    let e = entry(
+        &[("date", &date), ("cache-control", "max-age=60, stale-if-error=30")],
+        1000.0,
+        1000.0,
+    );
+    assert!(e.serves_on_error(0.0, 1080.0), "20s stale, inside its own 30s window");
+    assert!(!e.serves_on_error(0.0, 1100.0), "40s stale");
+    let plain = entry(&[("date", &date), ("cache-control", "max-age=60")], 1000.0, 1000.0);
+    assert!(!plain.serves_on_error(0.0, 1061.0), "no window");
+    assert!(plain.serves_on_error(120.0, 1100.0), "the route's window");
+    let strict = entry(
+        &[
+            ("date", &date),
+            ("cache-control", "max-age=60, must-revalidate, stale-if-error=30"),
+        ],
+        1000.0,
+        1000.0,
+    );
+    assert!(!strict.serves_on_error(300.0, 1061.0), "must-revalidate wins");
+}
+
+#[test]
 fn refresh_on_304_section_4_3_4() {
     let date = httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(1000));
     let e = entry(
@@ -253,7 +277,13 @@ fn refresh_on_304_section_4_3_4() {
 
 #[test]
 fn vary_selects_variants_section_4_1() {
-    let store = Store::new(1 << 20, 1 << 20, Duration::from_secs(86_400));
+    let store = Store::new(
+        1 << 20,
+        1 << 20,
+        Duration::from_secs(86_400),
+        "cache-tag",
+        Stats::default(),
+    );
     let gz = h(&[("accept-encoding", "GZIP")]);
     let br = h(&[("accept-encoding", "br")]);
     let resp = [("cache-control", "max-age=60"), ("vary", "Accept-Encoding")];
