@@ -260,6 +260,12 @@ pub struct RouteCache {
     /// Serve a stale response this long past its freshness when the origin fails
     /// (RFC 5861 `stale-if-error`; a response's own directive takes precedence).
     pub stale_if_error: Duration,
+    /// Serve a stale response this long past its freshness while one background
+    /// request refreshes it (RFC 5861 `stale-while-revalidate`).
+    pub stale_while_revalidate: Duration,
+    /// Longest a request waits for a concurrent fetch of the same URL (coalescing)
+    /// before going to the origin itself.
+    pub coalesce_timeout: Duration,
 }
 
 impl Default for RouteCache {
@@ -268,6 +274,8 @@ impl Default for RouteCache {
             enabled: true,
             allow_set_cookie: false,
             stale_if_error: Duration::from_secs(0),
+            stale_while_revalidate: Duration::from_secs(0),
+            coalesce_timeout: Duration::from_secs(5),
         }
     }
 }

@@ -33,6 +33,8 @@ pub struct CacheControl {
     pub only_if_cached: bool,
     /// RFC 5861.
     pub stale_if_error: Option<u64>,
+    /// RFC 5861.
+    pub stale_while_revalidate: Option<u64>,
 }
 
 pub fn cache_control(h: &HeaderMap) -> CacheControl {
@@ -60,6 +62,7 @@ pub fn cache_control(h: &HeaderMap) -> CacheControl {
                 "min-fresh" => cc.min_fresh = Some(secs().unwrap_or(0)),
                 "only-if-cached" => cc.only_if_cached = true,
                 "stale-if-error" => cc.stale_if_error = secs(),
+                "stale-while-revalidate" => cc.stale_while_revalidate = secs(),
                 _ => {}
             }
         }
@@ -303,6 +306,17 @@ impl Entry {
         self.current_age(now) - self.freshness <= window
     }
 
+    /// Whether this stale entry may be served while it is refreshed in the background
+    /// (RFC 5861 `stale-while-revalidate`), under the same limits as `serves_on_error`.
+    pub fn serves_while_revalidating(&self, route_window: f64, now: f64) -> bool {
+        if self.never_stale() || self.purged || self.cc.no_cache {
+            return false;
+        }
+        let window = self.cc.stale_while_revalidate.map_or(route_window, |w| w as f64);
+        let stale_for = self.current_age(now) - self.freshness;
+        stale_for > 0.0 && stale_for <= window
+    }
+
     /// Validators for a conditional request to the origin (§4.3.1).
     pub fn validators(&self) -> Vec<(HeaderName, HeaderValue)> {
         let mut v = Vec::new();
@@ -405,6 +419,36 @@ fn selects(e: &Entry, req: &HeaderMap) -> bool {
 
 const MAX_VARIANTS: usize = 16;
 
+/// One origin fetch per key: the first miss leads, later ones wait for it.
+pub enum Fetch {
+    /// Go to the origin; dropping the guard (once the response is stored, found not
+    /// storable, or failed) releases the waiters.
+    Lead(Leader),
+    /// Another request is fetching this key: wait for it, then look again.
+    Follow(tokio::sync::watch::Receiver<bool>),
+}
+
+pub struct Leader {
+    key: String,
+    inflight: Arc<Mutex<std::collections::HashMap<String, tokio::sync::watch::Receiver<bool>>>>,
+    done: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.inflight.lock() {
+            m.remove(&self.key);
+        }
+        let _ = self.done.send(true);
+    }
+}
+
+/// Wait for a leader, at most `limit`; true if it finished (or gave up) in time.
+pub async fn follow(mut rx: tokio::sync::watch::Receiver<bool>, limit: Duration) -> bool {
+    // A closed channel means the leader is gone: done as well.
+    tokio::time::timeout(limit, rx.wait_for(|done| *done)).await.is_ok()
+}
+
 /// What a purge selects.
 pub enum Purge {
     /// One URL, every variant.
@@ -438,7 +482,7 @@ impl Stats {
             "MISS" => &self.miss,
             "EXPIRED" => &self.expired,
             "REVALIDATED" => &self.revalidated,
-            "STALE" => &self.stale,
+            "STALE" | "UPDATING" => &self.stale,
             _ => &self.bypass,
         };
         c.inc();
@@ -451,6 +495,8 @@ type Variants = Arc<Mutex<Vec<Arc<Entry>>>>;
 /// with TinyLFU admission and eviction.
 pub struct Store {
     map: moka::sync::Cache<String, Variants>,
+    /// Keys being fetched from the origin right now (bounded by requests in flight).
+    inflight: Arc<Mutex<std::collections::HashMap<String, tokio::sync::watch::Receiver<bool>>>>,
     pub max_object: usize,
     pub heuristic_max: f64,
     pub tag_header: String,
@@ -475,12 +521,31 @@ impl Store {
                     }
                 })
                 .build(),
+            inflight: Arc::default(),
             max_object,
             heuristic_max: heuristic_max.as_secs_f64(),
             tag_header: tag_header.to_string(),
             capacity,
             stats,
         }
+    }
+
+    /// Lead the origin fetch of `key`, or follow the request already leading it.
+    pub fn fetch(&self, key: &str) -> Fetch {
+        let mut m = match self.inflight.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(rx) = m.get(key) {
+            return Fetch::Follow(rx.clone());
+        }
+        let (done, rx) = tokio::sync::watch::channel(false);
+        m.insert(key.to_string(), rx);
+        Fetch::Lead(Leader {
+            key: key.to_string(),
+            inflight: self.inflight.clone(),
+            done,
+        })
     }
 
     /// Purge matching objects: hard removes them; soft marks them stale, so the next

@@ -434,6 +434,7 @@ pub async fn handle(
         let safe = parts.method == Method::GET || parts.method == Method::HEAD;
         let authorized = h.contains_key(header::AUTHORIZATION);
         let mut ctx = CacheCtx {
+            leader: None,
             key,
             // The request as the client sent it: for Vary, Authorization and its own
             // conditionals (before the cache's validators replace them).
@@ -450,9 +451,34 @@ pub async fn handle(
                 // a response that allows it.
                 !authorized || e.cc.public || e.cc.s_maxage.is_some() || e.cc.must_revalidate
             });
+            let now = crate::cache::now_secs();
             match found {
-                Some(e) if e.usable(&ctx.req_cc, crate::cache::now_secs()) => {
+                Some(e) if e.usable(&ctx.req_cc, now) => {
                     return Ok(cached_response(&e, &h, &parts.method, "HIT", rec, snap.via));
+                }
+                Some(e)
+                    if e.serves_while_revalidating(ctx.settings.stale_while_revalidate.get().as_secs_f64(), now) =>
+                {
+                    // Serve it stale now; one background request refreshes it.
+                    if let crate::cache::Fetch::Lead(leader) = shared.cache.fetch(&ctx.key) {
+                        let mut refresh_headers = h.clone();
+                        for (name, value) in e.validators() {
+                            refresh_headers.insert(name, value);
+                        }
+                        spawn_refresh(Refresh {
+                            shared: shared.clone(),
+                            pool: pool.clone(),
+                            key: ctx.key.clone(),
+                            entry: e.clone(),
+                            headers: refresh_headers,
+                            vary_source: h.clone(),
+                            path_and_query: pq.clone(),
+                            host: route.host_for_refresh(&host_value),
+                            client_ip: rec.client_ip,
+                            leader,
+                        });
+                    }
+                    return Ok(cached_response(&e, &h, &parts.method, "UPDATING", rec, snap.via));
                 }
                 Some(e) => {
                     // Stale, or no-cache: validate with the origin.
@@ -473,7 +499,21 @@ pub async fn handle(
                 None if ctx.req_cc.only_if_cached => {
                     return Ok(local_response(Reason::OnlyIfCachedMiss, rec, None));
                 }
-                None => {}
+                None => match shared.cache.fetch(&ctx.key) {
+                    // Concurrent misses make one origin request: the first leads...
+                    crate::cache::Fetch::Lead(leader) => ctx.leader = Some(leader),
+                    // ...the others wait for it (bounded), then use what it stored.
+                    crate::cache::Fetch::Follow(rx) => {
+                        if crate::cache::follow(rx, ctx.settings.coalesce_timeout.get()).await
+                            && let Some(e) = shared
+                                .cache
+                                .lookup(&ctx.key, &h)
+                                .filter(|e| e.usable(&ctx.req_cc, crate::cache::now_secs()))
+                        {
+                            return Ok(cached_response(&e, &h, &parts.method, "HIT", rec, snap.via));
+                        }
+                    }
+                },
             }
         }
         cached = Some(ctx);
@@ -639,7 +679,7 @@ pub async fn handle(
     }
 
     let mut fill = None;
-    if let Some(ctx) = cached {
+    if let Some(mut ctx) = cached {
         let response_time = crate::cache::now_secs();
         // A 304 to our validation: refresh the stored response and serve it (§4.3.4).
         if rparts.status == StatusCode::NOT_MODIFIED
@@ -717,9 +757,12 @@ pub async fn handle(
             let req_headers = ctx.req_headers.clone();
             let age = rparts.headers.get(header::AGE).cloned();
             let request_time = ctx.request_time;
+            // Waiting requests are released once the body is stored (or abandoned).
+            let leader = ctx.leader.take();
             fill = Some(crate::body::Fill::new(
                 shared.cache.max_object,
                 Box::new(move |body| {
+                    let _release_after_insert = leader;
                     let entry = crate::cache::Entry::new(
                         status,
                         headers,
@@ -785,6 +828,8 @@ static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache
 
 /// What the cache knows about the request being forwarded.
 struct CacheCtx {
+    /// This request leads the origin fetch of its key (coalescing).
+    leader: Option<crate::cache::Leader>,
     key: String,
     req_headers: http::HeaderMap,
     req_cc: crate::cache::CacheControl,
@@ -805,6 +850,94 @@ impl CacheCtx {
             .filter(|e| e.serves_on_error(window, crate::cache::now_secs()))
             .cloned()
     }
+}
+
+/// A background refresh of a stale entry (stale-while-revalidate).
+struct Refresh {
+    shared: Arc<Shared>,
+    pool: Arc<crate::upstream::Pool>,
+    key: String,
+    entry: Arc<crate::cache::Entry>,
+    /// Prepared upstream headers plus the entry's validators.
+    headers: http::HeaderMap,
+    /// The request's own headers, for Vary.
+    vary_source: http::HeaderMap,
+    path_and_query: String,
+    host: Option<HeaderValue>,
+    client_ip: IpAddr,
+    leader: crate::cache::Leader,
+}
+
+fn spawn_refresh(r: Refresh) {
+    tokio::spawn(async move {
+        let _leader = r.leader;
+        let Some(backend) = r.pool.pick(&Uri::default(), &r.vary_source, r.client_ip) else {
+            return;
+        };
+        let Ok(uri) = Uri::builder()
+            .scheme(backend.scheme.clone())
+            .authority(backend.authority.clone())
+            .path_and_query(r.path_and_query.as_str())
+            .build()
+        else {
+            return;
+        };
+        let mut req = Request::new(UpstreamBody::Empty);
+        *req.uri_mut() = uri;
+        *req.headers_mut() = r.headers;
+        req.headers_mut()
+            .insert(header::HOST, r.host.unwrap_or_else(|| backend.host_value.clone()));
+        let request_time = crate::cache::now_secs();
+        let fetched = async {
+            let resp = r.pool.client.request(req).await.ok()?;
+            let (parts, body) = resp.into_parts();
+            let response_time = crate::cache::now_secs();
+            if parts.status == StatusCode::NOT_MODIFIED {
+                let e = r.entry.refreshed(
+                    &parts.headers,
+                    request_time,
+                    response_time,
+                    r.shared.cache.heuristic_max,
+                );
+                return Some(e);
+            }
+            let resp_cc = crate::cache::cache_control(&parts.headers);
+            crate::cache::not_storable(
+                &Method::GET,
+                &r.vary_source,
+                &crate::cache::CacheControl::default(),
+                parts.status,
+                &parts.headers,
+                &resp_cc,
+                false,
+            )
+            .is_none()
+            .then_some(())?;
+            let bytes = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, r.shared.cache.max_object))
+                .await
+                .ok()?
+                .to_bytes();
+            let age = parts.headers.get(header::AGE).cloned();
+            Some(
+                crate::cache::Entry::new(
+                    parts.status,
+                    parts.headers,
+                    bytes,
+                    request_time,
+                    response_time,
+                    &r.vary_source,
+                    r.shared.cache.heuristic_max,
+                )
+                .with_age(age.as_ref())
+                .with_tags(&r.shared.cache.tag_header),
+            )
+        };
+        let limit = r.pool.timeouts.response_header.get() + r.pool.timeouts.body_idle.get();
+        if let Ok(Some(e)) = tokio::time::timeout(limit, fetched).await {
+            r.shared.cache.insert(&r.key, e);
+            r.shared.cache.stats.stored.inc();
+        }
+    });
 }
 
 /// Answer from a stored response: its status and headers, a correct `Age`, the
@@ -845,6 +978,7 @@ fn cached_response(
     let ttl = (e.freshness - e.current_age(now)).floor() as i64;
     let detail = match status_text {
         "HIT" => format!("rampart; hit; ttl={ttl}"),
+        "UPDATING" => format!("rampart; hit; ttl={ttl}; detail=stale-while-revalidate"),
         "STALE" => format!("rampart; hit; ttl={ttl}; detail=stale-if-error"),
         _ => "rampart; fwd=stale; fwd-status=304".to_string(),
     };
@@ -860,6 +994,7 @@ fn cached_response(
     rec.reason_text = Some(match status_text {
         "HIT" => "CACHE_HIT",
         "STALE" => "CACHE_STALE",
+        "UPDATING" => "CACHE_UPDATING",
         _ => "CACHE_REVALIDATED",
     });
     let body = if not_modified || *method == Method::HEAD {

@@ -44,6 +44,18 @@ pub struct RouteEntry {
     pub metrics: RouteMetrics,
 }
 
+impl RouteEntry {
+    /// The Host a background refresh sends: the route's fixed or preserved host
+    /// (`None` means the backend's own).
+    pub fn host_for_refresh(&self, client_host: &HeaderValue) -> Option<HeaderValue> {
+        match &self.host {
+            HostMode::Preserve => Some(client_host.clone()),
+            HostMode::Backend => None,
+            HostMode::Fixed(v) => Some(v.clone()),
+        }
+    }
+}
+
 pub struct SiteInfo {
     pub name: Arc<str>,
     pub https_redirect: bool,

@@ -403,3 +403,60 @@ async fn stale_if_error_serves_a_stale_response_when_the_origin_fails() {
     o2.set_status("/cache/sie", Some(503));
     assert_eq!(get(&e2, p, &[]).await.status, 503);
 }
+
+#[tokio::test]
+async fn concurrent_misses_make_one_origin_request() {
+    let o = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&config(&o, "")).await;
+    let p = "/cache/co?cc=max-age%3D60&delay=300ms";
+    let got = futures_util::future::join_all((0..10).map(|_| get(&e, p, &[]))).await;
+    assert_eq!(o.requests(), 1, "coalesced into one origin request");
+    let misses = got.iter().filter(|g| g.cache == "MISS").count();
+    let hits = got.iter().filter(|g| g.cache == "HIT").count();
+    assert_eq!((misses, hits), (1, 9));
+    assert!(got.iter().all(|g| g.status == 200 && g.body == got[0].body));
+
+    // When the leader's response cannot be stored, the others go to the origin themselves.
+    let p = "/cache/co-nostore?cc=no-store&delay=200ms";
+    let got = futures_util::future::join_all((0..5).map(|_| get(&e, p, &[]))).await;
+    assert!(got.iter().all(|g| g.status == 200 && g.cache == "MISS"));
+    assert_eq!(o.requests(), 1 + 5);
+}
+
+#[tokio::test]
+async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
+    let o = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&config(&o, "")).await;
+    let p = "/cache/swr?cc=max-age%3D1%2C%20stale-while-revalidate%3D60";
+    let first = get(&e, p, &[]).await;
+    assert_eq!(first.cache, "MISS");
+    // Once stale (after its 1 s), the stored copy is served at once and refreshed in
+    // the background: UPDATING with the old body, then HIT with the new one.
+    let end = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let updating = loop {
+        let g = get(&e, p, &[]).await;
+        if g.cache == "UPDATING" {
+            break g;
+        }
+        assert_eq!(g.cache, "HIT");
+        assert!(tokio::time::Instant::now() < end, "never became stale");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(updating.body, first.body, "the stale copy, served at once");
+    assert!(
+        updating.headers["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("stale-while-revalidate")
+    );
+    let refreshed = loop {
+        let g = get(&e, p, &[]).await;
+        if g.cache == "HIT" && g.body != first.body {
+            break g;
+        }
+        assert!(tokio::time::Instant::now() < end, "never refreshed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(refreshed.status, 200);
+    assert_eq!(o.requests(), 2, "one background refresh");
+}
