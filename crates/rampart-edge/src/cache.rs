@@ -379,6 +379,74 @@ impl Entry {
     }
 }
 
+/// How a `Range` request is answered from a stored representation (RFC 9110 §14).
+#[derive(Debug, PartialEq, Eq)]
+pub enum RangeAnswer {
+    /// No (usable) range: the whole representation, 200.
+    Full,
+    /// One satisfiable range: 206 with these inclusive byte positions.
+    Partial(u64, u64),
+    /// 416 Range Not Satisfiable.
+    Unsatisfiable,
+}
+
+/// Answer a single `bytes=` range against a representation of `len` bytes. Several
+/// ranges, other units or a malformed header are ignored (the full response is a
+/// valid answer to them). `If-Range` must match the stored ETag (strong) or
+/// Last-Modified exactly, or the range is ignored.
+pub fn range(req: &HeaderMap, stored: &HeaderMap, len: u64) -> RangeAnswer {
+    let Some(spec) = req.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return RangeAnswer::Full;
+    };
+    if let Some(cond) = req.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) {
+        let cond = cond.trim();
+        let etag = stored.get(header::ETAG).and_then(|v| v.to_str().ok());
+        let lm = stored.get(header::LAST_MODIFIED).and_then(|v| v.to_str().ok());
+        let matches = if cond.starts_with('"') {
+            etag.is_some_and(|e| e == cond)
+        } else {
+            lm.is_some_and(|l| l == cond)
+        };
+        if !matches {
+            return RangeAnswer::Full;
+        }
+    }
+    let Some(set) = spec.trim().strip_prefix("bytes=") else {
+        return RangeAnswer::Full;
+    };
+    if set.contains(',') {
+        return RangeAnswer::Full;
+    }
+    let Some((first, last)) = set.trim().split_once('-') else {
+        return RangeAnswer::Full;
+    };
+    let (first, last) = (first.trim(), last.trim());
+    let parse = |s: &str| s.parse::<u64>().ok();
+    match (first.is_empty(), last.is_empty()) {
+        // bytes=-N: the last N bytes.
+        (true, false) => match parse(last) {
+            Some(0) => RangeAnswer::Unsatisfiable,
+            Some(_) if len == 0 => RangeAnswer::Unsatisfiable,
+            Some(n) => RangeAnswer::Partial(len.saturating_sub(n), len - 1),
+            None => RangeAnswer::Full,
+        },
+        // bytes=A- and bytes=A-B.
+        (false, _) => {
+            let Some(a) = parse(first) else {
+                return RangeAnswer::Full;
+            };
+            let b = if last.is_empty() { Some(u64::MAX) } else { parse(last) };
+            match b {
+                None => RangeAnswer::Full,
+                Some(b) if b < a => RangeAnswer::Full,
+                Some(_) if a >= len => RangeAnswer::Unsatisfiable,
+                Some(b) => RangeAnswer::Partial(a, b.min(len - 1)),
+            }
+        }
+        (true, true) => RangeAnswer::Full,
+    }
+}
+
 /// The request values of the fields a response varies on, normalised (trimmed,
 /// lower-cased, whitespace around commas removed).
 fn vary_values(resp: &HeaderMap, req: &HeaderMap) -> Vec<(HeaderName, Option<String>)> {

@@ -954,14 +954,43 @@ fn cached_response(
     let now = crate::cache::now_secs();
     let age = e.current_age(now).max(0.0).floor() as u64;
     let not_modified = client_conditional_matches(e, req);
-    let mut resp = Response::new(EdgeBody::empty());
-    *resp.status_mut() = if not_modified {
-        StatusCode::NOT_MODIFIED
+    // Range requests are answered from the complete stored object (GET of a 200 only).
+    let ranged = if !not_modified && *method == Method::GET && e.status == StatusCode::OK {
+        crate::cache::range(req, &e.headers, e.body.len() as u64)
     } else {
-        e.status
+        crate::cache::RangeAnswer::Full
+    };
+    let mut resp = Response::new(EdgeBody::empty());
+    *resp.status_mut() = match (&ranged, not_modified) {
+        (_, true) => StatusCode::NOT_MODIFIED,
+        (crate::cache::RangeAnswer::Partial(..), _) => StatusCode::PARTIAL_CONTENT,
+        (crate::cache::RangeAnswer::Unsatisfiable, _) => StatusCode::RANGE_NOT_SATISFIABLE,
+        (crate::cache::RangeAnswer::Full, _) => e.status,
     };
     let h = resp.headers_mut();
     *h = e.headers.clone();
+    let total = e.body.len();
+    let body_bytes = match ranged {
+        crate::cache::RangeAnswer::Partial(a, b) => {
+            let (a, b) = (usize::try_from(a).unwrap_or(0), usize::try_from(b).unwrap_or(0));
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {a}-{b}/{total}")) {
+                h.insert(header::CONTENT_RANGE, v);
+            }
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(b + 1 - a));
+            e.body.slice(a..=b)
+        }
+        crate::cache::RangeAnswer::Unsatisfiable => {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{total}")) {
+                h.insert(header::CONTENT_RANGE, v);
+            }
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+            bytes::Bytes::new()
+        }
+        crate::cache::RangeAnswer::Full => e.body.clone(),
+    };
+    if e.status == StatusCode::OK {
+        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    }
     if not_modified {
         for name in [
             header::CONTENT_LENGTH,
@@ -1000,7 +1029,7 @@ fn cached_response(
     let body = if not_modified || *method == Method::HEAD {
         EdgeBody::empty()
     } else {
-        EdgeBody::full(e.body.clone())
+        EdgeBody::full(body_bytes)
     };
     *resp.body_mut() = body.on_complete(Box::new(rec));
     resp

@@ -460,3 +460,27 @@ async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
     assert_eq!(refreshed.status, 200);
     assert_eq!(o.requests(), 2, "one background refresh");
 }
+
+#[tokio::test]
+async fn ranges_are_answered_from_a_cached_object() {
+    let o = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&config(&o, "")).await;
+    let p = "/cache/video-1.ts?cc=max-age%3D60&etag=seg1";
+    let full = get(&e, p, &[]).await;
+    let len = full.body.len();
+    let r = get(&e, p, &[("range", "bytes=2-4")]).await;
+    assert_eq!((r.status, r.cache.as_str()), (206, "HIT"));
+    assert_eq!(r.body, full.body[2..=4]);
+    assert_eq!(r.headers["content-range"], format!("bytes 2-4/{len}").as_str());
+    let r = get(&e, p, &[("range", "bytes=-3")]).await;
+    assert_eq!(r.body, full.body[len - 3..]);
+    let r = get(&e, p, &[("range", format!("bytes={len}-").as_str())]).await;
+    assert_eq!(r.status, 416);
+    assert_eq!(r.headers["content-range"], format!("bytes */{len}").as_str());
+    // If-Range with another validator: the whole object.
+    let r = get(&e, p, &[("range", "bytes=0-1"), ("if-range", "\"other\"")]).await;
+    assert_eq!((r.status, r.body.len()), (200, len));
+    let r = get(&e, p, &[("range", "bytes=0-1"), ("if-range", "\"seg1\"")]).await;
+    assert_eq!(r.status, 206);
+    assert_eq!(o.requests(), 1, "every range came from the one cached object");
+}

@@ -326,6 +326,41 @@ fn stored_entries_never_keep_cookies() {
 }
 
 #[test]
+fn ranges_rfc_9110_section_14() {
+    let r = |spec: &str, len: u64| range(&h(&[("range", spec)]), &HeaderMap::new(), len);
+    assert_eq!(r("bytes=0-99", 1000), RangeAnswer::Partial(0, 99));
+    assert_eq!(r("bytes=900-", 1000), RangeAnswer::Partial(900, 999));
+    assert_eq!(r("bytes=-100", 1000), RangeAnswer::Partial(900, 999));
+    assert_eq!(
+        r("bytes=-5000", 1000),
+        RangeAnswer::Partial(0, 999),
+        "suffix longer than the body"
+    );
+    assert_eq!(
+        r("bytes=990-2000", 1000),
+        RangeAnswer::Partial(990, 999),
+        "clamped to the end"
+    );
+    assert_eq!(r("bytes=1000-", 1000), RangeAnswer::Unsatisfiable);
+    assert_eq!(r("bytes=-0", 1000), RangeAnswer::Unsatisfiable);
+    assert_eq!(r("bytes=5-2", 1000), RangeAnswer::Full, "invalid: ignored");
+    assert_eq!(
+        r("bytes=0-1,5-6", 1000),
+        RangeAnswer::Full,
+        "several ranges: full response"
+    );
+    assert_eq!(r("items=0-1", 1000), RangeAnswer::Full);
+    assert_eq!(range(&HeaderMap::new(), &HeaderMap::new(), 10), RangeAnswer::Full);
+    // If-Range: the range applies only when the validator matches.
+    let stored = h(&[("etag", "\"v1\""), ("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT")]);
+    let with = |ir: &str| range(&h(&[("range", "bytes=0-0"), ("if-range", ir)]), &stored, 10);
+    assert_eq!(with("\"v1\""), RangeAnswer::Partial(0, 0));
+    assert_eq!(with("\"v2\""), RangeAnswer::Full);
+    assert_eq!(with("Sun, 06 Nov 1994 08:49:37 GMT"), RangeAnswer::Partial(0, 0));
+    assert_eq!(with("Mon, 07 Nov 1994 08:49:37 GMT"), RangeAnswer::Full);
+}
+
+#[test]
 fn keys() {
     assert_eq!(key(false, "Example.TEST:8080", "/a?b=1"), "http://example.test/a?b=1");
     assert_eq!(key(true, "example.test", "/"), "https://example.test/");
