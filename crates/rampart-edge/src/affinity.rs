@@ -129,16 +129,13 @@ impl Affinity {
     /// Read the session key of a request.
     pub fn pin(&self, headers: &HeaderMap, client_ip: IpAddr) -> Pin {
         match self.mode {
-            AffinityMode::Cookie => cookie_value(headers, &self.cookie)
+            AffinityMode::Cookie => crate::headers::cookie(headers, &self.cookie)
                 .and_then(|v| self.verify(v, now_unix()))
                 .map_or(Pin::None, Pin::Cookie),
             AffinityMode::Header => headers
                 .get(self.header.as_str())
                 .map_or(Pin::None, |v| Pin::Hash(hash_bytes(v.as_bytes()))),
-            AffinityMode::Ip => Pin::Hash(match client_ip {
-                IpAddr::V4(v4) => hash_bytes(&v4.octets()),
-                IpAddr::V6(v6) => hash_bytes(&v6.octets()),
-            }),
+            AffinityMode::Ip => Pin::Hash(crate::balance::hash_ip(client_ip)),
         }
     }
 
@@ -153,17 +150,6 @@ pub fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim())
 }
 
 fn hex(b: &[u8]) -> String {

@@ -357,6 +357,14 @@ impl Ring {
     }
 }
 
+/// The hash of a client address (for ip keys and ip affinity).
+pub fn hash_ip(ip: std::net::IpAddr) -> u64 {
+    match ip {
+        std::net::IpAddr::V4(v4) => hash_bytes(&v4.octets()),
+        std::net::IpAddr::V6(v6) => hash_bytes(&v6.octets()),
+    }
+}
+
 /// FNV-1a with a murmur3 finaliser: stable across runs and builds, well spread.
 pub fn hash_bytes(b: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

@@ -79,8 +79,19 @@ pub enum UpstreamBody {
 
 impl UpstreamBody {
     pub fn stream(inner: Incoming, limit: u64, state: Arc<RequestBodyState>, idle: Duration) -> UpstreamBody {
+        Self::stream_after(None, inner, limit, state, idle)
+    }
+
+    /// Stream `inner`, sending `prefix` (bytes already read from it) first.
+    fn stream_after(
+        prefix: Option<Bytes>,
+        inner: Incoming,
+        limit: u64,
+        state: Arc<RequestBodyState>,
+        idle: Duration,
+    ) -> UpstreamBody {
         UpstreamBody::Stream {
-            prefix: None,
+            prefix,
             inner,
             limit,
             state,
@@ -127,15 +138,13 @@ pub async fn buffer_for_replay(
         }
         buf.extend_from_slice(&data);
         if buf.len() > keep {
-            return Ok(UpstreamBody::Stream {
-                prefix: Some(buf.freeze()),
+            return Ok(UpstreamBody::stream_after(
+                Some(buf.freeze()),
                 inner,
                 limit,
                 state,
                 idle,
-                timer: None,
-                armed: false,
-            });
+            ));
         }
     }
 }

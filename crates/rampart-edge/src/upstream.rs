@@ -441,20 +441,10 @@ impl Pool {
 /// cookie or parameter) gets `None` and is balanced at random.
 fn request_hash(key: &HashKey, uri: &http::Uri, headers: &http::HeaderMap, client_ip: std::net::IpAddr) -> Option<u64> {
     match key {
-        HashKey::ClientIp => Some(match client_ip {
-            std::net::IpAddr::V4(v4) => hash_bytes(&v4.octets()),
-            std::net::IpAddr::V6(v6) => hash_bytes(&v6.octets()),
-        }),
+        HashKey::ClientIp => Some(crate::balance::hash_ip(client_ip)),
         HashKey::Path => Some(hash_bytes(uri.path().as_bytes())),
         HashKey::Header(name) => headers.get(name.as_str()).map(|v| hash_bytes(v.as_bytes())),
-        HashKey::Cookie(name) => headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|kv| kv.trim().split_once('='))
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| hash_bytes(v.as_bytes())),
+        HashKey::Cookie(name) => crate::headers::cookie(headers, name).map(|v| hash_bytes(v.as_bytes())),
         HashKey::Query(name) => uri
             .query()?
             .split('&')

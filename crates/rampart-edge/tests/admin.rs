@@ -13,13 +13,6 @@ fn with_admin(backend: &str, admin_extra: &str) -> String {
     )
 }
 
-/// Start an edge whose admin token is read from a file beside the config.
-async fn start_with_token(config: &str) -> TestEdge {
-    let dir = temp_dir();
-    std::fs::write(dir.join("token"), "t0ps3cret\n").unwrap();
-    TestEdge::start_in(dir, config).await
-}
-
 #[tokio::test]
 async fn health_readiness_and_metrics() {
     let origin = Origin::start("o").await.unwrap();
@@ -79,7 +72,7 @@ async fn upstream_errors_are_counted_by_reason() {
 #[tokio::test]
 async fn admin_api_needs_the_bearer_token() {
     let origin = Origin::start("o").await.unwrap();
-    let e = start_with_token(&with_admin(&origin.url(), "token = \"file:token\"")).await;
+    let e = TestEdge::start_with_token(&with_admin(&origin.url(), "token = \"file:token\""), "t0ps3cret\n").await;
     let c = client();
     let r = c.get(e.admin("/admin/status")).send().await.unwrap();
     assert_eq!(r.status(), 401);
@@ -150,7 +143,7 @@ async fn reload_swaps_config_and_a_bad_config_changes_nothing() {
     let a = Origin::start("a").await.unwrap();
     let b = Origin::start("b").await.unwrap();
     let admin = "token = \"file:token\"";
-    let e = start_with_token(&with_admin(&a.url(), admin)).await;
+    let e = TestEdge::start_with_token(&with_admin(&a.url(), admin), "t0ps3cret\n").await;
     let c = client();
     assert_eq!(c.get(e.url("/")).send().await.unwrap().headers()["x-origin-name"], "a");
 
@@ -193,7 +186,7 @@ async fn requests_in_flight_finish_on_the_old_config() {
     let a = Origin::start("a").await.unwrap();
     let b = Origin::start("b").await.unwrap();
     let admin = "token = \"file:token\"";
-    let e = start_with_token(&with_admin(&a.url(), admin)).await;
+    let e = TestEdge::start_with_token(&with_admin(&a.url(), admin), "t0ps3cret\n").await;
     let slow = tokio::spawn({
         let url = e.url("/slow?chunks=5&interval=100ms");
         async move {
@@ -219,7 +212,7 @@ async fn requests_in_flight_finish_on_the_old_config() {
 async fn reload_adds_and_removes_listeners() {
     let a = Origin::start("a").await.unwrap();
     let admin = "token = \"file:token\"";
-    let e = start_with_token(&with_admin(&a.url(), admin)).await;
+    let e = TestEdge::start_with_token(&with_admin(&a.url(), admin), "t0ps3cret\n").await;
     let first = e.http;
     // Add a second listener on a port chosen now, then drop the first.
     let port = {
@@ -263,7 +256,7 @@ async fn reload_that_cannot_bind_changes_nothing() {
     let a = Origin::start("a").await.unwrap();
     let b = Origin::start("b").await.unwrap();
     let admin = "token = \"file:token\"";
-    let e = start_with_token(&with_admin(&a.url(), admin)).await;
+    let e = TestEdge::start_with_token(&with_admin(&a.url(), admin), "t0ps3cret\n").await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let cfg = with_admin(&b.url(), admin).replace(
@@ -326,7 +319,7 @@ async fn access_log_has_one_json_line_per_request() {
 async fn reload_cannot_remove_or_move_the_admin_listener() {
     let a = Origin::start("a").await.unwrap();
     let admin = "token = \"file:token\"";
-    let e = start_with_token(&with_admin(&a.url(), admin)).await;
+    let e = TestEdge::start_with_token(&with_admin(&a.url(), admin), "t0ps3cret\n").await;
     e.rewrite_config(&simple(&a.url(), ""));
     let (status, body) = reload(&e).await;
     assert_eq!(status, 400);

@@ -36,12 +36,6 @@ explain = true
     )
 }
 
-async fn start(cfg: &str) -> TestEdge {
-    let dir = temp_dir();
-    std::fs::write(dir.join("token"), "tok").unwrap();
-    TestEdge::start_in(dir, cfg).await
-}
-
 async fn get(e: &TestEdge, headers: &[(&str, &str)]) -> (String, Option<String>) {
     let mut r = client().get(e.url("/"));
     for (k, v) in headers {
@@ -76,11 +70,14 @@ async fn cookie_affinity_pins_and_cannot_be_forged() {
         .map(|o| o.unwrap())
         .collect();
     let urls: Vec<String> = o.iter().map(|o| o.url()).collect();
-    let e = start(&config(
-        &urls,
-        "affinity = { mode = \"cookie\", ttl = \"10m\", secure = true, same_site = \"Strict\" }",
-        "",
-    ))
+    let e = TestEdge::start_with_token(
+        &config(
+            &urls,
+            "affinity = { mode = \"cookie\", ttl = \"10m\", secure = true, same_site = \"Strict\" }",
+            "",
+        ),
+        "tok",
+    )
     .await;
 
     let (first, cookie) = get(&e, &[]).await;
@@ -126,7 +123,7 @@ async fn sessions_move_off_disabled_backends_but_stay_on_draining_ones() {
         .map(|o| o.unwrap())
         .collect();
     let urls: Vec<String> = o.iter().map(|o| o.url()).collect();
-    let e = start(&config(&urls, "affinity = { mode = \"cookie\" }", "")).await;
+    let e = TestEdge::start_with_token(&config(&urls, "affinity = { mode = \"cookie\" }", ""), "tok").await;
     let (first, cookie) = get(&e, &[]).await;
     let c = pair(&cookie.unwrap());
     let idx = if first == "a" { 0 } else { 1 };
@@ -153,11 +150,10 @@ async fn header_affinity_keeps_a_key_on_its_backend() {
         .map(|o| o.unwrap())
         .collect();
     let urls: Vec<String> = o.iter().map(|o| o.url()).collect();
-    let e = start(&config(
-        &urls,
-        "affinity = { mode = \"header\", header = \"x-session\" }",
-        "",
-    ))
+    let e = TestEdge::start_with_token(
+        &config(&urls, "affinity = { mode = \"header\", header = \"x-session\" }", ""),
+        "tok",
+    )
     .await;
     let mut homes = Vec::new();
     for s in 0..20 {
@@ -196,7 +192,7 @@ async fn a_pool_without_healthy_backends_hands_over_to_its_fallback() {
     let checks = r#"health = { kind = "tcp", interval = "50ms", jitter = "0", timeout = "200ms", consecutive_down = 1 }
 fallback = "spare""#;
     let tail = format!("[[pool]]\nname = \"spare\"\nbackends = [\"{}\"]\n", spare.url());
-    let e = start(&config(&[format!("http://{dead}")], checks, &tail)).await;
+    let e = TestEdge::start_with_token(&config(&[format!("http://{dead}")], checks, &tail), "tok").await;
     let end = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let r = client().get(e.url("/")).send().await.unwrap();

@@ -42,12 +42,6 @@ explain = true
     )
 }
 
-async fn start(cfg: &str) -> TestEdge {
-    let dir = temp_dir();
-    std::fs::write(dir.join("token"), "tok").unwrap();
-    TestEdge::start_in(dir, cfg).await
-}
-
 async fn attempts(e: &TestEdge, path: &str) -> String {
     let r = client().get(e.url(path)).send().await.unwrap();
     assert_eq!(r.status(), 200, "{path}");
@@ -83,7 +77,7 @@ async fn analyze_explains_a_trace() {
     let b = Origin::start("cdn-b").await.unwrap();
     a.set_hang("/v/1.ts", true);
     let data = temp_dir();
-    let e = start(&config(&a, &b, &data, "")).await;
+    let e = TestEdge::start_with_token(&config(&a, &b, &data, ""), "tok").await;
     let r = client().get(e.url("/v/1.ts")).send().await.unwrap();
     let header = r.headers()["x-rampart-route-trace"].to_str().unwrap().to_string();
     let report: serde_json::Value = client()
@@ -142,7 +136,7 @@ async fn an_approved_recommendation_moves_traffic_and_survives_a_restart() {
     }
     let data = temp_dir();
     let cfg = config(&a, &b, &data, "");
-    let e = start(&cfg).await;
+    let e = TestEdge::start_with_token(&cfg, "tok").await;
     for i in 1..=3 {
         assert!(
             attempts(&e, &format!("/live/x/{i}.ts"))
@@ -193,7 +187,7 @@ async fn an_approved_recommendation_moves_traffic_and_survives_a_restart() {
     // Restart with the same data directory: decisions, audit and the change persist.
     let mut e = e;
     e.edge.take().unwrap().shutdown(Duration::from_secs(2)).await;
-    let e2 = start(&cfg).await;
+    let e2 = TestEdge::start_with_token(&cfg, "tok").await;
     let recs = admin_json(&e2, "/admin/recommendations").await;
     assert_eq!(recs["recommendations"][0]["status"], "approved");
     assert_eq!(admin_json(&e2, "/admin/audit").await["audit"][0]["operator"], "ana");
@@ -206,7 +200,7 @@ async fn a_timeout_that_fires_just_before_success_is_raised() {
     let a = Origin::start("cdn-a").await.unwrap();
     let b = Origin::start("cdn-b").await.unwrap();
     let data = temp_dir();
-    let e = start(&config(&a, &b, &data, "")).await;
+    let e = TestEdge::start_with_token(&config(&a, &b, &data, ""), "tok").await;
     // cdn-a succeeds slowly (250 ms of a 300 ms timeout), then times out three times.
     assert_eq!(attempts(&e, "/slow/ok?delay=250ms").await, "cdn-a:PROVIDER_SUCCESS");
     for i in 1..=3 {

@@ -32,12 +32,6 @@ explain = true
     )
 }
 
-async fn start(cfg: &str) -> TestEdge {
-    let dir = temp_dir();
-    std::fs::write(dir.join("token"), "tok").unwrap();
-    TestEdge::start_in(dir, cfg).await
-}
-
 async fn pools(e: &TestEdge) -> serde_json::Value {
     client()
         .get(e.admin("/admin/pools"))
@@ -76,7 +70,7 @@ async fn origin_of(e: &TestEdge, path: &str, header: Option<(&str, &str)>) -> St
 async fn least_request_spreads_requests_in_flight() {
     let a = Origin::start("a").await.unwrap();
     let b = Origin::start("b").await.unwrap();
-    let e = start(&two_backends(&a, &b, "balance = \"least_request\"")).await;
+    let e = TestEdge::start_with_token(&two_backends(&a, &b, "balance = \"least_request\""), "tok").await;
     let mut hung = Vec::new();
     for _ in 0..6 {
         let url = e.url("/hang");
@@ -122,11 +116,10 @@ where
 async fn consistent_hash_pins_a_key_to_a_backend() {
     let a = Origin::start("a").await.unwrap();
     let b = Origin::start("b").await.unwrap();
-    let e = start(&two_backends(
-        &a,
-        &b,
-        "balance = \"consistent_hash\"\nhash_key = \"header:x-user\"",
-    ))
+    let e = TestEdge::start_with_token(
+        &two_backends(&a, &b, "balance = \"consistent_hash\"\nhash_key = \"header:x-user\""),
+        "tok",
+    )
     .await;
     let mut seen = std::collections::HashSet::new();
     for user in 0..40 {
@@ -158,7 +151,7 @@ async fn consistent_hash_pins_a_key_to_a_backend() {
 async fn drain_disable_enable_without_reload() {
     let a = Origin::start("a").await.unwrap();
     let b = Origin::start("b").await.unwrap();
-    let e = start(&two_backends(&a, &b, "")).await;
+    let e = TestEdge::start_with_token(&two_backends(&a, &b, ""), "tok").await;
 
     // A slow response in flight on backend 0 when it is drained still completes.
     let slow = tokio::spawn({
@@ -217,7 +210,7 @@ async fn drain_disable_enable_without_reload() {
 async fn backend_actions_are_checked_and_authenticated() {
     let a = Origin::start("a").await.unwrap();
     let b = Origin::start("b").await.unwrap();
-    let e = start(&two_backends(&a, &b, "")).await;
+    let e = TestEdge::start_with_token(&two_backends(&a, &b, ""), "tok").await;
     assert_eq!(act(&e, "7", "drain").await.0, 404);
     assert_eq!(act(&e, "0", "explode").await.0, 404);
     let r = client()

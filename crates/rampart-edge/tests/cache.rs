@@ -241,12 +241,6 @@ fn admin_config(origin: &Origin, route_cache: &str) -> String {
     config(origin, route_cache) + "\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"file:token\"\n"
 }
 
-async fn start_admin(cfg: &str) -> TestEdge {
-    let dir = temp_dir();
-    std::fs::write(dir.join("token"), "tok").unwrap();
-    TestEdge::start_in(dir, cfg).await
-}
-
 async fn purge(e: &TestEdge, body: &str) -> (u16, serde_json::Value) {
     let r = client()
         .post(e.admin("/admin/cache/purge"))
@@ -261,7 +255,7 @@ async fn purge(e: &TestEdge, body: &str) -> (u16, serde_json::Value) {
 #[tokio::test]
 async fn purge_by_url_prefix_tag_and_all() {
     let o = Origin::start("o").await.unwrap();
-    let e = start_admin(&admin_config(&o, "")).await;
+    let e = TestEdge::start_with_token(&admin_config(&o, ""), "tok").await;
     let host = e.http.to_string();
     let paths = [
         "/cache/a/1?cc=max-age%3D60&tag=red",
@@ -322,7 +316,7 @@ async fn purge_by_url_prefix_tag_and_all() {
 #[tokio::test]
 async fn soft_purge_revalidates_and_hard_purge_deletes() {
     let o = Origin::start("o").await.unwrap();
-    let e = start_admin(&admin_config(&o, "")).await;
+    let e = TestEdge::start_with_token(&admin_config(&o, ""), "tok").await;
     let p = "/cache/soft?cc=max-age%3D60&etag=s1";
     let first = get(&e, p, &[]).await;
     let url = format!("http://{}{p}", e.http);
@@ -338,7 +332,7 @@ async fn soft_purge_revalidates_and_hard_purge_deletes() {
 #[tokio::test]
 async fn stats_and_metrics() {
     let o = Origin::start("o").await.unwrap();
-    let e = start_admin(&admin_config(&o, "")).await;
+    let e = TestEdge::start_with_token(&admin_config(&o, ""), "tok").await;
     let p = "/cache/st?cc=max-age%3D60";
     get(&e, p, &[]).await;
     get(&e, p, &[]).await;

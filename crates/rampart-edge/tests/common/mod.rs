@@ -48,6 +48,14 @@ impl TestEdge {
         }
     }
 
+    /// Start an edge whose config reads its admin token from a file `token` beside it
+    /// (`token = "file:token"`).
+    pub async fn start_with_token(config: &str, token: &str) -> TestEdge {
+        let dir = temp_dir();
+        std::fs::write(dir.join("token"), token).unwrap();
+        Self::start_in(dir, config).await
+    }
+
     pub fn edge(&self) -> &Edge {
         self.edge.as_ref().unwrap()
     }
