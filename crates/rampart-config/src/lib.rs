@@ -778,6 +778,28 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
             } else if http::HeaderValue::from_str(&r.host_header).is_err() {
                 errs.push(format!("{rat}.host_header"), "is not a valid header value");
             }
+            if let Some(c) = &r.cache {
+                let cat = format!("{rat}.cache");
+                for (k, h) in c.key_headers.iter().chain(c.bypass_headers.iter()).enumerate() {
+                    if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                        errs.push(cat.clone(), format!("header `{h}` ({k}) is not a valid header name"));
+                    }
+                }
+                if c.query_allow.is_some() && !c.ignore_query.is_empty() {
+                    errs.push(
+                        format!("{cat}.query_allow"),
+                        "set either `query_allow` or `ignore_query`, not both",
+                    );
+                }
+                if let (Some(min), Some(max)) = (c.min_ttl, c.max_ttl)
+                    && min > max
+                {
+                    errs.push(format!("{cat}.min_ttl"), "must not be greater than max_ttl");
+                }
+                if r.chain.is_some() && c.enabled {
+                    errs.push(cat.clone(), "caching applies to pool routes only (not yet to chains)");
+                }
+            }
             if r.tunnel_idle_timeout.is_zero() {
                 errs.push(format!("{rat}.tunnel_idle_timeout"), "must be greater than zero");
             }

@@ -266,6 +266,24 @@ pub struct RouteCache {
     /// Longest a request waits for a concurrent fetch of the same URL (coalescing)
     /// before going to the origin itself.
     pub coalesce_timeout: Duration,
+    /// Sort query parameters in the key, so `?b=2&a=1` and `?a=1&b=2` share an entry.
+    pub sort_query: bool,
+    /// Query parameters left out of the key (e.g. `utm_source`).
+    pub ignore_query: Vec<String>,
+    /// When set, only these query parameters are part of the key.
+    pub query_allow: Option<Vec<String>>,
+    /// Request headers whose values are part of the key.
+    pub key_headers: Vec<String>,
+    /// Cookies whose values are part of the key.
+    pub key_cookies: Vec<String>,
+    /// Freshness to use for every stored response instead of the origin's.
+    pub ttl: Option<Duration>,
+    /// Lower and upper bounds on freshness.
+    pub min_ttl: Option<Duration>,
+    pub max_ttl: Option<Duration>,
+    /// Requests carrying any of these cookies or headers bypass the cache.
+    pub bypass_cookies: Vec<String>,
+    pub bypass_headers: Vec<String>,
 }
 
 impl Default for RouteCache {
@@ -276,6 +294,16 @@ impl Default for RouteCache {
             stale_if_error: Duration::from_secs(0),
             stale_while_revalidate: Duration::from_secs(0),
             coalesce_timeout: Duration::from_secs(5),
+            sort_query: false,
+            ignore_query: Vec::new(),
+            query_allow: None,
+            key_headers: Vec::new(),
+            key_cookies: Vec::new(),
+            ttl: None,
+            min_ttl: None,
+            max_ttl: None,
+            bypass_cookies: Vec::new(),
+            bypass_headers: Vec::new(),
         }
     }
 }

@@ -308,3 +308,21 @@ fn chains_are_checked() {
         assert!(e.iter().any(|m| m.starts_with(want)), "missing {want}: {e:?}");
     }
 }
+
+#[test]
+fn route_cache_policy_is_checked() {
+    let with = |c: &str| BASE.replace("pool = \"app\"\n", &format!("pool = \"app\"\n  cache = {{ {c} }}\n"));
+    assert!(load(&with("sort_query = true, key_headers = [\"x-device\"], ttl = \"5m\"")).is_ok());
+    let e = errors(&with("ignore_query = [\"a\"], query_allow = [\"b\"]"));
+    assert_eq!(
+        e,
+        vec!["site[0].route[0].cache.query_allow: set either `query_allow` or `ignore_query`, not both"]
+    );
+    let e = errors(&with("min_ttl = \"10m\", max_ttl = \"1m\""));
+    assert_eq!(
+        e,
+        vec!["site[0].route[0].cache.min_ttl: must not be greater than max_ttl"]
+    );
+    let e = errors(&with("key_headers = [\"bad header\"]"));
+    assert!(e[0].starts_with("site[0].route[0].cache: header `bad header`"), "{e:?}");
+}

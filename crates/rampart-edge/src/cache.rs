@@ -620,7 +620,15 @@ impl Store {
     /// request validates them with the origin. Returns the number of objects (variants).
     pub fn purge(&self, what: &Purge, soft: bool) -> usize {
         let keys: Vec<String> = match what {
-            Purge::Url(k) => vec![k.clone()],
+            // A URL's key, and its keys extended with key headers or cookies.
+            Purge::Url(k) => self
+                .map
+                .iter()
+                .filter(|(key, _)| {
+                    **key == *k || key.strip_prefix(k.as_str()).is_some_and(|rest| rest.starts_with('\n'))
+                })
+                .map(|(key, _)| (*key).clone())
+                .collect(),
             Purge::Prefix(p) => self
                 .map
                 .iter()
@@ -711,6 +719,69 @@ impl Store {
 pub fn key(tls: bool, host: &str, path_and_query: &str) -> String {
     let host = crate::routing::strip_port(host).to_ascii_lowercase();
     format!("{}://{host}{path_and_query}", if tls { "https" } else { "http" })
+}
+
+/// The key under a route's policy: the query reduced (ignored or allow-listed
+/// parameters) and sorted as configured, then the values of the key headers and
+/// cookies. Without options it is [`key`] of the path and query as received.
+pub fn policy_key(
+    p: &rampart_config::RouteCache,
+    tls: bool,
+    host: &str,
+    path: &str,
+    query: Option<&str>,
+    req: &HeaderMap,
+) -> String {
+    let mut params: Vec<&str> = query
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .filter(|kv| {
+            let name = kv.split_once('=').map_or(*kv, |(k, _)| k);
+            match &p.query_allow {
+                Some(allow) => allow.iter().any(|a| a == name),
+                None => !p.ignore_query.iter().any(|i| i == name),
+            }
+        })
+        .collect();
+    if p.sort_query {
+        params.sort_unstable();
+    }
+    let mut k = if params.is_empty() {
+        key(tls, host, path)
+    } else {
+        key(tls, host, &format!("{path}?{}", params.join("&")))
+    };
+    for h in &p.key_headers {
+        let v = req.get(h.as_str()).and_then(|v| v.to_str().ok()).unwrap_or("");
+        k.push_str(&format!("\nh:{}={v}", h.to_ascii_lowercase()));
+    }
+    for c in &p.key_cookies {
+        k.push_str(&format!("\nc:{c}={}", crate::headers::cookie(req, c).unwrap_or("")));
+    }
+    k
+}
+
+/// Whether a request bypasses the cache under its route's policy.
+pub fn bypassed(p: &rampart_config::RouteCache, req: &HeaderMap) -> bool {
+    p.bypass_headers.iter().any(|h| req.contains_key(h.as_str()))
+        || p.bypass_cookies
+            .iter()
+            .any(|c| crate::headers::cookie(req, c).is_some())
+}
+
+/// Apply a route's TTL override and bounds to a stored response's freshness.
+pub fn apply_ttl(p: &rampart_config::RouteCache, mut e: Entry) -> Entry {
+    if let Some(ttl) = p.ttl {
+        e.freshness = ttl.get().as_secs_f64();
+    }
+    if let Some(min) = p.min_ttl {
+        e.freshness = e.freshness.max(min.get().as_secs_f64());
+    }
+    if let Some(max) = p.max_ttl {
+        e.freshness = e.freshness.min(max.get().as_secs_f64());
+    }
+    e
 }
 
 #[cfg(test)]

@@ -422,16 +422,16 @@ pub async fn handle(
     // stale one, before any upstream is contacted.
     let mut cached: Option<CacheCtx> = None;
     if let Some(rc) = route.cache.clone() {
-        let key = crate::cache::key(
+        let key = crate::cache::policy_key(
+            &rc,
             conn.tls,
             host_value.to_str().unwrap_or(""),
-            &match parts.uri.query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path.clone(),
-            },
+            &path,
+            parts.uri.query(),
+            &h,
         );
         let req_cc = crate::cache::cache_control(&h);
-        let safe = parts.method == Method::GET || parts.method == Method::HEAD;
+        let safe = (parts.method == Method::GET || parts.method == Method::HEAD) && !crate::cache::bypassed(&rc, &h);
         let authorized = h.contains_key(header::AUTHORIZATION);
         let mut ctx = CacheCtx {
             leader: None,
@@ -466,6 +466,7 @@ pub async fn handle(
                             refresh_headers.insert(name, value);
                         }
                         spawn_refresh(Refresh {
+                            policy: ctx.settings.clone(),
                             shared: shared.clone(),
                             pool: pool.clone(),
                             key: ctx.key.clone(),
@@ -685,11 +686,14 @@ pub async fn handle(
         if rparts.status == StatusCode::NOT_MODIFIED
             && let Some(e) = &ctx.entry
         {
-            let refreshed = e.refreshed(
-                &rparts.headers,
-                ctx.request_time,
-                response_time,
-                shared.cache.heuristic_max,
+            let refreshed = crate::cache::apply_ttl(
+                &ctx.settings,
+                e.refreshed(
+                    &rparts.headers,
+                    ctx.request_time,
+                    response_time,
+                    shared.cache.heuristic_max,
+                ),
             );
             shared.cache.insert(&ctx.key, refreshed.clone());
             rec.upstream = Some(backend.label.clone());
@@ -749,7 +753,7 @@ pub async fn handle(
             &resp_cc,
             ctx.settings.allow_set_cookie,
         );
-        let stored = why_not.is_none() && !too_large;
+        let stored = why_not.is_none() && !too_large && ctx.status != "BYPASS";
         if stored {
             let (status, headers) = (rparts.status, rparts.headers.clone());
             let store = shared.clone();
@@ -757,6 +761,7 @@ pub async fn handle(
             let req_headers = ctx.req_headers.clone();
             let age = rparts.headers.get(header::AGE).cloned();
             let request_time = ctx.request_time;
+            let policy = ctx.settings.clone();
             // Waiting requests are released once the body is stored (or abandoned).
             let leader = ctx.leader.take();
             fill = Some(crate::body::Fill::new(
@@ -774,7 +779,7 @@ pub async fn handle(
                     )
                     .with_age(age.as_ref())
                     .with_tags(&store.cache.tag_header);
-                    store.cache.insert(&key, entry);
+                    store.cache.insert(&key, crate::cache::apply_ttl(&policy, entry));
                     store.cache.stats.stored.inc();
                 }),
             ));
@@ -854,6 +859,7 @@ impl CacheCtx {
 
 /// A background refresh of a stale entry (stale-while-revalidate).
 struct Refresh {
+    policy: rampart_config::RouteCache,
     shared: Arc<Shared>,
     pool: Arc<crate::upstream::Pool>,
     key: String,
@@ -899,7 +905,7 @@ fn spawn_refresh(r: Refresh) {
                     response_time,
                     r.shared.cache.heuristic_max,
                 );
-                return Some(e);
+                return Some(crate::cache::apply_ttl(&r.policy, e));
             }
             let resp_cc = crate::cache::cache_control(&parts.headers);
             crate::cache::not_storable(
@@ -931,6 +937,7 @@ fn spawn_refresh(r: Refresh) {
                 .with_age(age.as_ref())
                 .with_tags(&r.shared.cache.tag_header),
             )
+            .map(|e| crate::cache::apply_ttl(&r.policy, e))
         };
         let limit = r.pool.timeouts.response_header.get() + r.pool.timeouts.body_idle.get();
         if let Ok(Some(e)) = tokio::time::timeout(limit, fetched).await {

@@ -478,3 +478,38 @@ async fn ranges_are_answered_from_a_cached_object() {
     assert_eq!(r.status, 206);
     assert_eq!(o.requests(), 1, "every range came from the one cached object");
 }
+
+#[tokio::test]
+async fn route_policy_shapes_the_key_ttl_and_bypass() {
+    let o = Origin::start("o").await.unwrap();
+    let policy = r#"sort_query = true, ignore_query = ["utm_source"], key_headers = ["x-device"], key_cookies = ["lang"], min_ttl = "60s", bypass_cookies = ["session"], bypass_headers = ["x-no-cache"]"#;
+    let e = TestEdge::start(&config(&o, policy)).await;
+    // max-age=0 from the origin, raised to 60s by min_ttl.
+    let p = "/cache/k?cc=max-age%3D0&b=2&a=1";
+    assert_eq!(get(&e, p, &[]).await.cache, "MISS");
+    assert_eq!(get(&e, p, &[]).await.cache, "HIT", "min_ttl keeps it fresh");
+    // Same parameters in another order, plus an ignored one: the same entry.
+    assert_eq!(
+        get(&e, "/cache/k?a=1&cc=max-age%3D0&utm_source=x&b=2", &[]).await.cache,
+        "HIT"
+    );
+    // A key header and a key cookie make separate entries.
+    assert_eq!(get(&e, p, &[("x-device", "mobile")]).await.cache, "MISS");
+    assert_eq!(get(&e, p, &[("x-device", "mobile")]).await.cache, "HIT");
+    assert_eq!(get(&e, p, &[("cookie", "lang=fr")]).await.cache, "MISS");
+    assert_eq!(get(&e, p, &[("cookie", "lang=fr")]).await.cache, "HIT");
+    // Bypass conditions: straight to the origin, nothing stored.
+    let before = o.requests();
+    assert_eq!(get(&e, p, &[("cookie", "session=abc")]).await.cache, "BYPASS");
+    assert_eq!(get(&e, p, &[("x-no-cache", "1")]).await.cache, "BYPASS");
+    assert_eq!(o.requests(), before + 2);
+
+    // ttl overrides the origin, max_ttl bounds it.
+    let o2 = Origin::start("o2").await.unwrap();
+    let e2 = TestEdge::start(&config(&o2, r#"ttl = "60s""#)).await;
+    get(&e2, "/cache/t?cc=max-age%3D0", &[]).await;
+    assert_eq!(get(&e2, "/cache/t?cc=max-age%3D0", &[]).await.cache, "HIT");
+    let e3 = TestEdge::start(&config(&o2, r#"max_ttl = "0""#)).await;
+    get(&e3, "/cache/u?cc=max-age%3D3600", &[]).await;
+    assert_eq!(get(&e3, "/cache/u?cc=max-age%3D3600", &[]).await.cache, "EXPIRED");
+}
