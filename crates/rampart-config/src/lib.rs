@@ -372,6 +372,11 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
             "must be at least 1 byte and at most cache.memory_size",
         );
     }
+    for (i, n) in cs.purge_allow.iter().enumerate() {
+        if let Err(e) = n.parse::<Cidr>() {
+            errs.push(format!("cache.purge_allow[{i}]"), e);
+        }
+    }
     if http::HeaderName::from_bytes(cs.tag_header.as_bytes()).is_err() {
         errs.push(
             "cache.tag_header",

@@ -237,6 +237,9 @@ pub struct CacheSettings {
     /// Response header whose values tag an object for purge by tag
     /// (comma- or space-separated, as `Cache-Tag` and `Surrogate-Key` are).
     pub tag_header: String,
+    /// Networks allowed to send `PURGE` requests on the public listeners. Empty (the
+    /// default): the edge does not handle `PURGE`, which is proxied like any method.
+    pub purge_allow: Vec<String>,
 }
 
 impl Default for CacheSettings {
@@ -246,6 +249,7 @@ impl Default for CacheSettings {
             max_object_size: Size::mib(8),
             heuristic_max: Duration::from_secs(86_400),
             tag_header: "cache-tag".into(),
+            purge_allow: Vec::new(),
         }
     }
 }

@@ -430,6 +430,28 @@ pub async fn handle(
             parts.uri.query(),
             &h,
         );
+        // PURGE on the public listener, when enabled, from allowed networks only.
+        let purge_allow = &snap.validated.config.cache.purge_allow;
+        if parts.method.as_str() == "PURGE" && !purge_allow.is_empty() {
+            let allowed = purge_allow
+                .iter()
+                .filter_map(|n| n.parse::<rampart_config::Cidr>().ok())
+                .any(|c| c.contains(rec.client_ip));
+            if !allowed {
+                return Ok(local_response(Reason::PurgeNotAllowed, rec, None));
+            }
+            let soft = h.get("x-purge-soft").is_some_and(|v| v.as_bytes() == b"1");
+            let n = shared.cache.purge(&crate::cache::Purge::Url(key), soft);
+            let body = format!("{{\"purged\":{n},\"soft\":{soft}}}\n");
+            let mut resp = Response::new(EdgeBody::empty());
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            resp.headers_mut().insert(X_REQUEST_ID.clone(), rec.request_id.clone());
+            rec.status = 200;
+            rec.reason_text = Some("CACHE_PURGED");
+            *resp.body_mut() = EdgeBody::full(body).on_complete(Box::new(rec));
+            return Ok(resp);
+        }
         let req_cc = crate::cache::cache_control(&h);
         let safe = (parts.method == Method::GET || parts.method == Method::HEAD) && !crate::cache::bypassed(&rc, &h);
         let authorized = h.contains_key(header::AUTHORIZATION);

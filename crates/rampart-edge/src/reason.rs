@@ -30,10 +30,11 @@ pub enum Reason {
     ClientBodyError,
     ClientBodyTimeout,
     OnlyIfCachedMiss,
+    PurgeNotAllowed,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 24] = [
+    pub const ALL: [Reason; 25] = [
         Reason::Proxied,
         Reason::NoMatchingSite,
         Reason::NoMatchingRoute,
@@ -58,6 +59,7 @@ impl Reason {
         Reason::ClientBodyError,
         Reason::ClientBodyTimeout,
         Reason::OnlyIfCachedMiss,
+        Reason::PurgeNotAllowed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -86,6 +88,7 @@ impl Reason {
             Reason::ClientBodyError => "CLIENT_BODY_ERROR",
             Reason::ClientBodyTimeout => "CLIENT_BODY_TIMEOUT",
             Reason::OnlyIfCachedMiss => "ONLY_IF_CACHED_MISS",
+            Reason::PurgeNotAllowed => "PURGE_NOT_ALLOWED",
         }
     }
 
@@ -107,6 +110,7 @@ impl Reason {
             | Reason::UpstreamBodyIdleTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Reason::OnlyIfCachedMiss => StatusCode::GATEWAY_TIMEOUT,
+            Reason::PurgeNotAllowed => StatusCode::FORBIDDEN,
             Reason::UpstreamConnectRefused
             | Reason::UpstreamConnectError
             | Reason::UpstreamDnsError

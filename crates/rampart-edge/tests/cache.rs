@@ -513,3 +513,31 @@ async fn route_policy_shapes_the_key_ttl_and_bypass() {
     get(&e3, "/cache/u?cc=max-age%3D3600", &[]).await;
     assert_eq!(get(&e3, "/cache/u?cc=max-age%3D3600", &[]).await.cache, "EXPIRED");
 }
+
+#[tokio::test]
+async fn purge_method_from_allowed_networks() {
+    let o = Origin::start("o").await.unwrap();
+    let purge = reqwest::Method::from_bytes(b"PURGE").unwrap();
+    let p = "/cache/pm?cc=max-age%3D60";
+    let allowed = config(&o, "").replace("[cache]\n", "[cache]\npurge_allow = [\"127.0.0.0/8\"]\n");
+    let e = TestEdge::start(&allowed).await;
+    get(&e, p, &[]).await;
+    assert_eq!(get(&e, p, &[]).await.cache, "HIT");
+    let r = client().request(purge.clone(), e.url(p)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "{\"purged\":1,\"soft\":false}\n");
+    assert_eq!(get(&e, p, &[]).await.cache, "MISS");
+
+    let other = config(&o, "").replace("[cache]\n", "[cache]\npurge_allow = [\"10.0.0.0/8\"]\n");
+    let e2 = TestEdge::start(&other).await;
+    let r = client().request(purge.clone(), e2.url(p)).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.headers()["x-rampart-reason"], "PURGE_NOT_ALLOWED");
+
+    // Off by default: PURGE is just another method, proxied and not cached.
+    let e3 = TestEdge::start(&config(&o, "")).await;
+    let before = o.requests();
+    let r = client().request(purge, e3.url(p)).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "BYPASS");
+    assert_eq!(o.requests(), before + 1);
+}
