@@ -372,6 +372,15 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
             "must be at least 1 byte and at most cache.memory_size",
         );
     }
+    if let Some(d) = &cs.disk_dir {
+        let p = resolve(base_dir, d);
+        if p.exists() && !p.is_dir() {
+            errs.push("cache.disk_dir", format!("{} is not a directory", p.display()));
+        }
+        if cs.disk_size.bytes() < 1 << 20 {
+            errs.push("cache.disk_size", "must be at least 1MiB");
+        }
+    }
     for (i, n) in cs.purge_allow.iter().enumerate() {
         if let Err(e) = n.parse::<Cidr>() {
             errs.push(format!("cache.purge_allow[{i}]"), e);

@@ -237,6 +237,10 @@ pub struct CacheSettings {
     /// Response header whose values tag an object for purge by tag
     /// (comma- or space-separated, as `Cache-Tag` and `Surrogate-Key` are).
     pub tag_header: String,
+    /// Directory of the disk tier (relative to the config file); absent: memory only.
+    pub disk_dir: Option<String>,
+    /// Size of the disk tier.
+    pub disk_size: Size,
     /// Networks allowed to send `PURGE` requests on the public listeners. Empty (the
     /// default): the edge does not handle `PURGE`, which is proxied like any method.
     pub purge_allow: Vec<String>,
@@ -250,6 +254,8 @@ impl Default for CacheSettings {
             heuristic_max: Duration::from_secs(86_400),
             tag_header: "cache-tag".into(),
             purge_allow: Vec::new(),
+            disk_dir: None,
+            disk_size: Size::mib(1024),
         }
     }
 }

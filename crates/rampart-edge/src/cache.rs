@@ -468,7 +468,7 @@ fn vary_values(resp: &HeaderMap, req: &HeaderMap) -> Vec<(HeaderName, Option<Str
         .collect()
 }
 
-fn normalised(req: &HeaderMap, name: &HeaderName) -> Option<String> {
+pub(crate) fn normalised(req: &HeaderMap, name: &HeaderName) -> Option<String> {
     let vals: Vec<String> = req
         .get_all(name)
         .iter()
@@ -570,10 +570,19 @@ pub struct Store {
     pub tag_header: String,
     pub capacity: u64,
     pub stats: Stats,
+    /// The optional disk tier.
+    pub disk: Option<disk::Disk>,
 }
 
 impl Store {
-    pub fn new(capacity: u64, max_object: usize, heuristic_max: Duration, tag_header: &str, stats: Stats) -> Store {
+    pub fn new(
+        capacity: u64,
+        max_object: usize,
+        heuristic_max: Duration,
+        tag_header: &str,
+        stats: Stats,
+        disk: Option<disk::Disk>,
+    ) -> Store {
         let count = stats.evicted.clone();
         Store {
             map: moka::sync::Cache::builder()
@@ -595,7 +604,15 @@ impl Store {
             tag_header: tag_header.to_string(),
             capacity,
             stats,
+            disk,
         }
+    }
+
+    /// Put a response found on disk back into memory (without writing it again).
+    pub fn promote(&self, key: &str, entry: Entry) -> Arc<Entry> {
+        let entry = Arc::new(entry);
+        self.insert_memory(key, entry.clone());
+        entry
     }
 
     /// Lead the origin fetch of `key`, or follow the request already leading it.
@@ -643,6 +660,18 @@ impl Store {
                 .collect(),
             Purge::All => self.map.iter().map(|(k, _)| (*k).clone()).collect(),
         };
+        // The disk tier: files go (a soft purge drops them too; the memory copy is the
+        // one marked stale).
+        let on_disk = match (&self.disk, what) {
+            (None, _) => 0,
+            (Some(d), Purge::Url(k)) => d.purge(
+                &|key| key == k || key.strip_prefix(k.as_str()).is_some_and(|r| r.starts_with('\n')),
+                None,
+            ),
+            (Some(d), Purge::Prefix(p)) => d.purge(&|key| key.starts_with(p.as_str()), None),
+            (Some(d), Purge::Tag(t)) => d.purge(&|_| true, Some(t)),
+            (Some(d), Purge::All) => d.purge(&|_| true, None),
+        };
         let mut n = 0;
         for k in keys {
             let Some(variants) = self.map.get(&k) else { continue };
@@ -668,7 +697,8 @@ impl Store {
                 }
             }
         }
-        n
+        // Objects only on disk count too.
+        n.max(on_disk)
     }
 
     /// The stored variant that matches the request, if any.
@@ -680,6 +710,13 @@ impl Store {
 
     pub fn insert(&self, key: &str, entry: Entry) {
         let entry = Arc::new(entry);
+        if let Some(d) = &self.disk {
+            d.store(key, entry.clone());
+        }
+        self.insert_memory(key, entry);
+    }
+
+    fn insert_memory(&self, key: &str, entry: Arc<Entry>) {
         let existing = self.map.get(key);
         let list = existing.unwrap_or_default();
         if let Ok(mut l) = list.lock() {
@@ -691,9 +728,12 @@ impl Store {
         self.map.insert(key.to_string(), list);
     }
 
-    /// Remove every variant of a URL (§4.4).
+    /// Remove every variant of a URL (§4.4), in both tiers.
     pub fn invalidate(&self, key: &str) {
         self.map.invalidate(key);
+        if let Some(d) = &self.disk {
+            d.purge(&|k| k == key, None);
+        }
     }
 
     /// Refresh the object and byte gauges (before a scrape or a stats answer).
@@ -783,6 +823,8 @@ pub fn apply_ttl(p: &rampart_config::RouteCache, mut e: Entry) -> Entry {
     }
     e
 }
+
+pub mod disk;
 
 #[cfg(test)]
 mod tests;

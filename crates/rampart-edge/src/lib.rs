@@ -309,6 +309,13 @@ impl Edge {
             cs.heuristic_max.get(),
             &cs.tag_header,
             metrics.cache_stats(),
+            match &cs.disk_dir {
+                Some(d) => Some(
+                    cache::disk::Disk::open(snap.validated.resolve_path(d), cs.disk_size.bytes())
+                        .map_err(|e| anyhow::anyhow!("cache.disk_dir: cannot open {d}: {e}"))?,
+                ),
+                None => None,
+            },
         );
         control.restore(&chain_health);
         let access = snap.validated.config.log.access.clone();

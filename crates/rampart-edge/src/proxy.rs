@@ -468,7 +468,11 @@ pub async fn handle(
             request_time: crate::cache::now_secs(),
         };
         if safe {
-            let found = shared.cache.lookup(&ctx.key, &h).filter(|e| {
+            let found = match shared.cache.lookup(&ctx.key, &h) {
+                Some(e) => Some(e),
+                None => from_disk(&shared, &ctx.key, &h).await,
+            };
+            let found = found.filter(|e| {
                 // §3.5: a request with Authorization is answered from the cache only by
                 // a response that allows it.
                 !authorized || e.cc.public || e.cc.s_maxage.is_some() || e.cc.must_revalidate
@@ -877,6 +881,17 @@ impl CacheCtx {
             .filter(|e| e.serves_on_error(window, crate::cache::now_secs()))
             .cloned()
     }
+}
+
+/// After a memory miss: the disk tier's copy, read and checked on the blocking pool,
+/// then put back in memory.
+async fn from_disk(shared: &Arc<Shared>, key: &str, h: &http::HeaderMap) -> Option<Arc<crate::cache::Entry>> {
+    shared.cache.disk.as_ref()?;
+    let (s, k, req) = (shared.clone(), key.to_string(), h.clone());
+    let entry = tokio::task::spawn_blocking(move || s.cache.disk.as_ref().and_then(|d| d.load(&k, &req)))
+        .await
+        .ok()??;
+    Some(shared.cache.promote(key, entry))
 }
 
 /// A background refresh of a stale entry (stale-while-revalidate).

@@ -541,3 +541,89 @@ async fn purge_method_from_allowed_networks() {
     assert_eq!(r.headers()["x-cache-status"], "BYPASS");
     assert_eq!(o.requests(), before + 1);
 }
+
+fn disk_config(o: &Origin, dir: &std::path::Path) -> String {
+    config(o, "").replace(
+        "[cache]\n",
+        &format!("[cache]\ndisk_dir = \"{}\"\ndisk_size = \"8MiB\"\n", dir.display()),
+    )
+}
+
+/// Wait until the disk writer has written `n` object files.
+async fn files_on_disk(dir: &std::path::Path, n: usize) -> Vec<std::path::PathBuf> {
+    let end = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let files: Vec<_> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|f| f.path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "obj"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if files.len() >= n {
+            return files;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the disk writer never wrote {n} file(s)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_disk_tier_survives_a_restart() {
+    let o = Origin::start("o").await.unwrap();
+    let dir = temp_dir().join("disk");
+    let cfg = disk_config(&o, &dir);
+    let mut e = TestEdge::start(&cfg).await;
+    let p = "/cache/d?cc=max-age%3D600";
+    let first = get(&e, p, &[]).await;
+    files_on_disk(&dir, 1).await;
+    e.edge.take().unwrap().shutdown(std::time::Duration::from_secs(2)).await;
+
+    let e2 = TestEdge::start(&cfg).await;
+    let again = get(&e2, p, &[]).await;
+    assert_eq!(again.cache, "HIT", "served from the disk tier after a restart");
+    assert_eq!(again.body, first.body);
+    assert!(again.age.is_some());
+    assert_eq!(o.requests(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_corrupt_disk_entry_is_dropped_and_refetched_never_served() {
+    let o = Origin::start("o").await.unwrap();
+    let dir = temp_dir().join("disk");
+    let cfg = disk_config(&o, &dir);
+    let mut e = TestEdge::start(&cfg).await;
+    let p = "/cache/corrupt?cc=max-age%3D600";
+    let first = get(&e, p, &[]).await;
+    let files = files_on_disk(&dir, 1).await;
+    e.edge.take().unwrap().shutdown(std::time::Duration::from_secs(2)).await;
+    // Flip a byte in the body.
+    let mut bytes = std::fs::read(&files[0]).unwrap();
+    let i = bytes.len() - 40;
+    bytes[i] ^= 0x55;
+    std::fs::write(&files[0], &bytes).unwrap();
+
+    let e2 = TestEdge::start(&cfg).await;
+    let r = get(&e2, p, &[]).await;
+    assert_eq!(r.cache, "MISS", "the corrupt copy is not served");
+    assert_ne!(r.body, first.body, "fetched again from the origin");
+    assert_eq!(o.requests(), 2);
+    // Truncated files are caught the same way.
+    let files = files_on_disk(&dir, 1).await;
+    let mut e2 = e2;
+    e2.edge
+        .take()
+        .unwrap()
+        .shutdown(std::time::Duration::from_secs(2))
+        .await;
+    let bytes = std::fs::read(&files[0]).unwrap();
+    std::fs::write(&files[0], &bytes[..bytes.len() / 2]).unwrap();
+    let e3 = TestEdge::start(&cfg).await;
+    assert_eq!(get(&e3, p, &[]).await.cache, "MISS");
+    let _ = std::fs::remove_dir_all(&dir);
+}

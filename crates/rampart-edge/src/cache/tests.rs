@@ -283,6 +283,7 @@ fn vary_selects_variants_section_4_1() {
         Duration::from_secs(86_400),
         "cache-tag",
         Stats::default(),
+        None,
     );
     let gz = h(&[("accept-encoding", "GZIP")]);
     let br = h(&[("accept-encoding", "br")]);
