@@ -70,6 +70,10 @@ explain = true
   path = "/video/"
   chain = "video"
   [[site.route]]
+  path = "/cache/"
+  pool = "origin"
+  cache = {{ stale_if_error = "1m" }}
+  [[site.route]]
   path = "/"
   pool = "origin"
 "#,
@@ -109,6 +113,7 @@ Try:
   curl -i {e}/broken/                   # nothing listens there: 502 UPSTREAM_CONNECT_REFUSED
   curl -si {e}/video/intro.mp4 | grep -i x-rampart   # chain: cdn-slow times out, cdn-block says 429, cdn-ok serves
   curl -s '{a}/admin/traces?limit=1' -H 'Authorization: Bearer {token}'   # the route trace behind it
+  curl -si '{e}/cache/page?cc=max-age%3D30' | grep -i cache   # run it twice: MISS, then HIT with an Age
   curl -s {a}/metrics | grep rampart_requests
   curl -s -H 'Authorization: Bearer {token}' {a}/admin/status
   curl -s -X POST -H 'Authorization: Bearer {token}' {a}/admin/reload   # re-reads the config file

@@ -278,6 +278,9 @@ async fn demo_runs_and_shows_the_edge_working() {
         r.headers()["x-rampart-attempts"],
         "cdn-slow:PROVIDER_TIMEOUT,cdn-block:PROVIDER_BLOCKED_429,cdn-ok:PROVIDER_SUCCESS"
     );
+    let cached = format!("{edge}/cache/page?cc=max-age%3D30");
+    assert_eq!(get(&cached).await.headers()["x-cache-status"], "MISS");
+    assert_eq!(get(&cached).await.headers()["x-cache-status"], "HIT");
     let m = get(&format!("{admin}/metrics")).await.text().await.unwrap();
     assert!(
         m.contains(r#"rampart_requests_total{site="demo",route="/",class="2xx"} 1"#),
