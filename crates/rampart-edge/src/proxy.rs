@@ -455,6 +455,24 @@ pub async fn handle(
         let req_cc = crate::cache::cache_control(&h);
         let safe = (parts.method == Method::GET || parts.method == Method::HEAD) && !crate::cache::bypassed(&rc, &h);
         let authorized = h.contains_key(header::AUTHORIZATION);
+        // §3.5: a request with Authorization is answered from the cache only by a stored
+        // response that allows it.
+        let allowed =
+            |e: &crate::cache::Entry| !authorized || e.cc.public || e.cc.s_maxage.is_some() || e.cc.must_revalidate;
+        let request_time = crate::cache::now_secs();
+        let found = if safe {
+            match shared.cache.lookup(&key, &h) {
+                Some(e) => Some(e),
+                None => from_disk(&shared, &key, &h).await,
+            }
+            .filter(|e| allowed(e))
+        } else {
+            None
+        };
+        let now = crate::cache::now_secs();
+        if let Some(e) = found.as_ref().filter(|e| e.usable(&req_cc, now)) {
+            return Ok(cached_response(e, &h, &parts.method, "HIT", rec, snap.via));
+        }
         let mut ctx = CacheCtx {
             leader: None,
             key,
@@ -465,23 +483,10 @@ pub async fn handle(
             settings: rc,
             entry: None,
             status: if safe { "MISS" } else { "BYPASS" },
-            request_time: crate::cache::now_secs(),
+            request_time,
         };
         if safe {
-            let found = match shared.cache.lookup(&ctx.key, &h) {
-                Some(e) => Some(e),
-                None => from_disk(&shared, &ctx.key, &h).await,
-            };
-            let found = found.filter(|e| {
-                // §3.5: a request with Authorization is answered from the cache only by
-                // a response that allows it.
-                !authorized || e.cc.public || e.cc.s_maxage.is_some() || e.cc.must_revalidate
-            });
-            let now = crate::cache::now_secs();
             match found {
-                Some(e) if e.usable(&ctx.req_cc, now) => {
-                    return Ok(cached_response(&e, &h, &parts.method, "HIT", rec, snap.via));
-                }
                 Some(e)
                     if e.serves_while_revalidating(ctx.settings.stale_while_revalidate.get().as_secs_f64(), now) =>
                 {
@@ -498,7 +503,7 @@ pub async fn handle(
                             key: ctx.key.clone(),
                             entry: e.clone(),
                             headers: refresh_headers,
-                            vary_source: h.clone(),
+                            vary_source: ctx.req_headers.clone(),
                             path_and_query: pq.clone(),
                             host: route.host_for_refresh(&host_value),
                             client_ip: rec.client_ip,
@@ -529,13 +534,14 @@ pub async fn handle(
                 None => match shared.cache.fetch(&ctx.key) {
                     // Concurrent misses make one origin request: the first leads...
                     crate::cache::Fetch::Lead(leader) => ctx.leader = Some(leader),
-                    // ...the others wait for it (bounded), then use what it stored.
+                    // ...the others wait for it (bounded), then use what it stored,
+                    // under the same rules as any lookup.
                     crate::cache::Fetch::Follow(rx) => {
                         if crate::cache::follow(rx, ctx.settings.coalesce_timeout.get()).await
                             && let Some(e) = shared
                                 .cache
                                 .lookup(&ctx.key, &h)
-                                .filter(|e| e.usable(&ctx.req_cc, crate::cache::now_secs()))
+                                .filter(|e| allowed(e) && e.usable(&ctx.req_cc, crate::cache::now_secs()))
                         {
                             return Ok(cached_response(&e, &h, &parts.method, "HIT", rec, snap.via));
                         }
@@ -864,7 +870,7 @@ struct CacheCtx {
     key: String,
     req_headers: http::HeaderMap,
     req_cc: crate::cache::CacheControl,
-    settings: rampart_config::RouteCache,
+    settings: Arc<rampart_config::RouteCache>,
     /// A stored response being validated.
     entry: Option<Arc<crate::cache::Entry>>,
     /// MISS, EXPIRED or BYPASS.
@@ -896,7 +902,7 @@ async fn from_disk(shared: &Arc<Shared>, key: &str, h: &http::HeaderMap) -> Opti
 
 /// A background refresh of a stale entry (stale-while-revalidate).
 struct Refresh {
-    policy: rampart_config::RouteCache,
+    policy: Arc<rampart_config::RouteCache>,
     shared: Arc<Shared>,
     pool: Arc<crate::upstream::Pool>,
     key: String,

@@ -39,7 +39,8 @@ pub struct RouteEntry {
     pub websocket: bool,
     pub retry_non_idempotent: bool,
     /// Caching on this route, when enabled.
-    pub cache: Option<rampart_config::RouteCache>,
+    /// Shared, so a request holds it with one reference count, not a copy.
+    pub cache: Option<Arc<rampart_config::RouteCache>>,
     pub tunnel_idle: Duration,
     pub metrics: RouteMetrics,
 }
@@ -207,7 +208,7 @@ impl Snapshot {
                     host,
                     websocket: r.websocket,
                     retry_non_idempotent: r.retry_non_idempotent,
-                    cache: r.cache.clone().filter(|c| c.enabled),
+                    cache: r.cache.clone().filter(|c| c.enabled).map(Arc::new),
                     tunnel_idle: r.tunnel_idle_timeout.get(),
                 };
                 routes.push((m, Arc::new(entry)));

@@ -627,3 +627,22 @@ async fn a_corrupt_disk_entry_is_dropped_and_refetched_never_served() {
     assert_eq!(get(&e3, p, &[]).await.cache, "MISS");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn coalesced_requests_with_authorization_follow_the_same_rules() {
+    let o = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&config(&o, "")).await;
+    // The leader is anonymous; its response (no public/s-maxage/must-revalidate) is stored.
+    // A request with Authorization waiting on it must not be answered from it.
+    let p = "/cache/co-auth?cc=max-age%3D60&delay=300ms";
+    let leader = get(&e, p, &[]);
+    let follower = async {
+        // Start once the leader is at the origin (its response takes 300 ms).
+        assert!(eventually(|| o.requests() == 1, std::time::Duration::from_secs(5)).await);
+        get(&e, p, &[("authorization", "Bearer x")]).await
+    };
+    let (l, f) = tokio::join!(leader, follower);
+    assert_eq!(l.cache, "MISS");
+    assert_eq!(f.cache, "MISS", "not answered from an entry that does not allow it");
+    assert_eq!(o.requests(), 2);
+}

@@ -46,7 +46,6 @@ struct FileInfo {
 }
 
 pub struct Disk {
-    dir: PathBuf,
     capacity: u64,
     index: Arc<Mutex<Index>>,
     tx: SyncSender<(String, Arc<Entry>)>,
@@ -221,20 +220,15 @@ impl Disk {
         }
         let index = Arc::new(Mutex::new(index));
         let (tx, rx) = sync_channel::<(String, Arc<Entry>)>(QUEUE);
-        let (wdir, windex) = (dir.clone(), index.clone());
+        let windex = index.clone();
         std::thread::Builder::new()
             .name("rampart-cache-disk".into())
             .spawn(move || {
                 while let Ok((key, entry)) = rx.recv() {
-                    write_one(&wdir, &windex, capacity, &key, &entry);
+                    write_one(&dir, &windex, capacity, &key, &entry);
                 }
             })?;
-        Ok(Disk {
-            dir,
-            capacity,
-            index,
-            tx,
-        })
+        Ok(Disk { capacity, index, tx })
     }
 
     /// Queue a write; dropped (not blocking) when the writer is behind.
@@ -319,8 +313,8 @@ impl Disk {
         self.index.lock().map_or(0, |i| i.used)
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    pub fn files(&self) -> usize {
+        self.index.lock().map_or(0, |i| i.by_key.values().map(Vec::len).sum())
     }
 }
 
