@@ -115,7 +115,7 @@ fn encode(key: &str, e: &Entry) -> Option<Vec<u8>> {
 }
 
 fn read_u32(b: &[u8], at: &mut usize) -> Option<usize> {
-    let v = u32::from_be_bytes(b.get(*at..*at + 4)?.try_into().ok()?);
+    let v = u32::from_be_bytes(b.get(*at..at.checked_add(4)?)?.try_into().ok()?);
     *at += 4;
     usize::try_from(v).ok()
 }
@@ -146,16 +146,20 @@ fn decode(bytes: &[u8]) -> Option<(Meta, Entry)> {
     if Sha256::digest(content).as_slice() != sum {
         return None;
     }
+    // Every length comes from the file: checked arithmetic, never a panic.
     let mut at = 6;
     let meta_len = read_u32(content, &mut at)?;
-    let meta: Meta = serde_json::from_slice(content.get(at..at + meta_len)?).ok()?;
-    at += meta_len;
+    let meta: Meta = serde_json::from_slice(content.get(at..at.checked_add(meta_len)?)?).ok()?;
+    at = at.checked_add(meta_len)?;
     let headers_len = read_u32(content, &mut at)?;
-    let block = content.get(at..at + headers_len)?;
-    at += headers_len;
-    let body_len = usize::try_from(u64::from_be_bytes(content.get(at..at + 8)?.try_into().ok()?)).ok()?;
-    at += 8;
-    let body = Bytes::copy_from_slice(content.get(at..at + body_len)?);
+    let block = content.get(at..at.checked_add(headers_len)?)?;
+    at = at.checked_add(headers_len)?;
+    let body_len = usize::try_from(u64::from_be_bytes(
+        content.get(at..at.checked_add(8)?)?.try_into().ok()?,
+    ))
+    .ok()?;
+    at = at.checked_add(8)?;
+    let body = Bytes::copy_from_slice(content.get(at..at.checked_add(body_len)?)?);
     let mut headers = HeaderMap::new();
     for line in block.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -413,5 +417,20 @@ mod tests {
             assert!(decode(&bad).is_none(), "flip at {i}");
         }
         assert!(decode(&bytes[..bytes.len() - 5]).is_none());
+    }
+
+    #[test]
+    fn lengths_from_the_file_cannot_overflow() {
+        // A file whose checksum is right but whose body length is absurd.
+        let mut content = Vec::new();
+        content.extend_from_slice(MAGIC);
+        let meta = br#"{"key":"k","status":200,"request_time":0,"response_time":0,"date_value":0,"age_value":0,"freshness":0,"vary":[],"tags":[]}"#;
+        content.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+        content.extend_from_slice(meta);
+        content.extend_from_slice(&0u32.to_be_bytes());
+        content.extend_from_slice(&u64::MAX.to_be_bytes());
+        let sum = Sha256::digest(&content);
+        content.extend_from_slice(&sum);
+        assert!(decode(&content).is_none());
     }
 }
