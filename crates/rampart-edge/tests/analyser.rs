@@ -48,18 +48,6 @@ async fn attempts(e: &TestEdge, path: &str) -> String {
     r.headers()["x-rampart-attempts"].to_str().unwrap().to_string()
 }
 
-async fn admin_json(e: &TestEdge, path: &str) -> serde_json::Value {
-    client()
-        .get(e.admin(path))
-        .bearer_auth("tok")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 async fn decide(e: &TestEdge, id: &str, what: &str, body: &str) -> (u16, serde_json::Value) {
     let r = client()
         .post(e.admin(&format!("/admin/recommendations/{id}/{what}")))
@@ -105,7 +93,7 @@ async fn analyze_explains_a_trace() {
     assert_eq!(report["proposed_change"]["provider"], "cdn-a");
 
     // The JSON from /admin/traces is accepted as is.
-    let traces = admin_json(&e, "/admin/traces?limit=1").await;
+    let traces = e.admin_json("/admin/traces?limit=1", Some("tok")).await;
     let r2: serde_json::Value = client()
         .post(e.admin("/admin/analyze"))
         .bearer_auth("tok")
@@ -144,7 +132,7 @@ async fn an_approved_recommendation_moves_traffic_and_survives_a_restart() {
                 .starts_with("cdn-a:PROVIDER_BLOCKED_503")
         );
     }
-    let recs = admin_json(&e, "/admin/recommendations").await;
+    let recs = e.admin_json("/admin/recommendations", Some("tok")).await;
     let rec = &recs["recommendations"][0];
     assert_eq!(rec["status"], "pending");
     assert_eq!(rec["action"], "demote");
@@ -176,10 +164,10 @@ async fn an_approved_recommendation_moves_traffic_and_survives_a_restart() {
     // Approval changed routing on that route scope only.
     assert_eq!(attempts(&e, "/live/x/5.ts").await, "cdn-b:PROVIDER_SUCCESS");
     assert_eq!(attempts(&e, "/live/y/1.ts").await, "cdn-a:PROVIDER_SUCCESS");
-    let t = admin_json(&e, "/admin/traces?route=/live/x/&limit=1").await;
+    let t = e.admin_json("/admin/traces?route=/live/x/&limit=1", Some("tok")).await;
     assert_eq!(t["traces"][0]["rank"][1]["state"], "operator:demote:route:/live/x/");
 
-    let audit = admin_json(&e, "/admin/audit").await;
+    let audit = e.admin_json("/admin/audit", Some("tok")).await;
     assert_eq!(audit["audit"][0]["operator"], "ana");
     assert_eq!(audit["audit"][0]["action"], "approve");
     assert_eq!(audit["audit"][0]["note"], "cdn-a flaky on live");
@@ -188,9 +176,12 @@ async fn an_approved_recommendation_moves_traffic_and_survives_a_restart() {
     let mut e = e;
     e.edge.take().unwrap().shutdown(Duration::from_secs(2)).await;
     let e2 = TestEdge::start_with_token(&cfg, "tok").await;
-    let recs = admin_json(&e2, "/admin/recommendations").await;
+    let recs = e2.admin_json("/admin/recommendations", Some("tok")).await;
     assert_eq!(recs["recommendations"][0]["status"], "approved");
-    assert_eq!(admin_json(&e2, "/admin/audit").await["audit"][0]["operator"], "ana");
+    assert_eq!(
+        e2.admin_json("/admin/audit", Some("tok")).await["audit"][0]["operator"],
+        "ana"
+    );
     assert_eq!(attempts(&e2, "/live/x/6.ts").await, "cdn-b:PROVIDER_SUCCESS");
     let _ = std::fs::remove_dir_all(data);
 }
@@ -211,7 +202,7 @@ async fn a_timeout_that_fires_just_before_success_is_raised() {
                 .starts_with("cdn-a:PROVIDER_TIMEOUT")
         );
     }
-    let recs = admin_json(&e, "/admin/recommendations").await;
+    let recs = e.admin_json("/admin/recommendations", Some("tok")).await;
     let rec = &recs["recommendations"][0];
     assert_eq!(rec["action"], "raise_timeout", "{recs}");
     assert_eq!(rec["timeout_ms"], 450);

@@ -33,15 +33,7 @@ explain = true
 }
 
 async fn pools(e: &TestEdge) -> serde_json::Value {
-    client()
-        .get(e.admin("/admin/pools"))
-        .bearer_auth("tok")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    e.admin_json("/admin/pools", Some("tok")).await
 }
 
 async fn act(e: &TestEdge, backend: &str, action: &str) -> (u16, serde_json::Value) {

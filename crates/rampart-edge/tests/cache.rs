@@ -301,15 +301,7 @@ async fn purge_by_url_prefix_tag_and_all() {
 
     assert_eq!(purge(&e, r#"{"url": "x", "tag": "y"}"#).await.0, 400);
     assert_eq!(purge(&e, r#"{"colour": "red"}"#).await.0, 400);
-    let audit: serde_json::Value = client()
-        .get(e.admin("/admin/audit"))
-        .bearer_auth("tok")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let audit = e.admin_json("/admin/audit", Some("tok")).await;
     assert_eq!(audit["audit"][0]["action"], "cache-purge");
 }
 
@@ -337,15 +329,7 @@ async fn stats_and_metrics() {
     get(&e, p, &[]).await;
     get(&e, p, &[]).await;
     get(&e, p, &[]).await;
-    let s: serde_json::Value = client()
-        .get(e.admin("/admin/cache/stats"))
-        .bearer_auth("tok")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s = e.admin_json("/admin/cache/stats", Some("tok")).await;
     assert_eq!(
         (s["hits"].as_u64(), s["misses"].as_u64(), s["stored"].as_u64()),
         (Some(2), Some(1), Some(1))

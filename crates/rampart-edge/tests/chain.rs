@@ -192,26 +192,12 @@ async fn a_provider_failing_on_one_route_is_demoted_there_only() {
     // A sibling route keeps its ranking: cdn-a first, and it serves.
     assert_eq!(first("/live/y/1.ts").await, "cdn-a:PROVIDER_SUCCESS");
     // The reason is visible in the trace's ranking and in /admin/chains.
-    let t: serde_json::Value = client()
-        .get(e.admin("/admin/traces?route=/live/x/&limit=1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let t = e.admin_json("/admin/traces?route=/live/x/&limit=1", None).await;
     let rank = &t["traces"][0]["rank"];
     assert_eq!(rank[0]["provider"], "cdn-b");
     assert_eq!(rank[2]["provider"], "cdn-a");
     assert_eq!(rank[2]["state"], "cooldown:route:/live/x/");
-    let h: serde_json::Value = client()
-        .get(e.admin("/admin/chains"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h = e.admin_json("/admin/chains", None).await;
     let cooling = h["health"]
         .as_array()
         .unwrap()
@@ -256,33 +242,12 @@ async fn traces_are_kept_and_filtered() {
     for p in ["/f/1", "/g/1", "/g/2"] {
         client().get(e.url(p)).send().await.unwrap();
     }
-    let all: serde_json::Value = client()
-        .get(e.admin("/admin/traces"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all = e.admin_json("/admin/traces", None).await;
     assert_eq!(all["traces"].as_array().unwrap().len(), 3);
     assert_eq!(all["traces"][0]["route_key"], "/g/", "newest first");
-    let g: serde_json::Value = client()
-        .get(e.admin("/admin/traces?route=/g/"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let g = e.admin_json("/admin/traces?route=/g/", None).await;
     assert_eq!(g["traces"].as_array().unwrap().len(), 2);
-    let b: serde_json::Value = client()
-        .get(e.admin("/admin/traces?provider=cdn-b"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let b = e.admin_json("/admin/traces?provider=cdn-b", None).await;
     assert_eq!(b["traces"].as_array().unwrap().len(), 1, "only /f/1 reached cdn-b");
 }
 
@@ -300,14 +265,7 @@ async fn the_ranking_adapts_to_recent_failures_and_recovers_as_they_decay() {
     assert!(first("/r/2".into()).await.starts_with("cdn-a:PROVIDER_BLOCKED_503"));
     // Two recent failures on /r/: cdn-a now ranks behind cdn-b there, and the trace says why.
     assert_eq!(first("/r/3".into()).await, "cdn-b:PROVIDER_SUCCESS");
-    let t: serde_json::Value = client()
-        .get(e.admin("/admin/traces?route=/r/&limit=1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let t = e.admin_json("/admin/traces?route=/r/&limit=1", None).await;
     let a_rank = &t["traces"][0]["rank"][2];
     assert_eq!(a_rank["provider"], "cdn-a");
     assert!(a_rank["state"].as_str().unwrap().starts_with("penalty:"), "{a_rank}");

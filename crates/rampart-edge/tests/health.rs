@@ -32,14 +32,7 @@ const FAST_CHECKS: &str = r#"outlier = { enabled = false }
 health = { path = "/", interval = "50ms", jitter = "0", timeout = "200ms", consecutive_up = 2, consecutive_down = 2 }"#;
 
 async fn backend(e: &TestEdge, i: usize) -> serde_json::Value {
-    let p: serde_json::Value = client()
-        .get(e.admin("/admin/pools"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let p = e.admin_json("/admin/pools", None).await;
     p["pools"][0]["backends"][i].clone()
 }
 
@@ -212,14 +205,7 @@ async fn panic_mode_serves_from_unhealthy_backends_rather_than_nothing() {
     for _ in 0..10 {
         assert_eq!(client().get(e.url("/")).send().await.unwrap().status(), 200);
     }
-    let p: serde_json::Value = client()
-        .get(e.admin("/admin/pools"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let p = e.admin_json("/admin/pools", None).await;
     assert_eq!(p["pools"][0]["panic"], true);
     assert!(
         metrics(&e)

@@ -68,6 +68,15 @@ impl TestEdge {
         format!("http://{}{}", self.edge().admin_addr().unwrap(), path)
     }
 
+    /// GET an admin path (with the bearer token, if given) and parse the JSON answer.
+    pub async fn admin_json(&self, path: &str, token: Option<&str>) -> serde_json::Value {
+        let mut r = client().get(self.admin(path));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send().await.unwrap().json().await.unwrap()
+    }
+
     pub fn rewrite_config(&self, config: &str) {
         std::fs::write(self.dir.join("rampart.toml"), config).unwrap();
     }
