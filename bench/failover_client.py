@@ -34,6 +34,8 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from report import load_jsonl
+
 
 # --- load -----------------------------------------------------------------------
 
@@ -193,12 +195,6 @@ def watch(args) -> int:
 
 # --- report ---------------------------------------------------------------------
 
-def load_jsonl(path: Path):
-    if not path.exists():
-        return []
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-
-
 def first_match(watch_rows, backend, t0, pred, t_limit):
     """Time of the first poll at or after t0 (and before t_limit) whose state of
     backend satisfies pred, with that state; (t0, state) if the state in force at
@@ -233,9 +229,10 @@ def report(args) -> int:
     run_dir = Path(args.run_dir)
     meta = json.loads((run_dir / "meta.json").read_text())
     events = load_jsonl(run_dir / "events.jsonl")
-    watch_rows = [r for r in load_jsonl(run_dir / "watch.jsonl") if "backend" in r]
-    panic_rows = [r for r in load_jsonl(run_dir / "watch.jsonl") if "panic" in r]
-    watch_tail = [r for r in load_jsonl(run_dir / "watch.jsonl") if "polls" in r]
+    watch = load_jsonl(run_dir / "watch.jsonl")
+    watch_rows = [r for r in watch if "backend" in r]
+    panic_rows = [r for r in watch if "panic" in r]
+    watch_tail = [r for r in watch if "polls" in r]
     load_sum = json.loads((run_dir / "load.json").read_text()) if (run_dir / "load.json").exists() else {}
     end = json.loads((run_dir / "end.json").read_text()) if (run_dir / "end.json").exists() else {}
     s = meta["settings"]

@@ -11,11 +11,10 @@ against nginx-pool. Standard library only.
 
 import csv
 import json
-import statistics
 import sys
 from pathlib import Path
 
-from report import fmt, ratio, run_numbers, table
+from report import fmt, load_jsonl, ratio, run_numbers, table, throughput
 
 PLAIN, POOL, NGINX = "rampart-plain", "rampart-pool", "nginx-pool"
 TARGET = 1.10  # project target: rampart-pool CPU/request <= 1.10 x rampart-plain
@@ -27,26 +26,9 @@ def main(argv) -> int:
         return 2
     run_dir = Path(argv[1])
     meta = json.loads((run_dir / "meta.json").read_text())
-    runs_file = run_dir / "runs.jsonl"
-    runs = [run_numbers(json.loads(l)) for l in runs_file.read_text().splitlines() if l.strip()] \
-        if runs_file.exists() else []
+    runs = [run_numbers(rec) for rec in load_jsonl(run_dir / "runs.jsonl")]
 
-    tput = {}
-    for p in meta["proxies"]:
-        rs = [r for r in runs if r["proxy"] == p]
-        if not rs:
-            continue
-        cpu = [r["cpu_us_per_req"] for r in rs if r["cpu_us_per_req"] is not None]
-        tput[p] = {
-            "rounds": len(rs),
-            "rps": statistics.median(r["rps"] for r in rs),
-            "p99_ms": statistics.median(r["p99_ms"] for r in rs),
-            "cpu_us_per_req": statistics.median(cpu) if cpu else None,
-            "cpu_us_per_req_min": min(cpu) if cpu else None,
-            "cpu_us_per_req_max": max(cpu) if cpu else None,
-            "cpu_cores": statistics.median(r["cpu_cores"] for r in rs),
-            "errors": sum(r["errors"] for r in rs),
-        }
+    tput = throughput(runs, meta["proxies"])
     for t in tput.values():
         t["cpu_ratio_vs_plain"] = ratio(t["cpu_us_per_req"], tput.get(PLAIN, {}).get("cpu_us_per_req"))
         t["cpu_ratio_vs_nginx_pool"] = ratio(t["cpu_us_per_req"], tput.get(NGINX, {}).get("cpu_us_per_req"))

@@ -43,6 +43,34 @@ def run_numbers(rec: dict) -> dict:
     }
 
 
+def load_jsonl(path: Path) -> list:
+    """The records of a JSON-lines file; [] if the file does not exist."""
+    if not path.exists():
+        return []
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def throughput(runs: list, proxies: list) -> dict:
+    """Per proxy, the median over rounds of each run figure, taken separately."""
+    tput = {}
+    for p in proxies:
+        rs = [r for r in runs if r["proxy"] == p]
+        if not rs:
+            continue
+        cpu = [r["cpu_us_per_req"] for r in rs if r["cpu_us_per_req"] is not None]
+        tput[p] = {
+            "rounds": len(rs),
+            "rps": statistics.median(r["rps"] for r in rs),
+            "p99_ms": statistics.median(r["p99_ms"] for r in rs),
+            "cpu_us_per_req": statistics.median(cpu) if cpu else None,
+            "cpu_us_per_req_min": min(cpu) if cpu else None,
+            "cpu_us_per_req_max": max(cpu) if cpu else None,
+            "cpu_cores": statistics.median(r["cpu_cores"] for r in rs),
+            "errors": sum(r["errors"] for r in rs),
+        }
+    return tput
+
+
 def ratio(value, base):
     if value is None or not base:
         return None
@@ -64,30 +92,12 @@ def table(headers, rows):
 
 def summary(run_dir: Path) -> int:
     meta = json.loads((run_dir / "meta.json").read_text())
-    runs_file, idle_file = run_dir / "runs.jsonl", run_dir / "idle.jsonl"
-    runs = [run_numbers(json.loads(l)) for l in runs_file.read_text().splitlines() if l.strip()] \
-        if runs_file.exists() else []
-    idle = [json.loads(l) for l in idle_file.read_text().splitlines() if l.strip()] \
-        if idle_file.exists() else []
+    runs = [run_numbers(rec) for rec in load_jsonl(run_dir / "runs.jsonl")]
+    idle = load_jsonl(run_dir / "idle.jsonl")
     proxies = meta["proxies"]
 
     # Throughput/CPU: median over rounds of each figure, taken separately.
-    tput = {}
-    for p in proxies:
-        rs = [r for r in runs if r["proxy"] == p]
-        if not rs:
-            continue
-        cpu = [r["cpu_us_per_req"] for r in rs if r["cpu_us_per_req"] is not None]
-        tput[p] = {
-            "rounds": len(rs),
-            "rps": statistics.median(r["rps"] for r in rs),
-            "p99_ms": statistics.median(r["p99_ms"] for r in rs),
-            "cpu_us_per_req": statistics.median(cpu) if cpu else None,
-            "cpu_us_per_req_min": min(cpu) if cpu else None,
-            "cpu_us_per_req_max": max(cpu) if cpu else None,
-            "cpu_cores": statistics.median(r["cpu_cores"] for r in rs),
-            "errors": sum(r["errors"] for r in rs),
-        }
+    tput = throughput(runs, proxies)
     base = tput.get(BASELINE, {})
     for p, t in tput.items():
         t["cpu_ratio_vs_nginx"] = ratio(t["cpu_us_per_req"], base.get("cpu_us_per_req"))
