@@ -8,6 +8,7 @@
 //! `If-Modified-Since` and header refresh on 304 (§4.3.4), and invalidation by
 //! unsafe methods (§4.4).
 
+use crate::headers::list_elements;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
@@ -127,11 +128,7 @@ pub fn not_storable(
     if resp.contains_key(header::SET_COOKIE) && !allow_set_cookie {
         return Some("set-cookie");
     }
-    if resp
-        .get_all(header::VARY)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|f| f.trim() == "*")))
-    {
+    if list_elements(resp, header::VARY).any(|f| f == "*") {
         return Some("vary-star");
     }
     let code = status.as_u16();
@@ -450,12 +447,8 @@ pub fn range(req: &HeaderMap, stored: &HeaderMap, len: u64) -> RangeAnswer {
 /// The request values of the fields a response varies on, normalised (trimmed,
 /// lower-cased, whitespace around commas removed).
 fn vary_values(resp: &HeaderMap, req: &HeaderMap) -> Vec<(HeaderName, Option<String>)> {
-    let mut names: Vec<HeaderName> = resp
-        .get_all(header::VARY)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|f| HeaderName::from_bytes(f.trim().as_bytes()).ok())
+    let mut names: Vec<HeaderName> = list_elements(resp, header::VARY)
+        .filter_map(|f| HeaderName::from_bytes(f.as_bytes()).ok())
         .collect();
     names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
     names.dedup();
@@ -469,14 +462,7 @@ fn vary_values(resp: &HeaderMap, req: &HeaderMap) -> Vec<(HeaderName, Option<Str
 }
 
 pub(crate) fn normalised(req: &HeaderMap, name: &HeaderName) -> Option<String> {
-    let vals: Vec<String> = req
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|p| p.trim().to_ascii_lowercase())
-        .filter(|p| !p.is_empty())
-        .collect();
+    let vals: Vec<String> = list_elements(req, name).map(str::to_ascii_lowercase).collect();
     (!vals.is_empty()).then(|| vals.join(","))
 }
 

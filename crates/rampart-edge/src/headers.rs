@@ -1,7 +1,7 @@
 //! Header handling between client and upstream: hop-by-hop removal (RFC 9110
 //! §7.6.1), `X-Forwarded-*`, `Via`, request ids and the client address.
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, AsHeaderName, HeaderMap, HeaderName, HeaderValue};
 use rampart_config::Cidr;
 use std::net::IpAddr;
 
@@ -16,16 +16,23 @@ pub static X_RAMPART_ATTEMPTS: HeaderName = HeaderName::from_static("x-rampart-a
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// The elements of a comma-separated list field (RFC 9110 §5.6.1) over all its
+/// lines, trimmed, empty elements skipped. Lines that are not visible ASCII are skipped.
+pub fn list_elements<K: AsHeaderName>(h: &HeaderMap, name: K) -> impl Iterator<Item = &str> {
+    h.get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+}
+
 /// Remove hop-by-hop headers: the fixed set and every header named in `Connection`.
 /// `TE: trailers` is kept when `keep_te_trailers` (it is end-to-end in meaning for HTTP/2 and gRPC).
 pub fn remove_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
     if h.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        let named: Vec<HeaderName> = list_elements(h, header::CONNECTION)
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for n in named {
             h.remove(n);
@@ -50,12 +57,7 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
 
 /// The upgrade protocol a request asks for (`Connection: upgrade` + `Upgrade: x`), if any.
 pub fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
-    let conn_upgrade = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let conn_upgrade = list_elements(h, header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"));
     if !conn_upgrade {
         return None;
     }
@@ -72,12 +74,8 @@ pub fn client_ip(h: &HeaderMap, peer: IpAddr, trusted: &[Cidr]) -> IpAddr {
     if !is_trusted(trusted, peer) {
         return peer;
     }
-    let hops: Vec<IpAddr> = h
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|s| s.trim().parse::<IpAddr>().ok())
+    let hops: Vec<IpAddr> = list_elements(h, &X_FORWARDED_FOR)
+        .filter_map(|s| s.parse::<IpAddr>().ok())
         .collect();
     for ip in hops.iter().rev() {
         if !is_trusted(trusted, *ip) {
@@ -186,6 +184,18 @@ mod tests {
             }
         }
         h
+    }
+
+    #[test]
+    fn list_elements_span_lines_and_skip_empties() {
+        let mut h = map(&[
+            ("vary", " Accept-Encoding ,, cookie"),
+            ("vary", ""),
+            ("vary", "origin,"),
+        ]);
+        h.append(header::VARY, HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        let got: Vec<&str> = list_elements(&h, header::VARY).collect();
+        assert_eq!(got, ["Accept-Encoding", "cookie", "origin"]);
     }
 
     #[test]
