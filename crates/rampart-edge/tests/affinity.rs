@@ -53,13 +53,8 @@ fn pair(set_cookie: &str) -> String {
 }
 
 async fn act(e: &TestEdge, backend: usize, action: &str) {
-    let r = client()
-        .post(e.admin(&format!("/admin/pools/app/backends/{backend}/{action}")))
-        .bearer_auth("tok")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let path = format!("/admin/pools/app/backends/{backend}/{action}");
+    assert_eq!(e.admin_post(&path, "tok", "").await.0, 200);
 }
 
 #[tokio::test]

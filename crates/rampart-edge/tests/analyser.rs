@@ -49,14 +49,8 @@ async fn attempts(e: &TestEdge, path: &str) -> String {
 }
 
 async fn decide(e: &TestEdge, id: &str, what: &str, body: &str) -> (u16, serde_json::Value) {
-    let r = client()
-        .post(e.admin(&format!("/admin/recommendations/{id}/{what}")))
-        .bearer_auth("tok")
-        .body(body.to_string())
-        .send()
+    e.admin_post(&format!("/admin/recommendations/{id}/{what}"), "tok", body)
         .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or_default())
 }
 
 #[tokio::test]

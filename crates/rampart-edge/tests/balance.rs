@@ -37,13 +37,8 @@ async fn pools(e: &TestEdge) -> serde_json::Value {
 }
 
 async fn act(e: &TestEdge, backend: &str, action: &str) -> (u16, serde_json::Value) {
-    let r = client()
-        .post(e.admin(&format!("/admin/pools/app/backends/{backend}/{action}")))
-        .bearer_auth("tok")
-        .send()
+    e.admin_post(&format!("/admin/pools/app/backends/{backend}/{action}"), "tok", "")
         .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or_default())
 }
 
 async fn origin_of(e: &TestEdge, path: &str, header: Option<(&str, &str)>) -> String {
@@ -185,13 +180,7 @@ async fn drain_disable_enable_without_reload() {
 
     // The state survives a reload of an unchanged pool and of a changed one.
     std::fs::write(e.dir.join("rampart.toml"), two_backends(&a, &b, "balance = \"random\"")).unwrap();
-    let r = client()
-        .post(e.admin("/admin/reload"))
-        .bearer_auth("tok")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(e.admin_post("/admin/reload", "tok", "").await.0, 200);
     assert_eq!(client().get(e.url("/")).send().await.unwrap().status(), 503);
 
     assert_eq!(act(&e, "0", "enable").await.0, 200);
@@ -205,13 +194,10 @@ async fn backend_actions_are_checked_and_authenticated() {
     let e = TestEdge::start_with_token(&two_backends(&a, &b, ""), "tok").await;
     assert_eq!(act(&e, "7", "drain").await.0, 404);
     assert_eq!(act(&e, "0", "explode").await.0, 404);
-    let r = client()
-        .post(e.admin("/admin/pools/nope/backends/0/drain"))
-        .bearer_auth("tok")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
+    assert_eq!(
+        e.admin_post("/admin/pools/nope/backends/0/drain", "tok", "").await.0,
+        404
+    );
     let r = client()
         .post(e.admin("/admin/pools/app/backends/0/drain"))
         .send()

@@ -242,14 +242,7 @@ fn admin_config(origin: &Origin, route_cache: &str) -> String {
 }
 
 async fn purge(e: &TestEdge, body: &str) -> (u16, serde_json::Value) {
-    let r = client()
-        .post(e.admin("/admin/cache/purge"))
-        .bearer_auth("tok")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or_default())
+    e.admin_post("/admin/cache/purge", "tok", body).await
 }
 
 #[tokio::test]

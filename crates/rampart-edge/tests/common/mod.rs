@@ -77,6 +77,19 @@ impl TestEdge {
         r.send().await.unwrap().json().await.unwrap()
     }
 
+    /// POST `body` to an admin path with the bearer token: the status and the JSON
+    /// answer (`Null` when the answer is not JSON).
+    pub async fn admin_post(&self, path: &str, token: &str, body: &str) -> (u16, serde_json::Value) {
+        let r = client()
+            .post(self.admin(path))
+            .bearer_auth(token)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or_default())
+    }
+
     pub fn rewrite_config(&self, config: &str) {
         std::fs::write(self.dir.join("rampart.toml"), config).unwrap();
     }
