@@ -9,12 +9,11 @@ taken against rampart-plain (Rampart's one-backend proxy, run.sh's config) and
 against nginx-pool. Standard library only.
 """
 
-import csv
 import json
 import sys
 from pathlib import Path
 
-from report import fmt, load_jsonl, ratio, run_numbers, table, throughput
+from report import fmt, load_jsonl, ratio, run_numbers, table, throughput, write_csv
 
 PLAIN, POOL, NGINX = "rampart-plain", "rampart-pool", "nginx-pool"
 TARGET = 1.10  # project target: rampart-pool CPU/request <= 1.10 x rampart-plain
@@ -71,11 +70,7 @@ def main(argv) -> int:
     print("'vs plain' = CPU us/req over rampart-plain's; 'vs nginx-pool' = over nginx-pool's (lower is better).")
     print("Only ratios within one run are meaningful: the machine is shared and noisy.")
 
-    if runs:
-        with open(run_dir / "runs.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(runs[0]))
-            w.writeheader()
-            w.writerows(runs)
+    write_csv(run_dir / "runs.csv", runs)
     (run_dir / "summary.json").write_text(json.dumps(
         {"meta": meta, "throughput": tput, "pool_vs_plain_per_round": paired,
          "target": TARGET, "verdict": verdict, "runs": runs}, indent=2) + "\n")

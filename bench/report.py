@@ -71,6 +71,16 @@ def throughput(runs: list, proxies: list) -> dict:
     return tput
 
 
+def write_csv(path: Path, rows: list) -> None:
+    """Write dict rows as CSV, the first row's keys as the header; nothing if no rows."""
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def ratio(value, base):
     if value is None or not base:
         return None
@@ -153,16 +163,8 @@ def summary(run_dir: Path) -> int:
     print("Only ratios within one run are meaningful: the machine is shared and noisy.")
 
     # Raw numbers for later comparison.
-    if runs:
-        with open(run_dir / "runs.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(runs[0]))
-            w.writeheader()
-            w.writerows(runs)
-    if mem:
-        with open(run_dir / "idle.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["proxy", *next(iter(mem.values()))])
-            w.writeheader()
-            w.writerows({"proxy": p, **m} for p, m in mem.items())
+    write_csv(run_dir / "runs.csv", runs)
+    write_csv(run_dir / "idle.csv", [{"proxy": p, **m} for p, m in mem.items()])
     (run_dir / "summary.json").write_text(json.dumps(
         {"meta": meta, "throughput": tput, "idle_memory": mem, "runs": runs, "idle_raw": idle},
         indent=2) + "\n")
