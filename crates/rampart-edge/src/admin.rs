@@ -343,7 +343,7 @@ async fn cache_stats(State(shared): State<Arc<Shared>>) -> Json<serde_json::Valu
     let s = &c.stats;
     Json(json!({
         "memory": { "objects": c.objects(), "bytes": c.bytes(), "capacity_bytes": c.capacity },
-        "disk": c.disk.as_ref().map(|d| json!({ "files": d.files(), "bytes": d.bytes() })),
+        "disk": c.disk.as_ref().map(|d| json!({ "files": d.files(), "bytes": d.bytes(), "evicted": s.disk_evicted.get() })),
         "hits": s.hit.get(), "misses": s.miss.get(), "expired": s.expired.get(),
         "revalidated": s.revalidated.get(), "stale_served": s.stale.get(), "bypassed": s.bypass.get(),
         "stored": s.stored.get(), "evicted": s.evicted.get(),

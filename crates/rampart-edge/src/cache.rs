@@ -525,6 +525,7 @@ pub struct Stats {
     pub bypass: Counter,
     pub stored: Counter,
     pub evicted: Counter,
+    pub disk_evicted: Counter,
     pub objects: Gauge,
     pub bytes: Gauge,
 }
@@ -646,17 +647,17 @@ impl Store {
                 .collect(),
             Purge::All => self.map.iter().map(|(k, _)| (*k).clone()).collect(),
         };
-        // The disk tier: files go (a soft purge drops them too; the memory copy is the
-        // one marked stale).
+        // The disk tier: files go, or are marked stale.
         let on_disk = match (&self.disk, what) {
             (None, _) => 0,
             (Some(d), Purge::Url(k)) => d.purge(
                 &|key| key == k || key.strip_prefix(k.as_str()).is_some_and(|r| r.starts_with('\n')),
                 None,
+                soft,
             ),
-            (Some(d), Purge::Prefix(p)) => d.purge(&|key| key.starts_with(p.as_str()), None),
-            (Some(d), Purge::Tag(t)) => d.purge(&|_| true, Some(t)),
-            (Some(d), Purge::All) => d.purge(&|_| true, None),
+            (Some(d), Purge::Prefix(p)) => d.purge(&|key| key.starts_with(p.as_str()), None, soft),
+            (Some(d), Purge::Tag(t)) => d.purge(&|_| true, Some(t), soft),
+            (Some(d), Purge::All) => d.purge(&|_| true, None, soft),
         };
         let mut n = 0;
         for k in keys {
@@ -718,7 +719,7 @@ impl Store {
     pub fn invalidate(&self, key: &str) {
         self.map.invalidate(key);
         if let Some(d) = &self.disk {
-            d.purge(&|k| k == key, None);
+            d.purge(&|k| k == key, None, false);
         }
     }
 

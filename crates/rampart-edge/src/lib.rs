@@ -303,16 +303,21 @@ impl Edge {
             .map_err(|e| anyhow::anyhow!("server.data_dir: cannot open the decisions store: {e}"))?;
         let chain_health = chain::HealthStore::default();
         let cs = &snap.validated.config.cache;
+        let cache_stats = metrics.cache_stats();
         let cache = cache::Store::new(
             cs.memory_size.bytes(),
             cs.max_object_size.as_usize(),
             cs.heuristic_max.get(),
             &cs.tag_header,
-            metrics.cache_stats(),
+            cache_stats.clone(),
             match &cs.disk_dir {
                 Some(d) => Some(
-                    cache::disk::Disk::open(snap.validated.resolve_path(d), cs.disk_size.bytes())
-                        .map_err(|e| anyhow::anyhow!("cache.disk_dir: cannot open {d}: {e}"))?,
+                    cache::disk::Disk::open(
+                        snap.validated.resolve_path(d),
+                        cs.disk_size.bytes(),
+                        cache_stats.disk_evicted.clone(),
+                    )
+                    .map_err(|e| anyhow::anyhow!("cache.disk_dir: cannot open {d}: {e}"))?,
                 ),
                 None => None,
             },

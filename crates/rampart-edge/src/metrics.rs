@@ -228,6 +228,11 @@ impl Metrics {
                 "Stored responses evicted to make room (memory tier)",
                 &cache.evicted,
             ),
+            (
+                "cache_disk_evictions",
+                "Stored responses evicted from the disk tier to keep it within disk_size",
+                &cache.disk_evicted,
+            ),
         ] {
             registry.register(name, help, c.clone());
         }

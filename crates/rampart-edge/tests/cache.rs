@@ -623,3 +623,80 @@ async fn coalesced_requests_with_authorization_follow_the_same_rules() {
     assert_eq!(f.cache, "MISS", "not answered from an entry that does not allow it");
     assert_eq!(o.requests(), 2);
 }
+
+#[tokio::test]
+async fn a_soft_purge_marks_the_disk_copy_stale_across_a_restart() {
+    let o = Origin::start("o").await.unwrap();
+    let dir = temp_dir().join("disk");
+    let cfg = disk_config(&o, &dir) + "\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"file:token\"\n";
+    let mut e = TestEdge::start_with_token(&cfg, "tok").await;
+    let p = "/cache/soft-disk?cc=max-age%3D600&etag=d1";
+    assert_eq!(get(&e, p, &[]).await.cache, "MISS");
+    let files = files_on_disk(&dir, 1).await;
+    let url = format!("http://{}{p}", e.edge.as_ref().unwrap().http_addrs()[0]);
+    let (_, r) = purge(&e, &serde_json::json!({ "url": url, "soft": true }).to_string()).await;
+    assert_eq!(r["purged"], 1);
+    // The writer rewrites the file with the mark; wait for it, then restart.
+    let marked = eventually(
+        || {
+            let mark = b"\"purged\":true";
+            std::fs::read(&files[0]).is_ok_and(|b| b.windows(mark.len()).any(|w| w == mark))
+        },
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    assert!(marked, "the soft-purge mark reached the file");
+    e.edge.take().unwrap().shutdown(std::time::Duration::from_secs(2)).await;
+
+    let e2 = TestEdge::start_with_token(&cfg, "tok").await;
+    let r = get(&e2, p, &[]).await;
+    assert_eq!(
+        r.cache, "REVALIDATED",
+        "the disk copy was validated, not served as fresh"
+    );
+    assert_eq!(o.requests(), 2);
+    assert_eq!(get(&e2, p, &[]).await.cache, "HIT", "validated: fresh again");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn the_disk_tier_evicts_least_recently_used_files_and_counts_them() {
+    let o = Origin::start("o").await.unwrap();
+    let dir = temp_dir().join("disk");
+    // 1 MiB of disk, objects of about 60 KiB: the 18th write must evict.
+    let cfg = disk_config(&o, &dir).replace("disk_size = \"8MiB\"", "disk_size = \"1MiB\"")
+        + "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let e = TestEdge::start(&cfg).await;
+    for i in 0..20 {
+        get(&e, &format!("/cache/ev{i}?cc=max-age%3D600&pad=60000"), &[]).await;
+        // One at a time, so no write is dropped from a full queue.
+        files_on_disk(&dir, (i + 1).min(15)).await;
+    }
+    let evicted = disk_evictions(&e).await;
+    assert!(evicted >= 3, "disk evictions counted: {evicted}");
+    let stats = e.admin_json("/admin/cache/stats", None).await;
+    assert!(stats["disk"]["bytes"].as_u64().unwrap() <= 1 << 20);
+    let metrics = client()
+        .get(e.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("rampart_cache_disk_evictions_total"), "{metrics}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The disk eviction count once the writer has caught up with 20 writes.
+async fn disk_evictions(e: &TestEdge) -> u64 {
+    let end = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let s = e.admin_json("/admin/cache/stats", None).await;
+        let n = s["disk"]["evicted"].as_u64().unwrap_or(0);
+        if n >= 3 || tokio::time::Instant::now() > end {
+            return n;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

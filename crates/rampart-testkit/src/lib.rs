@@ -13,7 +13,7 @@
 //! | `/large?size=1048576` | a body of that many bytes, streamed |
 //! | `/echo`, `…/echo` | JSON with method, path, query, headers and body length received |
 //! | `/ws` | WebSocket echo |
-//! | `/cache/…?cc=max-age%3D60&etag=v1&vary=accept-encoding&cookie=1&lm=…&tag=t1&status=200` | a cacheable response with those headers; body `n=<origin hit count> ae=<accept-encoding>`; `If-None-Match` matching `etag` gets 304 |
+//! | `/cache/…?cc=max-age%3D60&etag=v1&vary=accept-encoding&cookie=1&lm=…&tag=t1&status=200&pad=N` | a cacheable response with those headers; body `n=<origin hit count> ae=<accept-encoding>` and N dots; `If-None-Match` matching `etag` gets 304 |
 //! | anything else | `200`, body `hello from {name}` |
 //!
 //! Connection-level faults use their own origin: [`Origin::resetting`] resets every
@@ -499,7 +499,12 @@ fn cacheable(req: &Request<Incoming>, query: &str, state: &State) -> Response<Bo
     let body = if matches {
         String::new()
     } else {
-        format!("n={n} ae={ae}")
+        // `pad=N` appends N dots (at most 16 MiB), for size-dependent tests.
+        let pad = param("pad")
+            .and_then(|p| p.parse::<usize>().ok())
+            .unwrap_or(0)
+            .min(16 << 20);
+        format!("n={n} ae={ae}{}", ".".repeat(pad))
     };
     let mut r = Response::new(full(body));
     *r.status_mut() = status;

@@ -8,11 +8,14 @@
 //! then renamed. At start the index is rebuilt from each file's head; bodies are read
 //! (on the blocking pool) and checked only when used: a corrupt or truncated file is
 //! deleted and treated as a miss. Least recently used files go first when the tier is
-//! over its size.
+//! over its size, and each one is counted in `rampart_cache_disk_evictions_total`.
+//! A soft purge marks files stale in the index at once and rewrites their metadata on
+//! the writer thread, so the mark survives a restart.
 
 use super::{CacheControl, Entry};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -35,6 +38,9 @@ struct Meta {
     freshness: f64,
     vary: Vec<(String, Option<String>)>,
     tags: Vec<String>,
+    /// Soft-purged: validate with the origin before use (absent in older files).
+    #[serde(default)]
+    purged: bool,
 }
 
 struct FileInfo {
@@ -42,13 +48,21 @@ struct FileInfo {
     size: u64,
     vary: Vec<(String, Option<String>)>,
     tags: Vec<String>,
+    purged: bool,
     last_used: u64,
+}
+
+/// Work for the writer thread.
+enum Job {
+    Write(String, Arc<Entry>),
+    /// Rewrite a file with its soft-purge mark set.
+    MarkPurged(PathBuf),
 }
 
 pub struct Disk {
     capacity: u64,
     index: Arc<Mutex<Index>>,
-    tx: SyncSender<(String, Arc<Entry>)>,
+    tx: SyncSender<Job>,
 }
 
 #[derive(Default)]
@@ -92,6 +106,7 @@ fn encode(key: &str, e: &Entry) -> Option<Vec<u8>> {
         freshness: e.freshness,
         vary: vary_strings(e),
         tags: e.tags.clone(),
+        purged: e.purged,
     };
     let meta = serde_json::to_vec(&meta).ok()?;
     let mut headers = Vec::new();
@@ -186,14 +201,14 @@ fn decode(bytes: &[u8]) -> Option<(Meta, Entry)> {
         cc,
         vary,
         tags: meta.tags.clone(),
-        purged: false,
+        purged: meta.purged,
     };
     Some((meta, entry))
 }
 
 impl Disk {
     /// Open (creating) the directory, rebuild the index, start the writer thread.
-    pub fn open(dir: PathBuf, capacity: u64) -> std::io::Result<Disk> {
+    pub fn open(dir: PathBuf, capacity: u64, evicted: Counter) -> std::io::Result<Disk> {
         std::fs::create_dir_all(&dir)?;
         let mut index = Index::default();
         for f in std::fs::read_dir(&dir)?.filter_map(Result::ok) {
@@ -207,6 +222,7 @@ impl Disk {
                             size: md.len(),
                             vary: meta.vary,
                             tags: meta.tags,
+                            purged: meta.purged,
                             last_used: 0,
                         });
                     }
@@ -223,13 +239,16 @@ impl Disk {
             }
         }
         let index = Arc::new(Mutex::new(index));
-        let (tx, rx) = sync_channel::<(String, Arc<Entry>)>(QUEUE);
+        let (tx, rx) = sync_channel::<Job>(QUEUE);
         let windex = index.clone();
         std::thread::Builder::new()
             .name("rampart-cache-disk".into())
             .spawn(move || {
-                while let Ok((key, entry)) = rx.recv() {
-                    write_one(&dir, &windex, capacity, &key, &entry);
+                while let Ok(job) = rx.recv() {
+                    match job {
+                        Job::Write(key, entry) => write_one(&dir, &windex, capacity, &key, &entry, &evicted),
+                        Job::MarkPurged(path) => mark_purged(&path),
+                    }
                 }
             })?;
         Ok(Disk { capacity, index, tx })
@@ -240,7 +259,7 @@ impl Disk {
         if entry.body.len() as u64 > self.capacity {
             return;
         }
-        let _ = self.tx.try_send((key.to_string(), entry));
+        let _ = self.tx.try_send(Job::Write(key.to_string(), entry));
     }
 
     /// The stored variant matching the request, read and checked (blocking: call it
@@ -257,11 +276,16 @@ impl Disk {
                     .all(|(n, v)| HeaderName::from_bytes(n.as_bytes()).is_ok_and(|n| super::normalised(req, &n) == *v))
             })?;
             f.last_used = clock;
-            f.path.clone()
+            (f.path.clone(), f.purged)
         };
+        let (path, purged) = path;
         let bytes = std::fs::read(&path).ok();
         match bytes.as_deref().and_then(decode) {
-            Some((meta, entry)) if meta.key == key => Some(entry),
+            // The index's mark is set before the file is rewritten: either one counts.
+            Some((meta, mut entry)) if meta.key == key => {
+                entry.purged |= purged;
+                Some(entry)
+            }
             _ => {
                 tracing::warn!(file = %path.display(), "corrupt cache file dropped");
                 self.remove_file(key, &path);
@@ -290,25 +314,34 @@ impl Disk {
         }
     }
 
-    /// Remove the files of keys matching `select` (and, per file, `file_select`).
-    pub fn purge(&self, select: &dyn Fn(&str) -> bool, tag: Option<&str>) -> usize {
+    /// Purge the files of keys matching `select` (and carrying `tag`, when given):
+    /// remove them, or with `soft` mark them stale so their next use is validated.
+    /// Returns the number of files.
+    pub fn purge(&self, select: &dyn Fn(&str) -> bool, tag: Option<&str>, soft: bool) -> usize {
         let victims: Vec<(String, PathBuf)> = match self.index.lock() {
-            Ok(idx) => idx
+            Ok(mut idx) => idx
                 .by_key
-                .iter()
+                .iter_mut()
                 .filter(|(k, _)| select(k))
                 .flat_map(|(k, files)| {
                     files
-                        .iter()
+                        .iter_mut()
                         .filter(|f| tag.is_none_or(|t| f.tags.iter().any(|x| x == t)))
-                        .map(|f| (k.clone(), f.path.clone()))
+                        .map(|f| {
+                            f.purged |= soft;
+                            (k.clone(), f.path.clone())
+                        })
                         .collect::<Vec<_>>()
                 })
                 .collect(),
             Err(_) => Vec::new(),
         };
         for (k, p) in &victims {
-            self.remove_file(k, p);
+            // A soft mark that cannot be queued degrades to a hard purge: either way
+            // the stale copy is never served unvalidated.
+            if !soft || self.tx.try_send(Job::MarkPurged(p.clone())).is_err() {
+                self.remove_file(k, p);
+            }
         }
         victims.len()
     }
@@ -322,7 +355,28 @@ impl Disk {
     }
 }
 
-fn write_one(dir: &Path, index: &Mutex<Index>, capacity: u64, key: &str, e: &Entry) {
+/// Rewrite a file with its soft-purge mark set (to a temporary name, then renamed).
+/// A file that is gone or corrupt by now is left to `load` to deal with.
+fn mark_purged(path: &Path) {
+    let Some((meta, mut entry)) = std::fs::read(path).ok().as_deref().and_then(decode) else {
+        return;
+    };
+    if meta.purged {
+        return;
+    }
+    entry.purged = true;
+    let Some(bytes) = encode(&meta.key, &entry) else { return };
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_data()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(err) = written {
+        tracing::warn!(file = %path.display(), error = %err, "cache disk rewrite failed");
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+fn write_one(dir: &Path, index: &Mutex<Index>, capacity: u64, key: &str, e: &Entry, evicted: &Counter) {
     let Some(bytes) = encode(key, e) else { return };
     let vary = vary_strings(e);
     let name = file_name(key, &vary);
@@ -354,6 +408,7 @@ fn write_one(dir: &Path, index: &Mutex<Index>, capacity: u64, key: &str, e: &Ent
         size,
         vary,
         tags: e.tags.clone(),
+        purged: e.purged,
         last_used: clock,
     });
     idx.used = idx.used.saturating_sub(freed) + size;
@@ -376,6 +431,7 @@ fn write_one(dir: &Path, index: &Mutex<Index>, capacity: u64, key: &str, e: &Ent
             }
         }
         idx.used = idx.used.saturating_sub(s);
+        evicted.inc();
     }
 }
 
