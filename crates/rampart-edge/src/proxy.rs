@@ -484,7 +484,15 @@ pub async fn handle(
             entry: None,
             status: if safe { "MISS" } else { "BYPASS" },
             request_time,
+            ranged: false,
         };
+        if safe && parts.method == Method::GET && h.contains_key(header::RANGE) {
+            // Like nginx's proxy cache: ask the origin for the whole object, so it can
+            // be stored, and answer the range from it.
+            h.remove(header::RANGE);
+            h.remove(header::IF_RANGE);
+            ctx.ranged = true;
+        }
         if safe {
             match found {
                 Some(e)
@@ -786,33 +794,48 @@ pub async fn handle(
             ctx.settings.allow_set_cookie,
         );
         let stored = why_not.is_none() && !too_large && ctx.status != "BYPASS";
+        let length = rparts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if stored && ctx.ranged && rparts.status == StatusCode::OK && length.is_some() {
+            // A range was asked for and the whole object came back: read it (at most
+            // max_object bytes, under the body timeouts), store it, answer the range.
+            let body = match read_whole(rbody, shared.cache.max_object, t.body_idle.get(), deadline).await {
+                Ok(b) => b,
+                Err(reason) => {
+                    pool.metrics.upstream_error(reason);
+                    return Ok(local_response(reason, rec, None));
+                }
+            };
+            let entry = store_response(
+                &shared,
+                &StoreCtx::from(&ctx),
+                rparts.status,
+                rparts.headers.clone(),
+                body,
+                response_time,
+            );
+            drop(ctx.leader.take());
+            rec.upstream = Some(backend.label.clone());
+            let mut resp = cached_response(&entry, &ctx.req_headers, &request_method, ctx.status, rec, snap.via);
+            for cookie in rparts.headers.get_all(header::SET_COOKIE) {
+                resp.headers_mut().append(header::SET_COOKIE, cookie.clone());
+            }
+            return Ok(resp);
+        }
         if stored {
             let (status, headers) = (rparts.status, rparts.headers.clone());
             let store = shared.clone();
-            let key = ctx.key.clone();
-            let req_headers = ctx.req_headers.clone();
-            let age = rparts.headers.get(header::AGE).cloned();
-            let request_time = ctx.request_time;
-            let policy = ctx.settings.clone();
             // Waiting requests are released once the body is stored (or abandoned).
             let leader = ctx.leader.take();
+            let ctx = StoreCtx::from(&ctx);
             fill = Some(crate::body::Fill::new(
                 shared.cache.max_object,
                 Box::new(move |body| {
                     let _release_after_insert = leader;
-                    let entry = crate::cache::Entry::new(
-                        status,
-                        headers,
-                        body,
-                        request_time,
-                        response_time,
-                        &req_headers,
-                        store.cache.heuristic_max,
-                    )
-                    .with_age(age.as_ref())
-                    .with_tags(&store.cache.tag_header);
-                    store.cache.insert(&key, crate::cache::apply_ttl(&policy, entry));
-                    store.cache.stats.stored.inc();
+                    store_response(&store, &ctx, status, headers, body, response_time);
                 }),
             ));
         }
@@ -876,6 +899,8 @@ struct CacheCtx {
     /// MISS, EXPIRED or BYPASS.
     status: &'static str,
     request_time: f64,
+    /// The client asked for a range, which was removed from the origin request.
+    ranged: bool,
 }
 
 impl CacheCtx {
@@ -886,6 +911,87 @@ impl CacheCtx {
             .as_ref()
             .filter(|e| e.serves_on_error(window, crate::cache::now_secs()))
             .cloned()
+    }
+}
+
+/// What storing a response needs from the request that fetched it.
+struct StoreCtx {
+    key: String,
+    req_headers: http::HeaderMap,
+    request_time: f64,
+    policy: Arc<rampart_config::RouteCache>,
+}
+
+impl From<&CacheCtx> for StoreCtx {
+    fn from(c: &CacheCtx) -> StoreCtx {
+        StoreCtx {
+            key: c.key.clone(),
+            req_headers: c.req_headers.clone(),
+            request_time: c.request_time,
+            policy: c.settings.clone(),
+        }
+    }
+}
+
+/// Store a complete origin response under the route's policy; returns what was stored.
+fn store_response(
+    shared: &Shared,
+    ctx: &StoreCtx,
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: bytes::Bytes,
+    response_time: f64,
+) -> crate::cache::Entry {
+    let age = headers.get(header::AGE).cloned();
+    let entry = crate::cache::Entry::new(
+        status,
+        headers,
+        body,
+        ctx.request_time,
+        response_time,
+        &ctx.req_headers,
+        shared.cache.heuristic_max,
+    )
+    .with_age(age.as_ref())
+    .with_tags(&shared.cache.tag_header);
+    let entry = crate::cache::apply_ttl(&ctx.policy, entry);
+    shared.cache.insert(&ctx.key, entry.clone());
+    shared.cache.stats.stored.inc();
+    entry
+}
+
+/// Read a whole upstream body into memory: at most `limit` bytes, each frame within
+/// `idle`, all of it before `deadline`.
+async fn read_whole(
+    mut body: hyper::body::Incoming,
+    limit: usize,
+    idle: Duration,
+    deadline: Option<Instant>,
+) -> Result<bytes::Bytes, Reason> {
+    use http_body_util::BodyExt;
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        let next = tokio::time::timeout(idle, body.frame());
+        let frame = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, next).await {
+                Ok(f) => f,
+                Err(_) => return Err(Reason::UpstreamRequestTimeout),
+            },
+            None => next.await,
+        };
+        match frame {
+            Err(_) => return Err(Reason::UpstreamBodyIdleTimeout),
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(_))) => return Err(Reason::UpstreamBodyError),
+            Ok(Some(Ok(f))) => {
+                if let Ok(d) = f.into_data() {
+                    if buf.len() + d.len() > limit {
+                        return Err(Reason::UpstreamInvalidResponse);
+                    }
+                    buf.extend_from_slice(&d);
+                }
+            }
+        }
     }
 }
 
@@ -1059,6 +1165,9 @@ fn cached_response(
         "HIT" => format!("rampart; hit; ttl={ttl}"),
         "UPDATING" => format!("rampart; hit; ttl={ttl}; detail=stale-while-revalidate"),
         "STALE" => format!("rampart; hit; ttl={ttl}; detail=stale-if-error"),
+        // Just fetched whole for a range request, stored, and answered from the copy.
+        "MISS" => "rampart; fwd=uri-miss; stored".to_string(),
+        "EXPIRED" => "rampart; fwd=stale; stored".to_string(),
         _ => "rampart; fwd=stale; fwd-status=304".to_string(),
     };
     if let Ok(v) = HeaderValue::from_str(&detail) {
@@ -1074,6 +1183,8 @@ fn cached_response(
         "HIT" => "CACHE_HIT",
         "STALE" => "CACHE_STALE",
         "UPDATING" => "CACHE_UPDATING",
+        "MISS" => "CACHE_MISS",
+        "EXPIRED" => "CACHE_EXPIRED",
         _ => "CACHE_REVALIDATED",
     });
     let body = if not_modified || *method == Method::HEAD {

@@ -700,3 +700,38 @@ async fn disk_evictions(e: &TestEdge) -> u64 {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_range_miss_fetches_the_whole_object_stores_it_and_answers_the_range() {
+    let o = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&config(&o, "")).await;
+    let p = "/cache/seg-2.ts?cc=max-age%3D60&etag=seg2&pad=1000";
+    // The origin would answer this range with a 206 (not storable); the edge asks it
+    // for the whole object instead, stores it and cuts the range itself.
+    let r = get(&e, p, &[("range", "bytes=10-19")]).await;
+    assert_eq!((r.status, r.cache.as_str()), (206, "MISS"));
+    assert_eq!(r.body, "..........", "bytes 10-19 of `n=1 ae=-` and the dots");
+    let total = "n=1 ae=-".len() + 1000;
+    assert_eq!(r.headers["content-range"], format!("bytes 10-19/{total}").as_str());
+    assert_eq!(r.headers["content-length"], "10");
+    assert_eq!(r.headers["cache-status"], "rampart; fwd=uri-miss; stored");
+    // The whole object is stored: the full GET and another range are hits.
+    let full = get(&e, p, &[]).await;
+    assert_eq!((full.status, full.cache.as_str(), full.body.len()), (200, "HIT", total));
+    assert!(full.body.starts_with("n=1 "));
+    let r = get(&e, p, &[("range", "bytes=0-2")]).await;
+    assert_eq!((r.status, r.cache.as_str(), r.body.as_str()), (206, "HIT", "n=1"));
+    assert_eq!(o.requests(), 1);
+
+    // An unsatisfiable range on a miss: 416 from the stored copy.
+    let q = "/cache/seg-3.ts?cc=max-age%3D60";
+    let r = get(&e, q, &[("range", "bytes=5000-")]).await;
+    assert_eq!((r.status, r.cache.as_str()), (416, "MISS"));
+    assert_eq!(get(&e, q, &[]).await.cache, "HIT");
+
+    // Not storable (no-store): the whole response is passed on, which answers a range.
+    let n = "/cache/live.ts?cc=no-store&pad=100";
+    let r = get(&e, n, &[("range", "bytes=0-3")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), "n=3 ae=-".len() + 100);
+}

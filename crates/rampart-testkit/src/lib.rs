@@ -13,7 +13,7 @@
 //! | `/large?size=1048576` | a body of that many bytes, streamed |
 //! | `/echo`, `…/echo` | JSON with method, path, query, headers and body length received |
 //! | `/ws` | WebSocket echo |
-//! | `/cache/…?cc=max-age%3D60&etag=v1&vary=accept-encoding&cookie=1&lm=…&tag=t1&status=200&pad=N` | a cacheable response with those headers; body `n=<origin hit count> ae=<accept-encoding>` and N dots; `If-None-Match` matching `etag` gets 304 |
+//! | `/cache/…?cc=max-age%3D60&etag=v1&vary=accept-encoding&cookie=1&lm=…&tag=t1&status=200&pad=N` | a cacheable response with those headers; body `n=<origin hit count> ae=<accept-encoding>` and N dots; `If-None-Match` matching `etag` gets 304; `Range: bytes=A-B` gets 206 |
 //! | anything else | `200`, body `hello from {name}` |
 //!
 //! Connection-level faults use their own origin: [`Origin::resetting`] resets every
@@ -506,9 +506,30 @@ fn cacheable(req: &Request<Incoming>, query: &str, state: &State) -> Response<Bo
             .min(16 << 20);
         format!("n={n} ae={ae}{}", ".".repeat(pad))
     };
+    // A single `Range: bytes=A-B` within the body is honoured with a 206.
+    let range = req
+        .headers()
+        .get("range")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes="))
+        .and_then(|v| v.split_once('-'))
+        .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
+        .filter(|(a, b)| status == StatusCode::OK && a <= b && *b < body.len());
+    let total = body.len();
+    let body = match range {
+        Some((a, b)) => body[a..=b].to_string(),
+        None => body,
+    };
     let mut r = Response::new(full(body));
-    *r.status_mut() = status;
+    *r.status_mut() = if range.is_some() {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        status
+    };
     let h = r.headers_mut();
+    if let Some((a, b)) = range {
+        h.insert("content-range", header(&format!("bytes {a}-{b}/{total}")));
+    }
     h.insert("x-origin-name", header(&state.name));
     h.insert(
         "date",
