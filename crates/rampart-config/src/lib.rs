@@ -810,9 +810,6 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
                 {
                     errs.push(format!("{cat}.min_ttl"), "must not be greater than max_ttl");
                 }
-                if r.chain.is_some() && c.enabled {
-                    errs.push(cat.clone(), "caching applies to pool routes only (not yet to chains)");
-                }
             }
             if r.tunnel_idle_timeout.is_zero() {
                 errs.push(format!("{rat}.tunnel_idle_timeout"), "must be greater than zero");

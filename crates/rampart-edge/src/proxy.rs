@@ -30,6 +30,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+mod caching;
+
 /// What the pipeline knows about the client connection.
 pub struct ConnInfo {
     pub peer: SocketAddr,
@@ -338,7 +340,7 @@ pub async fn handle(
             return Ok(local_response(Reason::NoAvailableBackend, rec, None));
         };
         let pq = rewrite_path(&path, parts.uri.query(), &route.rewrite, matched);
-        let h = upstream_headers(
+        let mut h = upstream_headers(
             parts.headers,
             false,
             None,
@@ -348,7 +350,37 @@ pub async fn handle(
             snap.via.then_some(parts.version),
             &rec.request_id,
         );
-        return Ok(serve_chain(&shared, &snap, rec, &chain, &parts.method, &pq, h, body, explain).await);
+        let cached = match route.cache.clone() {
+            Some(rc) => {
+                let lookup = caching::Lookup {
+                    shared: &shared,
+                    snap: &snap,
+                    tls: conn.tls,
+                    host: &host_value,
+                    path: &path,
+                    query: parts.uri.query(),
+                    method: &parts.method,
+                    path_and_query: &pq,
+                    origin: caching::RefreshVia::Chain(chain.clone()),
+                };
+                match caching::before(lookup, rc, &mut h, rec).await {
+                    Ok((ctx, r)) => {
+                        rec = r;
+                        Some(ctx)
+                    }
+                    Err(answer) => return Ok(answer),
+                }
+            }
+            None => None,
+        };
+        let target = ChainTarget {
+            chain: &chain,
+            method: &parts.method,
+            path_and_query: &pq,
+            tls: conn.tls,
+            host: &host_value,
+        };
+        return Ok(serve_chain(&shared, &snap, rec, target, h, body, explain, cached).await);
     };
     // A pool with no healthy backend hands over to its fallback pool, if it has one.
     let pool = match &route.fallback {
@@ -420,145 +452,29 @@ pub async fn handle(
         .map_or(t.response_header.get(), |p| p.min(t.response_header.get()));
     // HTTP cache: answer from a usable stored response, or prepare to validate a
     // stale one, before any upstream is contacted.
-    let mut cached: Option<CacheCtx> = None;
-    if let Some(rc) = route.cache.clone() {
-        let key = crate::cache::policy_key(
-            &rc,
-            conn.tls,
-            host_value.to_str().unwrap_or(""),
-            &path,
-            parts.uri.query(),
-            &h,
-        );
-        // PURGE on the public listener, when enabled, from allowed networks only.
-        let purge_allow = &snap.validated.config.cache.purge_allow;
-        if parts.method.as_str() == "PURGE" && !purge_allow.is_empty() {
-            let allowed = purge_allow
-                .iter()
-                .filter_map(|n| n.parse::<rampart_config::Cidr>().ok())
-                .any(|c| c.contains(rec.client_ip));
-            if !allowed {
-                return Ok(local_response(Reason::PurgeNotAllowed, rec, None));
-            }
-            let soft = h.get("x-purge-soft").is_some_and(|v| v.as_bytes() == b"1");
-            let n = shared.cache.purge(&crate::cache::Purge::Url(key), soft);
-            let body = format!("{{\"purged\":{n},\"soft\":{soft}}}\n");
-            let mut resp = Response::new(EdgeBody::empty());
-            resp.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            resp.headers_mut().insert(X_REQUEST_ID.clone(), rec.request_id.clone());
-            rec.status = 200;
-            rec.reason_text = Some("CACHE_PURGED");
-            *resp.body_mut() = EdgeBody::full(body).on_complete(Box::new(rec));
-            return Ok(resp);
-        }
-        let req_cc = crate::cache::cache_control(&h);
-        let safe = (parts.method == Method::GET || parts.method == Method::HEAD) && !crate::cache::bypassed(&rc, &h);
-        let authorized = h.contains_key(header::AUTHORIZATION);
-        // §3.5: a request with Authorization is answered from the cache only by a stored
-        // response that allows it.
-        let allowed =
-            |e: &crate::cache::Entry| !authorized || e.cc.public || e.cc.s_maxage.is_some() || e.cc.must_revalidate;
-        let request_time = crate::cache::now_secs();
-        let found = if safe {
-            match shared.cache.lookup(&key, &h) {
-                Some(e) => Some(e),
-                None => from_disk(&shared, &key, &h).await,
-            }
-            .filter(|e| allowed(e))
-        } else {
-            None
-        };
-        let now = crate::cache::now_secs();
-        if let Some(e) = found.as_ref().filter(|e| e.usable(&req_cc, now)) {
-            return Ok(cached_response(e, &h, &parts.method, "HIT", rec, snap.via));
-        }
-        let mut ctx = CacheCtx {
-            leader: None,
-            key,
-            // The request as the client sent it: for Vary, Authorization and its own
-            // conditionals (before the cache's validators replace them).
-            req_headers: h.clone(),
-            req_cc,
-            settings: rc,
-            entry: None,
-            status: if safe { "MISS" } else { "BYPASS" },
-            request_time,
-            ranged: false,
-        };
-        if safe && parts.method == Method::GET && h.contains_key(header::RANGE) {
-            // Like nginx's proxy cache: ask the origin for the whole object, so it can
-            // be stored, and answer the range from it.
-            h.remove(header::RANGE);
-            h.remove(header::IF_RANGE);
-            ctx.ranged = true;
-        }
-        if safe {
-            match found {
-                Some(e)
-                    if e.serves_while_revalidating(ctx.settings.stale_while_revalidate.get().as_secs_f64(), now) =>
-                {
-                    // Serve it stale now; one background request refreshes it.
-                    if let crate::cache::Fetch::Lead(leader) = shared.cache.fetch(&ctx.key) {
-                        let mut refresh_headers = h.clone();
-                        for (name, value) in e.validators() {
-                            refresh_headers.insert(name, value);
-                        }
-                        spawn_refresh(Refresh {
-                            policy: ctx.settings.clone(),
-                            shared: shared.clone(),
-                            pool: pool.clone(),
-                            key: ctx.key.clone(),
-                            entry: e.clone(),
-                            headers: refresh_headers,
-                            vary_source: ctx.req_headers.clone(),
-                            path_and_query: pq.clone(),
-                            host: route.host_for_refresh(&host_value),
-                            client_ip: rec.client_ip,
-                            leader,
-                        });
-                    }
-                    return Ok(cached_response(&e, &h, &parts.method, "UPDATING", rec, snap.via));
+    let cached = match route.cache.clone() {
+        Some(rc) => {
+            let lookup = caching::Lookup {
+                shared: &shared,
+                snap: &snap,
+                tls: conn.tls,
+                host: &host_value,
+                path: &path,
+                query: parts.uri.query(),
+                method: &parts.method,
+                path_and_query: &pq,
+                origin: caching::RefreshVia::Pool(pool.clone(), route.host_for_refresh(&host_value)),
+            };
+            match caching::before(lookup, rc, &mut h, rec).await {
+                Ok((ctx, r)) => {
+                    rec = r;
+                    Some(ctx)
                 }
-                Some(e) => {
-                    // Stale, or no-cache: validate with the origin.
-                    for name in [
-                        header::IF_NONE_MATCH,
-                        header::IF_MODIFIED_SINCE,
-                        header::IF_MATCH,
-                        header::IF_UNMODIFIED_SINCE,
-                    ] {
-                        h.remove(name);
-                    }
-                    for (name, value) in e.validators() {
-                        h.insert(name, value);
-                    }
-                    ctx.status = "EXPIRED";
-                    ctx.entry = Some(e);
-                }
-                None if ctx.req_cc.only_if_cached => {
-                    return Ok(local_response(Reason::OnlyIfCachedMiss, rec, None));
-                }
-                None => match shared.cache.fetch(&ctx.key) {
-                    // Concurrent misses make one origin request: the first leads...
-                    crate::cache::Fetch::Lead(leader) => ctx.leader = Some(leader),
-                    // ...the others wait for it (bounded), then use what it stored,
-                    // under the same rules as any lookup.
-                    crate::cache::Fetch::Follow(rx) => {
-                        if crate::cache::follow(rx, ctx.settings.coalesce_timeout.get()).await
-                            && let Some(e) = shared
-                                .cache
-                                .lookup(&ctx.key, &h)
-                                .filter(|e| allowed(e) && e.usable(&ctx.req_cc, crate::cache::now_secs()))
-                        {
-                            return Ok(cached_response(&e, &h, &parts.method, "HIT", rec, snap.via));
-                        }
-                    }
-                },
+                Err(answer) => return Ok(answer),
             }
         }
-        cached = Some(ctx);
-    }
+        None => None,
+    };
     let request_method = parts.method.clone();
 
     let (pinned, repin) = pool.pinned(&h, rec.client_ip);
@@ -660,17 +576,10 @@ pub async fn handle(
                 if reason.is_upstream_error() {
                     pool.metrics.upstream_error(reason);
                     // The origin failed: a stale stored response may stand in (RFC 5861).
-                    if let Some(e) = cached.as_ref().and_then(CacheCtx::stale_on_error) {
-                        rec.upstream = Some(backend.label.clone());
-                        let req_headers = cached.as_ref().map(|c| c.req_headers.clone()).unwrap_or_default();
-                        return Ok(cached_response(
-                            &e,
-                            &req_headers,
-                            &request_method,
-                            "STALE",
-                            rec,
-                            snap.via,
-                        ));
+                    if let Some(c) = &cached
+                        && let Some(e) = c.stale_on_error()
+                    {
+                        return Ok(c.answer_stale(&e, &request_method, rec, snap.via));
                     }
                 }
                 return Ok(local_response(reason, rec, None));
@@ -720,145 +629,21 @@ pub async fn handle(
     }
 
     let mut fill = None;
-    if let Some(mut ctx) = cached {
-        let response_time = crate::cache::now_secs();
-        // A 304 to our validation: refresh the stored response and serve it (§4.3.4).
-        if rparts.status == StatusCode::NOT_MODIFIED
-            && let Some(e) = &ctx.entry
-        {
-            let refreshed = crate::cache::apply_ttl(
-                &ctx.settings,
-                e.refreshed(
-                    &rparts.headers,
-                    ctx.request_time,
-                    response_time,
-                    shared.cache.heuristic_max,
-                ),
-            );
-            shared.cache.insert(&ctx.key, refreshed.clone());
-            rec.upstream = Some(backend.label.clone());
-            return Ok(cached_response(
-                &refreshed,
-                &ctx.req_headers,
-                &request_method,
-                "REVALIDATED",
-                rec,
-                snap.via,
-            ));
-        }
-        // An origin 5xx when a stale response may stand in for it (RFC 5861).
-        if matches!(rparts.status.as_u16(), 500 | 502 | 503 | 504)
-            && let Some(e) = ctx.stale_on_error()
-        {
-            rec.upstream = Some(backend.label.clone());
-            return Ok(cached_response(
-                &e,
-                &ctx.req_headers,
-                &request_method,
-                "STALE",
-                rec,
-                snap.via,
-            ));
-        }
-        let resp_cc = crate::cache::cache_control(&rparts.headers);
-        let unsafe_method = matches!(
-            request_method,
-            Method::POST | Method::PUT | Method::DELETE | Method::PATCH
-        );
-        if unsafe_method && (rparts.status.is_success() || rparts.status.is_redirection()) {
-            // §4.4: a successful unsafe request invalidates the target and the
-            // same-origin Location / Content-Location.
-            shared.cache.invalidate(&ctx.key);
-            let host = host_value.to_str().unwrap_or("");
-            for name in [header::LOCATION, header::CONTENT_LOCATION] {
-                if let Some(loc) = rparts.headers.get(&name).and_then(|v| v.to_str().ok())
-                    && let Some(target) = same_origin_path(loc, host)
-                {
-                    shared.cache.invalidate(&crate::cache::key(conn.tls, host, &target));
-                }
-            }
-        }
-        let too_large = rparts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok())
-            .is_some_and(|n| n > shared.cache.max_object);
-        let why_not = crate::cache::not_storable(
-            &request_method,
-            &ctx.req_headers,
-            &ctx.req_cc,
-            rparts.status,
-            &rparts.headers,
-            &resp_cc,
-            ctx.settings.allow_set_cookie,
-        );
-        let stored = why_not.is_none() && !too_large && ctx.status != "BYPASS";
-        let length = rparts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
-        if stored && ctx.ranged && rparts.status == StatusCode::OK && length.is_some() {
-            // A range was asked for and the whole object came back: read it (at most
-            // max_object bytes, under the body timeouts), store it, answer the range.
-            let body = match read_whole(rbody, shared.cache.max_object, t.body_idle.get(), deadline).await {
-                Ok(b) => b,
-                Err(reason) => {
-                    pool.metrics.upstream_error(reason);
-                    return Ok(local_response(reason, rec, None));
-                }
-            };
-            let entry = store_response(
-                &shared,
-                &StoreCtx::from(&ctx),
-                rparts.status,
-                rparts.headers.clone(),
-                body,
-                response_time,
-            );
-            drop(ctx.leader.take());
-            rec.upstream = Some(backend.label.clone());
-            let mut resp = cached_response(&entry, &ctx.req_headers, &request_method, ctx.status, rec, snap.via);
-            for cookie in rparts.headers.get_all(header::SET_COOKIE) {
-                resp.headers_mut().append(header::SET_COOKIE, cookie.clone());
-            }
-            return Ok(resp);
-        }
-        if stored {
-            let (status, headers) = (rparts.status, rparts.headers.clone());
-            let store = shared.clone();
-            // Waiting requests are released once the body is stored (or abandoned).
-            let leader = ctx.leader.take();
-            let ctx = StoreCtx::from(&ctx);
-            fill = Some(crate::body::Fill::new(
-                shared.cache.max_object,
-                Box::new(move |body| {
-                    let _release_after_insert = leader;
-                    store_response(&store, &ctx, status, headers, body, response_time);
-                }),
-            ));
-        }
-        let status_text = ctx.status;
-        shared.cache.stats.count(status_text);
-        rparts
-            .headers
-            .insert(X_CACHE_STATUS.clone(), HeaderValue::from_static(status_text));
-        let detail = match (status_text, stored) {
-            ("BYPASS", _) => "rampart; fwd=bypass".to_string(),
-            ("EXPIRED", true) => "rampart; fwd=stale; stored".to_string(),
-            ("EXPIRED", false) => "rampart; fwd=stale".to_string(),
-            (_, true) => "rampart; fwd=uri-miss; stored".to_string(),
-            (_, false) => format!("rampart; fwd=uri-miss; detail={}", why_not.unwrap_or("too-large")),
+    let mut rbody = rbody;
+    if let Some(ctx) = cached {
+        let fetched = caching::Fetched {
+            shared: &shared,
+            method: &request_method,
+            tls: conn.tls,
+            host: &host_value,
+            body_idle: t.body_idle.get(),
+            deadline,
+            via: snap.via,
         };
-        if let Ok(v) = HeaderValue::from_str(&detail) {
-            rparts.headers.insert(CACHE_STATUS.clone(), v);
+        match caching::after(fetched, ctx, &mut rparts, rbody, rec).await {
+            Ok((b, f, r)) => (rbody, fill, rec) = (b, f, r),
+            Err(answer) => return Ok(answer),
         }
-        rec.reason_text = Some(match status_text {
-            "BYPASS" => "CACHE_BYPASS",
-            "EXPIRED" => "CACHE_EXPIRED",
-            _ => "CACHE_MISS",
-        });
     }
     headers::remove_hop_by_hop(&mut rparts.headers, false);
     finish_headers(&mut rparts.headers, &rec, snap.via, explain, &route, backend);
@@ -868,351 +653,6 @@ pub async fn handle(
         body = body.fill(f);
     }
     Ok(Response::from_parts(rparts, body.on_complete(Box::new(rec))))
-}
-
-/// The path and query of a `Location`-style URL when it is on the request's own host
-/// (a relative reference, or an absolute URL with the same host).
-fn same_origin_path(loc: &str, host: &str) -> Option<String> {
-    if loc.starts_with('/') && !loc.starts_with("//") {
-        return Some(loc.to_string());
-    }
-    let uri: Uri = loc.parse().ok()?;
-    let same = uri
-        .host()
-        .is_some_and(|h| h.eq_ignore_ascii_case(crate::routing::strip_port(host)));
-    same.then(|| uri.path_and_query().map_or("/", |pq| pq.as_str()).to_string())
-}
-
-static X_CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("x-cache-status");
-static CACHE_STATUS: header::HeaderName = header::HeaderName::from_static("cache-status");
-
-/// What the cache knows about the request being forwarded.
-struct CacheCtx {
-    /// This request leads the origin fetch of its key (coalescing).
-    leader: Option<crate::cache::Leader>,
-    key: String,
-    req_headers: http::HeaderMap,
-    req_cc: crate::cache::CacheControl,
-    settings: Arc<rampart_config::RouteCache>,
-    /// A stored response being validated.
-    entry: Option<Arc<crate::cache::Entry>>,
-    /// MISS, EXPIRED or BYPASS.
-    status: &'static str,
-    request_time: f64,
-    /// The client asked for a range, which was removed from the origin request.
-    ranged: bool,
-}
-
-impl CacheCtx {
-    /// The stored response that may stand in for a failed origin, if any.
-    fn stale_on_error(&self) -> Option<Arc<crate::cache::Entry>> {
-        let window = self.settings.stale_if_error.get().as_secs_f64();
-        self.entry
-            .as_ref()
-            .filter(|e| e.serves_on_error(window, crate::cache::now_secs()))
-            .cloned()
-    }
-}
-
-/// What storing a response needs from the request that fetched it.
-struct StoreCtx {
-    key: String,
-    req_headers: http::HeaderMap,
-    request_time: f64,
-    policy: Arc<rampart_config::RouteCache>,
-}
-
-impl From<&CacheCtx> for StoreCtx {
-    fn from(c: &CacheCtx) -> StoreCtx {
-        StoreCtx {
-            key: c.key.clone(),
-            req_headers: c.req_headers.clone(),
-            request_time: c.request_time,
-            policy: c.settings.clone(),
-        }
-    }
-}
-
-/// Store a complete origin response under the route's policy; returns what was stored.
-fn store_response(
-    shared: &Shared,
-    ctx: &StoreCtx,
-    status: StatusCode,
-    headers: http::HeaderMap,
-    body: bytes::Bytes,
-    response_time: f64,
-) -> crate::cache::Entry {
-    let age = headers.get(header::AGE).cloned();
-    let entry = crate::cache::Entry::new(
-        status,
-        headers,
-        body,
-        ctx.request_time,
-        response_time,
-        &ctx.req_headers,
-        shared.cache.heuristic_max,
-    )
-    .with_age(age.as_ref())
-    .with_tags(&shared.cache.tag_header);
-    let entry = crate::cache::apply_ttl(&ctx.policy, entry);
-    shared.cache.insert(&ctx.key, entry.clone());
-    shared.cache.stats.stored.inc();
-    entry
-}
-
-/// Read a whole upstream body into memory: at most `limit` bytes, each frame within
-/// `idle`, all of it before `deadline`.
-async fn read_whole(
-    mut body: hyper::body::Incoming,
-    limit: usize,
-    idle: Duration,
-    deadline: Option<Instant>,
-) -> Result<bytes::Bytes, Reason> {
-    use http_body_util::BodyExt;
-    let mut buf = bytes::BytesMut::new();
-    loop {
-        let next = tokio::time::timeout(idle, body.frame());
-        let frame = match deadline {
-            Some(d) => match tokio::time::timeout_at(d, next).await {
-                Ok(f) => f,
-                Err(_) => return Err(Reason::UpstreamRequestTimeout),
-            },
-            None => next.await,
-        };
-        match frame {
-            Err(_) => return Err(Reason::UpstreamBodyIdleTimeout),
-            Ok(None) => return Ok(buf.freeze()),
-            Ok(Some(Err(_))) => return Err(Reason::UpstreamBodyError),
-            Ok(Some(Ok(f))) => {
-                if let Ok(d) = f.into_data() {
-                    if buf.len() + d.len() > limit {
-                        return Err(Reason::UpstreamInvalidResponse);
-                    }
-                    buf.extend_from_slice(&d);
-                }
-            }
-        }
-    }
-}
-
-/// After a memory miss: the disk tier's copy, read and checked on the blocking pool,
-/// then put back in memory.
-async fn from_disk(shared: &Arc<Shared>, key: &str, h: &http::HeaderMap) -> Option<Arc<crate::cache::Entry>> {
-    shared.cache.disk.as_ref()?;
-    let (s, k, req) = (shared.clone(), key.to_string(), h.clone());
-    let entry = tokio::task::spawn_blocking(move || s.cache.disk.as_ref().and_then(|d| d.load(&k, &req)))
-        .await
-        .ok()??;
-    Some(shared.cache.promote(key, entry))
-}
-
-/// A background refresh of a stale entry (stale-while-revalidate).
-struct Refresh {
-    policy: Arc<rampart_config::RouteCache>,
-    shared: Arc<Shared>,
-    pool: Arc<crate::upstream::Pool>,
-    key: String,
-    entry: Arc<crate::cache::Entry>,
-    /// Prepared upstream headers plus the entry's validators.
-    headers: http::HeaderMap,
-    /// The request's own headers, for Vary.
-    vary_source: http::HeaderMap,
-    path_and_query: String,
-    host: Option<HeaderValue>,
-    client_ip: IpAddr,
-    leader: crate::cache::Leader,
-}
-
-fn spawn_refresh(r: Refresh) {
-    tokio::spawn(async move {
-        let _leader = r.leader;
-        let Some(backend) = r.pool.pick(&Uri::default(), &r.vary_source, r.client_ip) else {
-            return;
-        };
-        let Ok(uri) = Uri::builder()
-            .scheme(backend.scheme.clone())
-            .authority(backend.authority.clone())
-            .path_and_query(r.path_and_query.as_str())
-            .build()
-        else {
-            return;
-        };
-        let mut req = Request::new(UpstreamBody::Empty);
-        *req.uri_mut() = uri;
-        *req.headers_mut() = r.headers;
-        req.headers_mut()
-            .insert(header::HOST, r.host.unwrap_or_else(|| backend.host_value.clone()));
-        let request_time = crate::cache::now_secs();
-        let fetched = async {
-            let resp = r.pool.client.request(req).await.ok()?;
-            let (parts, body) = resp.into_parts();
-            let response_time = crate::cache::now_secs();
-            if parts.status == StatusCode::NOT_MODIFIED {
-                let e = r.entry.refreshed(
-                    &parts.headers,
-                    request_time,
-                    response_time,
-                    r.shared.cache.heuristic_max,
-                );
-                return Some(crate::cache::apply_ttl(&r.policy, e));
-            }
-            let resp_cc = crate::cache::cache_control(&parts.headers);
-            crate::cache::not_storable(
-                &Method::GET,
-                &r.vary_source,
-                &crate::cache::CacheControl::default(),
-                parts.status,
-                &parts.headers,
-                &resp_cc,
-                false,
-            )
-            .is_none()
-            .then_some(())?;
-            let bytes = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, r.shared.cache.max_object))
-                .await
-                .ok()?
-                .to_bytes();
-            let age = parts.headers.get(header::AGE).cloned();
-            Some(
-                crate::cache::Entry::new(
-                    parts.status,
-                    parts.headers,
-                    bytes,
-                    request_time,
-                    response_time,
-                    &r.vary_source,
-                    r.shared.cache.heuristic_max,
-                )
-                .with_age(age.as_ref())
-                .with_tags(&r.shared.cache.tag_header),
-            )
-            .map(|e| crate::cache::apply_ttl(&r.policy, e))
-        };
-        let limit = r.pool.timeouts.response_header.get() + r.pool.timeouts.body_idle.get();
-        if let Ok(Some(e)) = tokio::time::timeout(limit, fetched).await {
-            r.shared.cache.insert(&r.key, e);
-            r.shared.cache.stats.stored.inc();
-        }
-    });
-}
-
-/// Answer from a stored response: its status and headers, a correct `Age`, the
-/// cache status, and the body (none for HEAD). The client's own conditionals are
-/// answered with 304 when they match (§4.3.2).
-fn cached_response(
-    e: &crate::cache::Entry,
-    req: &http::HeaderMap,
-    method: &Method,
-    status_text: &'static str,
-    mut rec: Record,
-    via: bool,
-) -> Response<EdgeBody> {
-    let now = crate::cache::now_secs();
-    let age = e.current_age(now).max(0.0).floor() as u64;
-    let not_modified = client_conditional_matches(e, req);
-    // Range requests are answered from the complete stored object (GET of a 200 only).
-    let ranged = if !not_modified && *method == Method::GET && e.status == StatusCode::OK {
-        crate::cache::range(req, &e.headers, e.body.len() as u64)
-    } else {
-        crate::cache::RangeAnswer::Full
-    };
-    let mut resp = Response::new(EdgeBody::empty());
-    *resp.status_mut() = match (&ranged, not_modified) {
-        (_, true) => StatusCode::NOT_MODIFIED,
-        (crate::cache::RangeAnswer::Partial(..), _) => StatusCode::PARTIAL_CONTENT,
-        (crate::cache::RangeAnswer::Unsatisfiable, _) => StatusCode::RANGE_NOT_SATISFIABLE,
-        (crate::cache::RangeAnswer::Full, _) => e.status,
-    };
-    let h = resp.headers_mut();
-    *h = e.headers.clone();
-    let total = e.body.len();
-    let body_bytes = match ranged {
-        crate::cache::RangeAnswer::Partial(a, b) => {
-            let (a, b) = (usize::try_from(a).unwrap_or(0), usize::try_from(b).unwrap_or(0));
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes {a}-{b}/{total}")) {
-                h.insert(header::CONTENT_RANGE, v);
-            }
-            h.insert(header::CONTENT_LENGTH, HeaderValue::from(b + 1 - a));
-            e.body.slice(a..=b)
-        }
-        crate::cache::RangeAnswer::Unsatisfiable => {
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{total}")) {
-                h.insert(header::CONTENT_RANGE, v);
-            }
-            h.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
-            bytes::Bytes::new()
-        }
-        crate::cache::RangeAnswer::Full => e.body.clone(),
-    };
-    if e.status == StatusCode::OK {
-        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    }
-    if not_modified {
-        for name in [
-            header::CONTENT_LENGTH,
-            header::CONTENT_TYPE,
-            header::CONTENT_ENCODING,
-            header::TRANSFER_ENCODING,
-        ] {
-            h.remove(name);
-        }
-    }
-    headers::remove_hop_by_hop(h, false);
-    h.insert(header::AGE, HeaderValue::from(age));
-    h.insert(X_CACHE_STATUS.clone(), HeaderValue::from_static(status_text));
-    let ttl = (e.freshness - e.current_age(now)).floor() as i64;
-    let detail = match status_text {
-        "HIT" => format!("rampart; hit; ttl={ttl}"),
-        "UPDATING" => format!("rampart; hit; ttl={ttl}; detail=stale-while-revalidate"),
-        "STALE" => format!("rampart; hit; ttl={ttl}; detail=stale-if-error"),
-        // Just fetched whole for a range request, stored, and answered from the copy.
-        "MISS" => "rampart; fwd=uri-miss; stored".to_string(),
-        "EXPIRED" => "rampart; fwd=stale; stored".to_string(),
-        _ => "rampart; fwd=stale; fwd-status=304".to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&detail) {
-        h.insert(CACHE_STATUS.clone(), v);
-    }
-    if via {
-        headers::append_via(h, Version::HTTP_11);
-    }
-    h.insert(X_REQUEST_ID.clone(), rec.request_id.clone());
-    rec.status = resp.status().as_u16();
-    rec.shared.cache.stats.count(status_text);
-    rec.reason_text = Some(match status_text {
-        "HIT" => "CACHE_HIT",
-        "STALE" => "CACHE_STALE",
-        "UPDATING" => "CACHE_UPDATING",
-        "MISS" => "CACHE_MISS",
-        "EXPIRED" => "CACHE_EXPIRED",
-        _ => "CACHE_REVALIDATED",
-    });
-    let body = if not_modified || *method == Method::HEAD {
-        EdgeBody::empty()
-    } else {
-        EdgeBody::full(body_bytes)
-    };
-    *resp.body_mut() = body.on_complete(Box::new(rec));
-    resp
-}
-
-/// `If-None-Match` (weak comparison, `*`), else `If-Modified-Since`, against a stored response.
-fn client_conditional_matches(e: &crate::cache::Entry, req: &http::HeaderMap) -> bool {
-    if let Some(inm) = req.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
-        let Some(etag) = e.headers.get(header::ETAG).and_then(|v| v.to_str().ok()) else {
-            return false;
-        };
-        let weak = |t: &str| t.trim().trim_start_matches("W/").to_string();
-        return inm.split(',').any(|t| t.trim() == "*" || weak(t) == weak(etag));
-    }
-    if let (Some(ims), Some(lm)) = (
-        req.get(header::IF_MODIFIED_SINCE).and_then(|v| v.to_str().ok()),
-        e.headers.get(header::LAST_MODIFIED).and_then(|v| v.to_str().ok()),
-    ) && let (Ok(ims), Ok(lm)) = (httpdate::parse_http_date(ims), httpdate::parse_http_date(lm))
-    {
-        return lm <= ims;
-    }
-    false
 }
 
 /// The request headers sent upstream: hop-by-hop removed (an upgrade's kept),
@@ -1249,17 +689,32 @@ fn upstream_headers(
 
 /// Serve a route whose target is a provider chain.
 #[allow(clippy::too_many_arguments)]
+/// Where a chain route sends a request.
+struct ChainTarget<'a> {
+    chain: &'a crate::chain::Chain,
+    method: &'a Method,
+    path_and_query: &'a str,
+    tls: bool,
+    host: &'a HeaderValue,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn serve_chain(
     shared: &Arc<Shared>,
     snap: &Snapshot,
     mut rec: Record,
-    chain: &crate::chain::Chain,
-    method: &Method,
-    path_and_query: &str,
+    target: ChainTarget<'_>,
     h: http::HeaderMap,
     body: Incoming,
     explain: bool,
+    cached: Option<caching::CacheCtx>,
 ) -> Response<EdgeBody> {
+    let ChainTarget {
+        chain,
+        method,
+        path_and_query,
+        ..
+    } = target;
     // Keep the body for failover up to the chain's replay bound.
     let body = if body.is_end_stream() {
         UpstreamBody::Empty
@@ -1327,7 +782,15 @@ async fn serve_chain(
     };
 
     let Some(resp) = result.response else {
-        // Every provider failed and the policy allows no (working) fallback: fail closed.
+        // Every provider failed: a stale stored response may stand in (RFC 5861).
+        if let Some(c) = &cached
+            && let Some(e) = c.stale_on_error()
+        {
+            let mut answer = c.answer_stale(&e, method, rec, snap.via);
+            explain_headers(answer.headers_mut());
+            return answer;
+        }
+        // The policy allows no (working) fallback: fail closed.
         let status = if trace.selected_fallback == "origin" {
             StatusCode::BAD_GATEWAY
         } else {
@@ -1361,8 +824,27 @@ async fn serve_chain(
         *resp.body_mut() = body.on_complete(Box::new(rec));
         return resp;
     };
-    let (mut rparts, rbody) = resp.into_parts();
+    let (mut rparts, mut rbody) = resp.into_parts();
     rec.status = rparts.status.as_u16();
+    let mut fill = None;
+    if let Some(ctx) = cached {
+        let fetched = caching::Fetched {
+            shared,
+            method,
+            tls: target.tls,
+            host: target.host,
+            body_idle: CHAIN_BODY_IDLE,
+            deadline: None,
+            via: snap.via,
+        };
+        match caching::after(fetched, ctx, &mut rparts, rbody, rec).await {
+            Ok((b, f, r)) => (rbody, fill, rec) = (b, f, r),
+            Err(mut answer) => {
+                explain_headers(answer.headers_mut());
+                return answer;
+            }
+        }
+    }
     headers::remove_hop_by_hop(&mut rparts.headers, false);
     if snap.via {
         headers::append_via(&mut rparts.headers, Version::HTTP_11);
@@ -1370,8 +852,11 @@ async fn serve_chain(
     rparts.headers.insert(X_REQUEST_ID.clone(), rec.request_id.clone());
     explain_headers(&mut rparts.headers);
     rparts.version = Version::HTTP_11;
-    let body = EdgeBody::upstream(rbody, CHAIN_BODY_IDLE, None).on_complete(Box::new(rec));
-    Response::from_parts(rparts, body)
+    let mut body = EdgeBody::upstream(rbody, CHAIN_BODY_IDLE, None);
+    if let Some(f) = fill {
+        body = body.fill(f);
+    }
+    Response::from_parts(rparts, body.on_complete(Box::new(rec)))
 }
 
 /// Longest pause allowed in a provider's response body.
@@ -1543,17 +1028,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn same_origin_locations() {
-        assert_eq!(same_origin_path("/a?b=1", "x.test:8080").as_deref(), Some("/a?b=1"));
-        assert_eq!(
-            same_origin_path("https://X.test/p", "x.test:8080").as_deref(),
-            Some("/p")
-        );
-        assert_eq!(same_origin_path("https://other.test/p", "x.test"), None);
-        assert_eq!(same_origin_path("//other.test/p", "x.test"), None);
-    }
 
     #[test]
     fn rewrites() {

@@ -284,3 +284,69 @@ async fn the_ranking_adapts_to_recent_failures_and_recovers_as_they_decay() {
         i += 1;
     }
 }
+
+fn cached_config(o: &Cdns, route_cache: &str) -> String {
+    config(o, "", true).replace(
+        "  chain = \"video\"\n",
+        &format!("  chain = \"video\"\n  cache = {{ {route_cache} }}\n"),
+    )
+}
+
+async fn get_cached(e: &TestEdge, path: &str) -> (u16, String, String, String) {
+    let r = client().get(e.url(path)).send().await.unwrap();
+    let status = r.status().as_u16();
+    let cache = header(&r, "x-cache-status");
+    let provider = header(&r, "x-rampart-provider");
+    (status, cache, provider, r.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn chain_routes_are_cached_after_failover() {
+    let o = cdns().await;
+    o.a.set_hang("/cache/seg.ts", true);
+    let e = TestEdge::start(&cached_config(&o, "")).await;
+    let p = "/cache/seg.ts?cc=max-age%3D60";
+    let (status, cache, provider, body) = get_cached(&e, p).await;
+    assert_eq!((status, cache.as_str(), provider.as_str()), (200, "MISS", "cdn-b"));
+    let (status, cache, _, again) = get_cached(&e, p).await;
+    assert_eq!((status, cache.as_str()), (200, "HIT"));
+    assert_eq!(again, body);
+    assert_eq!(o.b.requests(), 1, "the hit did not go to any provider");
+    assert_eq!(o.c.requests() + o.origin.requests(), 0);
+}
+
+#[tokio::test]
+async fn a_stale_copy_stands_in_when_every_provider_fails() {
+    let o = cdns().await;
+    let e = TestEdge::start(&cached_config(&o, "stale_if_error = \"60s\"")).await;
+    // Stored, and stale at once.
+    let p = "/cache/live.m3u8?cc=max-age%3D0";
+    let (_, cache, provider, body) = get_cached(&e, p).await;
+    assert_eq!((cache.as_str(), provider.as_str()), ("MISS", "cdn-a"));
+    for cdn in [&o.a, &o.b, &o.c, &o.origin] {
+        cdn.set_status("/cache/live.m3u8", Some(503));
+    }
+    let r = client().get(e.url(p)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-cache-status"), "STALE");
+    assert!(
+        !header(&r, "x-rampart-failure-points").is_empty(),
+        "the failed chain is explained"
+    );
+    assert_eq!(r.text().await.unwrap(), body);
+}
+
+#[tokio::test]
+async fn a_chain_route_revalidates_through_the_chain() {
+    let o = cdns().await;
+    let e = TestEdge::start(&cached_config(&o, "stale_while_revalidate = \"60s\"")).await;
+    let p = "/cache/v.ts?cc=max-age%3D0&etag=v1";
+    assert_eq!(get_cached(&e, p).await.1, "MISS");
+    // cdn-a now times out: the background refresh fails over to cdn-b.
+    o.a.set_hang("/cache/v.ts", true);
+    assert_eq!(get_cached(&e, p).await.1, "UPDATING");
+    assert!(
+        eventually(|| o.b.requests() == 1, std::time::Duration::from_secs(10)).await,
+        "the refresh went through the chain to cdn-b"
+    );
+}
