@@ -150,6 +150,8 @@ pub struct Server {
     /// connections wait in the kernel's accept backlog until one closes.
     pub max_connections: usize,
     pub limits: Limits,
+    /// How request paths are normalised before routing, inspection and forwarding.
+    pub normalize: Normalize,
 }
 
 impl Default for Server {
@@ -168,8 +170,43 @@ impl Default for Server {
             shutdown_timeout: Duration::from_secs(30),
             max_connections: 65_536,
             limits: Limits::default(),
+            normalize: Normalize::default(),
         }
     }
+}
+
+/// `[server.normalize]`: one normalised view of the path for every stage.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Normalize {
+    /// Merge runs of `/` into one.
+    pub merge_slashes: bool,
+    /// What to do with `%2F` and `%5C` (and a raw `\`) in a path.
+    pub encoded_slash: EncodedSlash,
+    /// What to do with `%25XX` (double encoding) in a path.
+    pub double_encoding: DoubleEncoding,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EncodedSlash {
+    /// Forwarded encoded; not a separator for routing.
+    #[default]
+    Keep,
+    /// 400 `BAD_PATH`.
+    Reject,
+    /// Decoded to `/` before routing, inspection and forwarding.
+    Decode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DoubleEncoding {
+    /// 400 `BAD_PATH`.
+    #[default]
+    Reject,
+    /// Decoded (at most three rounds) and then normalised as usual.
+    Decode,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]

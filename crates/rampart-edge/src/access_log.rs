@@ -35,6 +35,9 @@ pub struct Entry<'a> {
     pub upstream: &'a str,
     pub attempts: u32,
     pub reason: &'a str,
+    /// What a refusal objected to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<&'a str>,
 }
 
 pub struct AccessLog {

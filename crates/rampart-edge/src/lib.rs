@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod reason;
 pub mod routing;
+pub mod security;
 pub mod snapshot;
 pub mod tls;
 pub mod upstream;

@@ -4,6 +4,7 @@
 use crate::Shared;
 use crate::metrics::ListenerLabels;
 use crate::proxy::{self, ConnInfo};
+use crate::security::guard::Guarded;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -196,10 +197,15 @@ enum Protocols {
     Both(auto::Builder<TokioExecutor>),
 }
 
+/// The most a request head may take: hyper's read buffer and the guard's bound.
+fn head_budget(snap: &crate::snapshot::Snapshot) -> usize {
+    (snap.limits.max_header_bytes + snap.limits.max_uri + 4096).max(8192)
+}
+
 fn builder(shared: &Shared, kind: Kind) -> Protocols {
     let snap = shared.snapshot.load();
     let s = &snap.validated.config.server;
-    let head_budget = (snap.limits.max_header_bytes + snap.limits.max_uri + 4096).max(8192);
+    let head_budget = head_budget(&snap);
     let http2 = match kind {
         Kind::Plain => s.h2c,
         Kind::Tls => s.tls.as_ref().is_some_and(|t| t.http2),
@@ -231,11 +237,20 @@ async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, ki
     let _ = stream.set_nodelay(true);
     let mut shutdown = shared.shutdown_rx();
     let info = Arc::new(ConnInfo::new(peer, kind == Kind::Tls));
+    // The framing guard reads along with hyper's HTTP/1 parser (see security::guard).
+    let verdicts = info.verdicts.clone();
+    let head_budget = {
+        let snap = shared.snapshot.load();
+        head_budget(&snap)
+    };
     let svc_shared = shared.clone();
     let svc = service_fn(move |req| proxy::handle(svc_shared.clone(), info.clone(), req));
     let b = builder(&shared, kind);
     match kind {
-        Kind::Plain => serve(&b, TokioIo::new(stream), svc, &mut shutdown).await,
+        Kind::Plain => {
+            let io = Guarded::new(stream, head_budget, verdicts);
+            serve(&b, TokioIo::new(io), svc, &mut shutdown).await;
+        }
         Kind::Tls => {
             let snap = shared.snapshot.load();
             let Some(cfg) = snap.tls.clone() else { return };
@@ -243,7 +258,10 @@ async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, ki
             drop(snap);
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
             match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => serve(&b, TokioIo::new(tls), svc, &mut shutdown).await,
+                Ok(Ok(tls)) => {
+                    let io = Guarded::new(tls, head_budget, verdicts);
+                    serve(&b, TokioIo::new(io), svc, &mut shutdown).await;
+                }
                 Ok(Err(e)) => {
                     shared.metrics.tls_handshake_failures.inc();
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");

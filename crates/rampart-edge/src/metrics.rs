@@ -53,6 +53,15 @@ pub struct ListenerLabels {
     pub listener: String,
 }
 
+/// A security stage's decision: `stage` (framing, normalize, acl, waf, rate_limit),
+/// the reason code, and `action` (block, or log in shadow mode).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecurityLabels {
+    pub stage: &'static str,
+    pub reason: &'static str,
+    pub action: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
@@ -82,6 +91,7 @@ pub struct Metrics {
     pub access_log_dropped: Counter,
     cache: crate::cache::Stats,
     pub tls_handshake_failures: Counter,
+    security: Family<SecurityLabels, Counter>,
 }
 
 /// Handles for one route: incrementing them is lock-free.
@@ -238,6 +248,12 @@ impl Metrics {
         }
         registry.register("cache_objects", "URLs stored in the memory tier", cache.objects.clone());
         registry.register("cache_bytes", "Bytes stored in the memory tier", cache.bytes.clone());
+        let security = Family::<SecurityLabels, Counter>::default();
+        registry.register(
+            "security_decisions",
+            "Requests a security stage refused (or, in shadow mode, would have), by stage, reason and action",
+            security.clone(),
+        );
         let tls_handshake_failures = Counter::default();
         registry.register(
             "tls_handshake_failures",
@@ -262,6 +278,7 @@ impl Metrics {
             access_log_dropped,
             cache,
             tls_handshake_failures,
+            security,
         })
     }
 
@@ -338,6 +355,13 @@ impl Metrics {
     }
 
     /// The cache's counters and gauges (registered in `new`), shared with the store.
+    /// Count a security decision.
+    pub fn security(&self, stage: &'static str, reason: &'static str, action: &'static str) {
+        self.security
+            .get_or_create(&SecurityLabels { stage, reason, action })
+            .inc();
+    }
+
     pub fn cache_stats(&self) -> crate::cache::Stats {
         self.cache.clone()
     }

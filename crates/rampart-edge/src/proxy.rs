@@ -38,12 +38,22 @@ pub struct ConnInfo {
     /// The peer's IP as a header value, for `X-Forwarded-For` (made once per connection).
     pub peer_value: HeaderValue,
     pub tls: bool,
+    /// Requests received on this connection so far.
+    requests: std::sync::atomic::AtomicU64,
+    /// What the HTTP/1 framing guard found in the request heads.
+    pub verdicts: Arc<crate::security::guard::Verdicts>,
 }
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
         let peer_value = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        ConnInfo { peer, peer_value, tls }
+        ConnInfo {
+            peer,
+            peer_value,
+            tls,
+            requests: std::sync::atomic::AtomicU64::new(0),
+            verdicts: Arc::default(),
+        }
     }
 }
 
@@ -74,6 +84,8 @@ struct Record {
     reason_text: Option<&'static str>,
     /// `pool#index:OUTCOME,...` for `x-rampart-attempts`, built only when explaining.
     attempts: Option<String>,
+    /// What exactly a refusal objected to (JSON `detail`, access log `detail`).
+    detail: Option<Arc<str>>,
 }
 
 impl Completion for Record {
@@ -120,6 +132,7 @@ impl Completion for Record {
                     (Some(text), Reason::Proxied) => text,
                     _ => reason.as_str(),
                 },
+                detail: self.detail.as_deref(),
             });
         }
     }
@@ -185,14 +198,24 @@ fn version_str(v: Version) -> &'static str {
 }
 
 /// A response the edge makes itself, with a JSON body naming the reason.
+/// A security stage refuses the request: counted, logged with its detail, answered.
+fn refuse(mut rec: Record, stage: &'static str, reason: Reason, detail: &str) -> Response<EdgeBody> {
+    rec.shared.metrics.security(stage, reason.as_str(), "block");
+    rec.detail = Some(Arc::from(detail));
+    local_response(reason, rec, None)
+}
+
 fn local_response(reason: Reason, rec: Record, extra: Option<(header::HeaderName, HeaderValue)>) -> Response<EdgeBody> {
     let status = reason.status();
-    let body = format!(
-        "{{\"status\":{},\"reason\":\"{}\",\"request_id\":\"{}\"}}\n",
-        status.as_u16(),
-        reason.as_str(),
-        rec.request_id.to_str().unwrap_or("-")
-    );
+    let mut body = serde_json::json!({
+        "status": status.as_u16(),
+        "reason": reason.as_str(),
+        "request_id": rec.request_id.to_str().unwrap_or("-"),
+    });
+    if let Some(d) = &rec.detail {
+        body["detail"] = serde_json::Value::from(d.as_ref());
+    }
+    let body = format!("{body}\n");
     let mut resp = Response::new(EdgeBody::empty());
     *resp.status_mut() = status;
     let h = resp.headers_mut();
@@ -201,7 +224,13 @@ fn local_response(reason: Reason, rec: Record, extra: Option<(header::HeaderName
     h.insert(X_RAMPART_REASON.clone(), HeaderValue::from_static(reason.as_str()));
     if matches!(
         reason,
-        Reason::HeadersTooLarge | Reason::UriTooLong | Reason::BadRequest | Reason::RequestBodyTooLarge
+        Reason::HeadersTooLarge
+            | Reason::UriTooLong
+            | Reason::BadRequest
+            | Reason::RequestBodyTooLarge
+            | Reason::BadFraming
+            | Reason::BadHost
+            | Reason::BadPath
     ) {
         // After a framing or size problem the rest of the connection cannot be trusted.
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -265,6 +294,7 @@ pub async fn handle(
         tries: 0,
         reason_text: None,
         attempts: None,
+        detail: None,
     };
 
     // Limits.
@@ -277,8 +307,35 @@ pub async fn handle(
     {
         return Ok(local_response(Reason::HeadersTooLarge, rec, None));
     }
+    // Framing: refuse what two parsers could read differently.
+    let nth = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    if conn.verdicts.ambiguous(nth) {
+        return Ok(refuse(
+            rec,
+            "framing",
+            Reason::BadFraming,
+            "content-length-with-transfer-encoding",
+        ));
+    }
+    if let Err(refusal) = crate::security::framing::check_request(req.uri(), req.version(), req.headers()) {
+        let (reason, detail) = match refusal {
+            crate::security::framing::Refusal::Framing(d) => (Reason::BadFraming, d),
+            crate::security::framing::Refusal::Host(d) => (Reason::BadHost, d),
+        };
+        return Ok(refuse(rec, "framing", reason, detail));
+    }
     if req.method() == Method::CONNECT {
         return Ok(local_response(Reason::MethodNotAllowed, rec, None));
+    }
+    // One normalised path for routing, every later stage, the cache key and the
+    // upstream, so none of them can be bypassed by a different reading.
+    let normalize = &snap.validated.config.server.normalize;
+    let path = match crate::security::normalize::normalize_path(req.uri().path(), normalize) {
+        Ok(p) => p.into_owned(),
+        Err(e) => return Ok(refuse(rec, "normalize", Reason::BadPath, e.as_str())),
+    };
+    if let Some(Err(e)) = req.uri().query().map(crate::security::normalize::check_query) {
+        return Ok(refuse(rec, "normalize", Reason::BadPath, e.as_str()));
     }
     let Some(host_value) = host_value else {
         return Ok(local_response(Reason::BadRequest, rec, None));
@@ -305,9 +362,6 @@ pub async fn handle(
             loc.map(|v| (header::LOCATION, v)),
         ));
     }
-    // Route on the path without dot segments, and forward that same path, so the
-    // router and the upstream can never disagree about what was asked for.
-    let path = crate::routing::normalize_path(req.uri().path()).into_owned();
     let Some((route, matched)) = snap.router.sites[site_idx].route(&path) else {
         return Ok(local_response(Reason::NoMatchingRoute, rec, None));
     };
@@ -588,6 +642,10 @@ pub async fn handle(
     };
 
     let (mut rparts, rbody) = resp.into_parts();
+    if let Err(detail) = crate::security::framing::check_response(&rparts.headers) {
+        pool.metrics.upstream_error(Reason::UpstreamBadFraming);
+        return Ok(refuse(rec, "framing", Reason::UpstreamBadFraming, detail));
+    }
     rec.status = rparts.status.as_u16();
     // Pin (or re-pin) the client to the backend that served it.
     if let Some(a) = &pool.affinity
@@ -825,6 +883,11 @@ async fn serve_chain(
         return resp;
     };
     let (mut rparts, mut rbody) = resp.into_parts();
+    if let Err(detail) = crate::security::framing::check_response(&rparts.headers) {
+        let mut answer = refuse(rec, "framing", Reason::UpstreamBadFraming, detail);
+        explain_headers(answer.headers_mut());
+        return answer;
+    }
     rec.status = rparts.status.as_u16();
     let mut fill = None;
     if let Some(ctx) = cached {

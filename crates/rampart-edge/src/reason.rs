@@ -31,10 +31,20 @@ pub enum Reason {
     ClientBodyTimeout,
     OnlyIfCachedMiss,
     PurgeNotAllowed,
+    /// Ambiguous request framing (Content-Length with Transfer-Encoding, a coding
+    /// other than one final `chunked`).
+    BadFraming,
+    /// Several Host fields, or an absolute-form target whose authority is not Host.
+    BadHost,
+    /// A path or query the normaliser refuses (bad encoding, control characters,
+    /// encoded separators or traversal, double encoding).
+    BadPath,
+    /// An upstream response with ambiguous framing.
+    UpstreamBadFraming,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 29] = [
         Reason::Proxied,
         Reason::NoMatchingSite,
         Reason::NoMatchingRoute,
@@ -60,6 +70,10 @@ impl Reason {
         Reason::ClientBodyTimeout,
         Reason::OnlyIfCachedMiss,
         Reason::PurgeNotAllowed,
+        Reason::BadFraming,
+        Reason::BadHost,
+        Reason::BadPath,
+        Reason::UpstreamBadFraming,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -89,6 +103,10 @@ impl Reason {
             Reason::ClientBodyTimeout => "CLIENT_BODY_TIMEOUT",
             Reason::OnlyIfCachedMiss => "ONLY_IF_CACHED_MISS",
             Reason::PurgeNotAllowed => "PURGE_NOT_ALLOWED",
+            Reason::BadFraming => "BAD_FRAMING",
+            Reason::BadHost => "BAD_HOST",
+            Reason::BadPath => "BAD_PATH",
+            Reason::UpstreamBadFraming => "UPSTREAM_BAD_FRAMING",
         }
     }
 
@@ -101,7 +119,9 @@ impl Reason {
             Reason::UriTooLong => StatusCode::URI_TOO_LONG,
             Reason::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Reason::RequestBodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Reason::BadRequest | Reason::ClientBodyError => StatusCode::BAD_REQUEST,
+            Reason::BadRequest | Reason::ClientBodyError | Reason::BadFraming | Reason::BadHost | Reason::BadPath => {
+                StatusCode::BAD_REQUEST
+            }
             Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Reason::NoAvailableBackend => StatusCode::SERVICE_UNAVAILABLE,
             Reason::UpstreamConnectTimeout
@@ -117,6 +137,7 @@ impl Reason {
             | Reason::UpstreamTlsError
             | Reason::UpstreamReset
             | Reason::UpstreamInvalidResponse
+            | Reason::UpstreamBadFraming
             | Reason::UpstreamBodyError => StatusCode::BAD_GATEWAY,
         }
     }

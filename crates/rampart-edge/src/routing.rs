@@ -128,36 +128,6 @@ impl<R> SiteTable<R> {
     }
 }
 
-/// Remove `.` and `..` segments (RFC 3986 §5.2.4) so routing and the upstream see the
-/// same path: `/api/../admin` is `/admin`, and cannot match a `/api/` route. Percent-
-/// encoded dots are not decoded here. Paths without dot segments are borrowed as is.
-pub fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
-    let has_dots = path.split('/').any(|seg| seg == "." || seg == "..");
-    if !has_dots || !path.starts_with('/') {
-        return std::borrow::Cow::Borrowed(path);
-    }
-    let mut out: Vec<&str> = Vec::new();
-    let segs: Vec<&str> = path[1..].split('/').collect();
-    let last = segs.len() - 1;
-    for (i, seg) in segs.iter().enumerate() {
-        match *seg {
-            "." => {
-                if i == last {
-                    out.push("");
-                }
-            }
-            ".." => {
-                out.pop();
-                if i == last {
-                    out.push("");
-                }
-            }
-            s => out.push(s),
-        }
-    }
-    std::borrow::Cow::Owned(format!("/{}", out.join("/")))
-}
-
 /// Strip a `:port` from a host, leaving IPv6 literals in brackets intact.
 pub fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
@@ -309,23 +279,6 @@ mod tests {
         assert_eq!(resolve(&r, "example.test", "/static/a/b/c.js"), Some("static"));
         let s = r.site("example.test").unwrap_or(0);
         assert_eq!(r.sites[s].route("/api/x").map(|x| x.1), Some(Matched::Prefix("/api/")));
-    }
-
-    #[test]
-    fn dot_segments() {
-        assert_eq!(normalize_path("/a/b"), "/a/b");
-        assert_eq!(normalize_path("/api/../admin"), "/admin");
-        assert_eq!(normalize_path("/a/./b/../c"), "/a/c");
-        assert_eq!(normalize_path("/../../etc/passwd"), "/etc/passwd");
-        assert_eq!(normalize_path("/a/b/.."), "/a/");
-        assert_eq!(normalize_path("/a/b/."), "/a/b/");
-        assert_eq!(normalize_path("/a/..b/c"), "/a/..b/c");
-        assert_eq!(normalize_path("/.."), "/");
-        for p in ["/a/../../b/./c/..", "/x/./y/../../z/", "/../a/.."] {
-            let once = normalize_path(p).into_owned();
-            assert_eq!(normalize_path(&once), once.as_str(), "idempotent for {p}");
-            assert!(!once.split('/').any(|s| s == ".."), "{once}");
-        }
     }
 
     #[test]

@@ -1,0 +1,132 @@
+//! Request and response framing checks: a message whose length or target two
+//! parsers could read differently is refused before anything is forwarded.
+//!
+//! hyper's HTTP/1 parser already refuses, with 400 and a closed connection: several
+//! differing `Content-Length`s, a `Content-Length` that is not a number, a
+//! `Transfer-Encoding` whose last coding is not `chunked`, `Transfer-Encoding` in an
+//! HTTP/1.0 request, invalid chunk sizes and chunk lines ended by a bare LF, obs-fold,
+//! whitespace before the colon, bare CR, and NUL or other control characters in the
+//! head. What it lets through, and this module refuses:
+//!
+//! - `Content-Length` together with `Transfer-Encoding` (hyper would use the chunked
+//!   framing; a peer in front of us might have used the length);
+//! - a `Transfer-Encoding` that is anything but exactly one `chunked` (`gzip, chunked`,
+//!   `chunked, chunked`, or two fields), since the body is re-framed upstream and other
+//!   codings would be lost;
+//! - several `Host` fields, or a `Host` that disagrees with an absolute-form target's
+//!   authority (or HTTP/2's `:authority`).
+//!
+//! Upstream responses carrying both `Content-Length` and `Transfer-Encoding` are not
+//! passed on (502 `UPSTREAM_BAD_FRAMING`).
+
+use http::header::{self, HeaderMap};
+use http::{Uri, Version};
+
+/// Why a request's framing was refused (`detail` of the answer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// `BAD_FRAMING`.
+    Framing(&'static str),
+    /// `BAD_HOST`.
+    Host(&'static str),
+}
+
+/// Check a request head.
+pub fn check_request(uri: &Uri, version: Version, h: &HeaderMap) -> Result<(), Refusal> {
+    let te: Vec<_> = h.get_all(header::TRANSFER_ENCODING).iter().collect();
+    if !te.is_empty() {
+        if h.contains_key(header::CONTENT_LENGTH) {
+            return Err(Refusal::Framing("content-length-with-transfer-encoding"));
+        }
+        let only_chunked = te.len() == 1
+            && te[0]
+                .to_str()
+                .is_ok_and(|v| v.trim_matches([' ', '\t']).eq_ignore_ascii_case("chunked"));
+        if !only_chunked {
+            return Err(Refusal::Framing("transfer-encoding-not-chunked"));
+        }
+    }
+    let mut hosts = h.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Refusal::Host("several-host-fields"));
+    }
+    if let (Some(authority), Some(host)) = (uri.authority(), host) {
+        let same = host
+            .to_str()
+            .is_ok_and(|h| h.trim().eq_ignore_ascii_case(authority.as_str()));
+        if !same {
+            return Err(Refusal::Host("host-differs-from-target"));
+        }
+    }
+    // HTTP/1.1 requires a Host (RFC 9112 §3.2); an absolute-form target stands in.
+    if version == Version::HTTP_11 && host.is_none() && uri.authority().is_none() {
+        return Err(Refusal::Host("missing-host"));
+    }
+    Ok(())
+}
+
+/// Check an upstream response head; `Err` carries the detail.
+pub fn check_response(h: &HeaderMap) -> Result<(), &'static str> {
+    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+        return Err("content-length-with-transfer-encoding");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn head(fields: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in fields {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn check(target: &str, fields: &[(&str, &str)]) -> Result<(), Refusal> {
+        check_request(&target.parse().unwrap(), Version::HTTP_11, &head(fields))
+    }
+
+    #[test]
+    fn framing() {
+        assert!(check("/", &[("host", "a"), ("transfer-encoding", "Chunked ")]).is_ok());
+        assert!(check("/", &[("host", "a"), ("content-length", "3")]).is_ok());
+        for te in [
+            &[("transfer-encoding", "gzip, chunked")][..],
+            &[("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")],
+            &[("transfer-encoding", "chunked"), ("content-length", "3")],
+        ] {
+            let mut f = te.to_vec();
+            f.push(("host", "a"));
+            assert!(matches!(check("/", &f), Err(Refusal::Framing(_))), "{te:?}");
+        }
+    }
+
+    #[test]
+    fn hosts() {
+        assert!(check("http://a.test/x", &[("host", "A.test")]).is_ok());
+        assert_eq!(
+            check("http://b.test/x", &[("host", "a.test")]),
+            Err(Refusal::Host("host-differs-from-target"))
+        );
+        assert_eq!(
+            check("/", &[("host", "a"), ("host", "b")]),
+            Err(Refusal::Host("several-host-fields"))
+        );
+        assert_eq!(check("/", &[]), Err(Refusal::Host("missing-host")));
+        assert!(check("http://a.test/", &[]).is_ok());
+    }
+
+    #[test]
+    fn responses() {
+        assert!(check_response(&head(&[("content-length", "1")])).is_ok());
+        assert!(check_response(&head(&[("content-length", "1"), ("transfer-encoding", "chunked")])).is_err());
+    }
+}
