@@ -324,6 +324,21 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
             Err(e) => errs.push(format!("server.trusted_proxies[{i}]"), e),
         }
     }
+    for (i, l) in s.proxy_protocol.iter().enumerate() {
+        let known = s.listen.contains(l) || s.tls.as_ref().is_some_and(|t| t.listen.contains(l));
+        if !known {
+            errs.push(
+                format!("server.proxy_protocol[{i}]"),
+                format!("\"{l}\" is not one of server.listen or server.tls.listen"),
+            );
+        }
+    }
+    if !s.proxy_protocol.is_empty() && s.trusted_proxies.is_empty() {
+        errs.push(
+            "server.proxy_protocol",
+            "only trusted proxies may send a PROXY header: set server.trusted_proxies",
+        );
+    }
     if s.header_read_timeout.is_zero() {
         errs.push("server.header_read_timeout", "must be greater than zero");
     }

@@ -134,6 +134,9 @@ pub struct Server {
     pub h2c: bool,
     /// Networks whose `X-Forwarded-*` and `x-request-id` headers are trusted.
     pub trusted_proxies: Vec<String>,
+    /// Listeners (entries of `listen` or `tls.listen`) whose connections start with a
+    /// PROXY protocol header (v1 or v2) from a trusted proxy.
+    pub proxy_protocol: Vec<String>,
     /// Add a `Via` header to requests and responses.
     pub via: bool,
     /// Time allowed to read a client's HTTP/1 request head; it also bounds how long
@@ -163,6 +166,7 @@ impl Default for Server {
             runtime: RuntimeModel::Auto,
             h2c: false,
             trusted_proxies: Vec::new(),
+            proxy_protocol: Vec::new(),
             via: true,
             header_read_timeout: Duration::from_secs(30),
             client_body_timeout: Duration::from_secs(60),
@@ -750,8 +754,36 @@ pub struct Site {
     /// Add `x-rampart-*` explanation headers to responses.
     #[serde(default)]
     pub explain: bool,
+    /// Access rules for every request to this site (checked before the route's).
+    #[serde(default)]
+    pub access: Option<Access>,
     #[serde(default)]
     pub route: Vec<Route>,
+}
+
+/// `access`: who may use a site or route, by client IP and request headers.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Access {
+    /// When not empty, only clients in these networks (IPs or CIDRs).
+    pub allow_ips: Vec<String>,
+    /// Clients in these networks are refused (before `allow_ips`).
+    pub deny_ips: Vec<String>,
+    /// A request carrying a matching header is refused.
+    pub deny_headers: Vec<HeaderRule>,
+    /// A request must carry a matching header for each of these.
+    pub require_headers: Vec<HeaderRule>,
+    /// Request headers removed before anything later sees them or they go upstream.
+    pub strip_headers: Vec<String>,
+}
+
+/// A header test: present (no `matches`), or some value matching the regex.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderRule {
+    pub name: String,
+    #[serde(default)]
+    pub matches: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -793,6 +825,9 @@ pub struct Route {
     /// Idle timeout of an upgraded (tunnelled) connection.
     #[serde(default = "default_tunnel_idle")]
     pub tunnel_idle_timeout: Duration,
+    /// Access rules for this route (after the site's).
+    #[serde(default)]
+    pub access: Option<Access>,
 }
 
 fn preserve() -> String {

@@ -5,6 +5,7 @@ use crate::Shared;
 use crate::metrics::ListenerLabels;
 use crate::proxy::{self, ConnInfo};
 use crate::security::guard::Guarded;
+use crate::security::proxy_protocol::{self, Prefixed};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -154,13 +155,22 @@ pub fn spawn(shared: Arc<Shared>, spec: String, kind: Kind, listener: TcpListene
     };
     let open = shared.metrics.open_connections.get_or_create(&labels).clone();
     let total = shared.metrics.connections.get_or_create(&labels).clone();
-    tokio::spawn(accept_loop(shared, listener, kind, stop_rx, open, total));
+    tokio::spawn(accept_loop(
+        shared,
+        listener,
+        Arc::from(spec.as_str()),
+        kind,
+        stop_rx,
+        open,
+        total,
+    ));
     Ok(ListenerHandle { spec, kind, addr, stop })
 }
 
 async fn accept_loop(
     shared: Arc<Shared>,
     listener: TcpListener,
+    spec: Arc<str>,
     kind: Kind,
     mut stop: watch::Receiver<bool>,
     open: Gauge,
@@ -179,7 +189,7 @@ async fn accept_loop(
                     g = ConnTracker::admit(&shared, max, open.clone()) => g,
                     _ = stop.changed() => return,
                 };
-                tokio::spawn(serve_conn(shared.clone(), stream, peer, kind, guard));
+                tokio::spawn(serve_conn(shared.clone(), stream, peer, spec.clone(), kind, guard));
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -233,16 +243,48 @@ fn builder(shared: &Shared, kind: Kind) -> Protocols {
     Protocols::Both(b)
 }
 
-async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, kind: Kind, _guard: ConnGuard) {
+async fn serve_conn(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    socket_peer: SocketAddr,
+    spec: Arc<str>,
+    kind: Kind,
+    _guard: ConnGuard,
+) {
     let _ = stream.set_nodelay(true);
     let mut shutdown = shared.shutdown_rx();
+    let (head_budget, proxy_protocol, timeout) = {
+        let snap = shared.snapshot.load();
+        let s = &snap.validated.config.server;
+        let pp = s.proxy_protocol.iter().any(|l| **l == *spec);
+        (head_budget(&snap), pp, s.header_read_timeout.get())
+    };
+    // PROXY protocol: the client's address comes from a trusted proxy's header.
+    let mut stream = stream;
+    let (peer, prefix) = if proxy_protocol {
+        let trusted = crate::headers::is_trusted(&shared.snapshot.load().trusted, socket_peer.ip());
+        if !trusted {
+            tracing::debug!(peer = %socket_peer, "PROXY header from an untrusted peer: closed");
+            return;
+        }
+        match tokio::time::timeout(timeout, proxy_protocol::read_header(&mut stream)).await {
+            Ok(Ok((source, rest))) => (source.unwrap_or(socket_peer), rest),
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %socket_peer, error = e, "bad PROXY header: closed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(peer = %socket_peer, "no PROXY header in time: closed");
+                return;
+            }
+        }
+    } else {
+        (socket_peer, Vec::new())
+    };
+    let stream = Prefixed::new(stream, prefix);
     let info = Arc::new(ConnInfo::new(peer, kind == Kind::Tls));
     // The framing guard reads along with hyper's HTTP/1 parser (see security::guard).
     let verdicts = info.verdicts.clone();
-    let head_budget = {
-        let snap = shared.snapshot.load();
-        head_budget(&snap)
-    };
     let svc_shared = shared.clone();
     let svc = service_fn(move |req| proxy::handle(svc_shared.clone(), info.clone(), req));
     let b = builder(&shared, kind);
@@ -254,7 +296,6 @@ async fn serve_conn(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, ki
         Kind::Tls => {
             let snap = shared.snapshot.load();
             let Some(cfg) = snap.tls.clone() else { return };
-            let timeout = snap.validated.config.server.header_read_timeout.get();
             drop(snap);
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
             match tokio::time::timeout(timeout, acceptor.accept(stream)).await {

@@ -369,6 +369,14 @@ pub async fn handle(
     rec.route = Some(route.clone());
     let explain = site.explain;
 
+    // Access lists: the site's, then the route's.
+    for acl in [&site.access, &route.access].into_iter().flatten() {
+        if let Err(detail) = acl.check(rec.client_ip, req.headers()) {
+            return Ok(refuse(rec, "acl", Reason::AccessDenied, detail));
+        }
+        acl.strip(req.headers_mut());
+    }
+
     if let Some(len) = req
         .headers()
         .get(header::CONTENT_LENGTH)

@@ -41,10 +41,12 @@ pub enum Reason {
     BadPath,
     /// An upstream response with ambiguous framing.
     UpstreamBadFraming,
+    /// A site or route access list refused the client.
+    AccessDenied,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 29] = [
+    pub const ALL: [Reason; 30] = [
         Reason::Proxied,
         Reason::NoMatchingSite,
         Reason::NoMatchingRoute,
@@ -74,6 +76,7 @@ impl Reason {
         Reason::BadHost,
         Reason::BadPath,
         Reason::UpstreamBadFraming,
+        Reason::AccessDenied,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -107,6 +110,7 @@ impl Reason {
             Reason::BadHost => "BAD_HOST",
             Reason::BadPath => "BAD_PATH",
             Reason::UpstreamBadFraming => "UPSTREAM_BAD_FRAMING",
+            Reason::AccessDenied => "ACCESS_DENIED",
         }
     }
 
@@ -130,7 +134,7 @@ impl Reason {
             | Reason::UpstreamBodyIdleTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Reason::OnlyIfCachedMiss => StatusCode::GATEWAY_TIMEOUT,
-            Reason::PurgeNotAllowed => StatusCode::FORBIDDEN,
+            Reason::PurgeNotAllowed | Reason::AccessDenied => StatusCode::FORBIDDEN,
             Reason::UpstreamConnectRefused
             | Reason::UpstreamConnectError
             | Reason::UpstreamDnsError

@@ -5,6 +5,7 @@
 use crate::chain::Chain;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routing::{PathMatch, Router};
+use crate::security::access::AccessList;
 use crate::upstream::{self, BackendRegistry, Pool};
 use http::HeaderValue;
 use rampart_config::{Cidr, ConfigErrors, Validated};
@@ -43,6 +44,8 @@ pub struct RouteEntry {
     pub cache: Option<Arc<rampart_config::RouteCache>>,
     pub tunnel_idle: Duration,
     pub metrics: RouteMetrics,
+    /// The route's access list, checked after the site's.
+    pub access: Option<Arc<AccessList>>,
 }
 
 impl RouteEntry {
@@ -59,6 +62,8 @@ impl RouteEntry {
 
 pub struct SiteInfo {
     pub name: Arc<str>,
+    /// The site's access list, checked before the route's.
+    pub access: Option<Arc<AccessList>>,
     pub https_redirect: bool,
     pub https_port: u16,
     pub explain: bool,
@@ -151,7 +156,19 @@ impl Snapshot {
 
         let mut router = Router::new();
         let mut sites = Vec::with_capacity(cfg.site.len());
-        for s in &cfg.site {
+        let mut access = |a: &Option<rampart_config::Access>, at: String| match a {
+            None => None,
+            Some(a) => match AccessList::build(a, &at) {
+                Ok(l) => Some(Arc::new(l)),
+                Err(list) => {
+                    for (path, msg) in list {
+                        errs.push(path, msg);
+                    }
+                    None
+                }
+            },
+        };
+        for (si, s) in cfg.site.iter().enumerate() {
             let hosts: Vec<String> = s
                 .hosts
                 .iter()
@@ -165,7 +182,8 @@ impl Snapshot {
                     .as_str(),
             );
             let mut routes = Vec::with_capacity(s.route.len());
-            for r in &s.route {
+            for (ri, r) in s.route.iter().enumerate() {
+                let route_access = access(&r.access, format!("site[{si}].route[{ri}].access"));
                 let pool = r.pool.as_ref().and_then(|p| pools.get(p).cloned());
                 let chain = r.chain.as_ref().and_then(|c| chains.get(c).cloned());
                 if pool.is_none() && chain.is_none() {
@@ -210,11 +228,13 @@ impl Snapshot {
                     retry_non_idempotent: r.retry_non_idempotent,
                     cache: r.cache.clone().filter(|c| c.enabled).map(Arc::new),
                     tunnel_idle: r.tunnel_idle_timeout.get(),
+                    access: route_access,
                 };
                 routes.push((m, Arc::new(entry)));
             }
             router.add_site(&hosts, s.default, routes);
             sites.push(SiteInfo {
+                access: access(&s.access, format!("site[{si}].access")),
                 name,
                 https_redirect: s.https_redirect,
                 https_port: s.https_port.unwrap_or(443),

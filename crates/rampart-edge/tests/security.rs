@@ -239,3 +239,160 @@ async fn an_upstream_response_with_ambiguous_framing_is_not_passed_on() {
     assert_eq!(r.status(), 502);
     assert_eq!(r.headers()["x-rampart-reason"], "UPSTREAM_BAD_FRAMING");
 }
+
+fn acl_config(o: &Origin, server_extra: &str, site_access: &str, route_access: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+{server_extra}
+[log]
+access = "off"
+[[pool]]
+name = "app"
+backends = ["{}"]
+[[site]]
+default = true
+access = {{ {site_access} }}
+  [[site.route]]
+  path = "/"
+  pool = "app"
+  [[site.route]]
+  path = "/private/"
+  pool = "app"
+  access = {{ {route_access} }}
+"#,
+        o.url()
+    )
+}
+
+async fn status_reason(e: &TestEdge, path: &str, headers: &[(&str, &str)]) -> (u16, String, serde_json::Value) {
+    let mut r = client().get(e.url(path));
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status().as_u16();
+    let reason = r
+        .headers()
+        .get("x-rampart-reason")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let body = r.json().await.unwrap_or(serde_json::Value::Null);
+    (status, reason, body)
+}
+
+#[tokio::test]
+async fn access_lists_by_ip_and_header() {
+    let o = Origin::start("o").await.unwrap();
+    let site = r#"deny_headers = [{ name = "user-agent", matches = "(?i)sqlmap|nikto" }], strip_headers = ["x-internal-token"]"#;
+    let route = r#"deny_ips = ["127.0.0.1"], require_headers = [{ name = "x-api-key", matches = "^k-" }]"#;
+    let e = TestEdge::start(&acl_config(&o, "", site, route)).await;
+    let (s, _, body) = status_reason(&e, "/echo", &[("x-internal-token", "secret")]).await;
+    assert_eq!(s, 200);
+    assert!(body["headers"].get("x-internal-token").is_none(), "stripped: {body}");
+    let (s, r, body) = status_reason(&e, "/", &[("user-agent", "sqlmap/1.7")]).await;
+    assert_eq!((s, r.as_str()), (403, "ACCESS_DENIED"));
+    assert_eq!(body["detail"], "header-denied:user-agent");
+    let (s, _, body) = status_reason(&e, "/private/x", &[("x-api-key", "k-1")]).await;
+    assert_eq!(
+        (s, body["detail"].as_str()),
+        (403, Some("ip-denied")),
+        "route list after the site's"
+    );
+    assert_eq!(o.requests(), 1);
+
+    let route = r#"allow_ips = ["127.0.0.0/8", "::1"], require_headers = [{ name = "x-api-key", matches = "^k-" }]"#;
+    let e = TestEdge::start(&acl_config(&o, "", "", route)).await;
+    assert_eq!(status_reason(&e, "/private/x", &[("x-api-key", "k-1")]).await.0, 200);
+    let (s, _, body) = status_reason(&e, "/private/x", &[("x-api-key", "nope")]).await;
+    assert_eq!((s, body["detail"].as_str()), (403, Some("header-required:x-api-key")));
+}
+
+#[tokio::test]
+async fn the_client_ip_comes_from_trusted_proxies_only() {
+    let o = Origin::start("o").await.unwrap();
+    let site = r#"allow_ips = ["203.0.113.0/24"]"#;
+    let trusted = "trusted_proxies = [\"127.0.0.1\"]";
+    let e = TestEdge::start(&acl_config(&o, trusted, site, "")).await;
+    assert_eq!(
+        status_reason(&e, "/", &[]).await.0,
+        403,
+        "the proxy itself is not allowed"
+    );
+    assert_eq!(
+        status_reason(&e, "/", &[("x-forwarded-for", "203.0.113.9")]).await.0,
+        200
+    );
+    // The right-most untrusted hop counts: a spoofed left-most entry does not help.
+    let (s, _, body) = status_reason(&e, "/", &[("x-forwarded-for", "203.0.113.9, 198.51.100.1")]).await;
+    assert_eq!((s, body["detail"].as_str()), (403, Some("ip-not-allowed")));
+    // Without trust in the peer, X-Forwarded-For is ignored.
+    let e = TestEdge::start(&acl_config(&o, "", site, "")).await;
+    assert_eq!(
+        status_reason(&e, "/", &[("x-forwarded-for", "203.0.113.9")]).await.0,
+        403
+    );
+}
+
+#[tokio::test]
+async fn proxy_protocol_v1_and_v2_carry_the_client_address() {
+    let o = Origin::start("o").await.unwrap();
+    let site = r#"allow_ips = ["203.0.113.0/24", "2001:db8::/32"]"#;
+    let server = "trusted_proxies = [\"127.0.0.1\"]\nproxy_protocol = [\"127.0.0.1:0\"]";
+    let e = TestEdge::start(&acl_config(&o, server, site, "")).await;
+    let get = b"GET /echo HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+
+    let mut v1 = b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 80\r\n".to_vec();
+    v1.extend_from_slice(get);
+    let (status, _, text) = exchange(&e, &v1).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.contains("203.0.113.9"),
+        "X-Forwarded-For carries the client: {text}"
+    );
+
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    v2.extend_from_slice(&[0x21, 0x21, 0, 36]);
+    v2.extend_from_slice(&"2001:db8::5".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    v2.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
+    v2.extend_from_slice(&[0x9c, 0x40, 0, 80]);
+    v2.extend_from_slice(get);
+    let (status, _, text) = exchange(&e, &v2).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("2001:db8::5"), "{text}");
+
+    // An address the access list refuses, and a connection without a header.
+    let mut other = b"PROXY TCP4 198.51.100.1 127.0.0.1 40000 80\r\n".to_vec();
+    other.extend_from_slice(get);
+    assert_eq!(exchange(&e, &other).await.0, 403);
+    let (status, closed, text) = exchange(&e, get).await;
+    assert_eq!((status, closed), (0, true), "closed without an answer: {text}");
+}
+
+#[tokio::test]
+async fn access_list_config_errors_name_the_field() {
+    let o = Origin::start("o").await.unwrap();
+    let cfg = acl_config(
+        &o,
+        "",
+        r#"allow_ips = ["10.0.0.0/99"]"#,
+        r#"deny_headers = [{ name = "x", matches = "(" }]"#,
+    );
+    let v = rampart_config::load_str(&cfg, &temp_dir()).unwrap();
+    let err = rampart_edge::check(v).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("site[0].access.allow_ips[0]"), "{err}");
+    assert!(err.contains("site[0].route[1].access.deny_headers[0].matches"), "{err}");
+}
+
+#[tokio::test]
+async fn proxy_protocol_config_errors() {
+    let o = Origin::start("o").await.unwrap();
+    let cfg = acl_config(&o, "proxy_protocol = [\"127.0.0.1:1\"]", "", "");
+    let err = rampart_config::load_str(&cfg, &temp_dir()).err().unwrap().to_string();
+    assert!(
+        err.contains("server.proxy_protocol[0]: \"127.0.0.1:1\" is not one of server.listen"),
+        "{err}"
+    );
+    assert!(err.contains("server.proxy_protocol: only trusted proxies"), "{err}");
+}

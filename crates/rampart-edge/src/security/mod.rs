@@ -3,6 +3,8 @@
 //! routing. Each refusal has a reason code, shows in the access log, in
 //! `rampart_security_decisions_total`, and in the answer's JSON `detail`.
 
+pub mod access;
 pub mod framing;
 pub mod guard;
 pub mod normalize;
+pub mod proxy_protocol;
