@@ -21,8 +21,46 @@ pub struct Config {
     /// Provider chains: ordered providers (CDNs, mirrors, origins) with failover.
     #[serde(default)]
     pub chain: Vec<Chain>,
+    /// Rate-limit rules, applied by the sites and routes that name them.
+    #[serde(default)]
+    pub rate_limit: Vec<RateLimit>,
     #[serde(default)]
     pub site: Vec<Site>,
+}
+
+/// `[[rate_limit]]`: a GCRA limit on requests per key.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub name: String,
+    /// `ip`, `ip_path`, `route`, `header:NAME`, `api_key:NAME` or `cookie:NAME`.
+    #[serde(default = "default_rate_key")]
+    pub key: String,
+    /// Sustained rate: `N/s`, `N/m` or `N/h`.
+    pub rate: String,
+    /// Requests allowed at once (default: the rate's N).
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// Count what would be refused, refuse nothing.
+    #[serde(default)]
+    pub shadow: bool,
+    /// Clients never limited by this rule.
+    #[serde(default)]
+    pub exempt_ips: Vec<String>,
+    /// Path prefixes never limited by this rule.
+    #[serde(default)]
+    pub exempt_paths: Vec<String>,
+    /// Most keys tracked at once; past it, new keys share one bucket.
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
+}
+
+fn default_rate_key() -> String {
+    "ip".into()
+}
+
+fn default_max_keys() -> usize {
+    100_000
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -757,6 +795,9 @@ pub struct Site {
     /// Access rules for every request to this site (checked before the route's).
     #[serde(default)]
     pub access: Option<Access>,
+    /// Rate-limit rules (by name) for every request to this site.
+    #[serde(default)]
+    pub rate_limits: Vec<String>,
     #[serde(default)]
     pub route: Vec<Route>,
 }
@@ -828,6 +869,9 @@ pub struct Route {
     /// Access rules for this route (after the site's).
     #[serde(default)]
     pub access: Option<Access>,
+    /// Rate-limit rules (by name) for this route, after the site's.
+    #[serde(default)]
+    pub rate_limits: Vec<String>,
 }
 
 fn preserve() -> String {

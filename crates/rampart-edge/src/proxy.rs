@@ -257,7 +257,36 @@ fn local_response(reason: Reason, rec: Record, extra: Option<(header::HeaderName
 pub async fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<EdgeBody>, Infallible> {
+    let mut limit = None;
+    let mut resp = handle_request(shared, conn, req, &mut limit).await?;
+    // The tightest rate limit the request passed, for the client to pace itself.
+    if let Some((policy, state)) = limit {
+        resp.headers_mut().insert(RATELIMIT_POLICY.clone(), policy);
+        resp.headers_mut().insert(RATELIMIT.clone(), state);
+    }
+    Ok(resp)
+}
+
+static RATELIMIT_POLICY: header::HeaderName = header::HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: header::HeaderName = header::HeaderName::from_static("ratelimit");
+
+/// `RateLimit: "name";r=REMAINING;t=SECONDS` (draft-ietf-httpapi-ratelimit-headers).
+fn ratelimit_value(rule: &crate::security::rate_limit::Rule, remaining: u32, reset_ns: u64) -> HeaderValue {
+    let t = reset_ns.div_ceil(1_000_000_000);
+    HeaderValue::from_str(&format!(
+        "\"{}\";r={remaining};t={t}",
+        rule.name.replace(['"', '\\'], "")
+    ))
+    .unwrap_or(HeaderValue::from_static("\"limit\""))
+}
+
+async fn handle_request(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
     mut req: Request<Incoming>,
+    limit: &mut Option<(HeaderValue, HeaderValue)>,
 ) -> Result<Response<EdgeBody>, Infallible> {
     let start = Instant::now();
     let snap = shared.snapshot.load_full();
@@ -375,6 +404,36 @@ pub async fn handle(
             return Ok(refuse(rec, "acl", Reason::AccessDenied, detail));
         }
         acl.strip(req.headers_mut());
+    }
+
+    // Rate limits: the site's, then the route's. Every rule counts the request; the
+    // first that refuses (outside shadow mode) answers 429.
+    let now = crate::security::rate_limit::now_nanos();
+    let mut tightest: Option<u32> = None;
+    for rule in site.rate_limits.iter().chain(route.rate_limits.iter()) {
+        use crate::security::rate_limit::Decision;
+        match rule.check(rec.client_ip, &path, &route.id, req.headers(), now) {
+            None => {}
+            Some(Decision::Allow { remaining, reset }) if tightest.is_none_or(|t| remaining < t) => {
+                tightest = Some(remaining);
+                *limit = Some((rule.policy.clone(), ratelimit_value(rule, remaining, reset)));
+            }
+            Some(Decision::Allow { .. }) => {}
+            Some(Decision::Deny { .. }) if rule.shadow => {
+                shared
+                    .metrics
+                    .security("rate_limit", Reason::RateLimited.as_str(), "log");
+                rec.detail = Some(Arc::from(format!("shadow:rate_limit:{}", rule.name)));
+            }
+            Some(Decision::Deny { retry_after, reset }) => {
+                *limit = Some((rule.policy.clone(), ratelimit_value(rule, 0, reset)));
+                let rule_name = rule.name.to_string();
+                let mut resp = refuse(rec, "rate_limit", Reason::RateLimited, &rule_name);
+                let secs = retry_after.div_ceil(1_000_000_000).max(1);
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                return Ok(resp);
+            }
+        }
     }
 
     if let Some(len) = req

@@ -43,10 +43,12 @@ pub enum Reason {
     UpstreamBadFraming,
     /// A site or route access list refused the client.
     AccessDenied,
+    /// A rate limit refused the request.
+    RateLimited,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 30] = [
+    pub const ALL: [Reason; 31] = [
         Reason::Proxied,
         Reason::NoMatchingSite,
         Reason::NoMatchingRoute,
@@ -77,6 +79,7 @@ impl Reason {
         Reason::BadPath,
         Reason::UpstreamBadFraming,
         Reason::AccessDenied,
+        Reason::RateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -111,6 +114,7 @@ impl Reason {
             Reason::BadPath => "BAD_PATH",
             Reason::UpstreamBadFraming => "UPSTREAM_BAD_FRAMING",
             Reason::AccessDenied => "ACCESS_DENIED",
+            Reason::RateLimited => "RATE_LIMITED",
         }
     }
 
@@ -135,6 +139,7 @@ impl Reason {
             Reason::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Reason::OnlyIfCachedMiss => StatusCode::GATEWAY_TIMEOUT,
             Reason::PurgeNotAllowed | Reason::AccessDenied => StatusCode::FORBIDDEN,
+            Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Reason::UpstreamConnectRefused
             | Reason::UpstreamConnectError
             | Reason::UpstreamDnsError

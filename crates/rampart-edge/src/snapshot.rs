@@ -6,6 +6,7 @@ use crate::chain::Chain;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routing::{PathMatch, Router};
 use crate::security::access::AccessList;
+use crate::security::rate_limit::Rule as RateRule;
 use crate::upstream::{self, BackendRegistry, Pool};
 use http::HeaderValue;
 use rampart_config::{Cidr, ConfigErrors, Validated};
@@ -46,6 +47,8 @@ pub struct RouteEntry {
     pub metrics: RouteMetrics,
     /// The route's access list, checked after the site's.
     pub access: Option<Arc<AccessList>>,
+    /// The route's rate limits, checked after the site's.
+    pub rate_limits: Vec<Arc<RateRule>>,
 }
 
 impl RouteEntry {
@@ -64,6 +67,8 @@ pub struct SiteInfo {
     pub name: Arc<str>,
     /// The site's access list, checked before the route's.
     pub access: Option<Arc<AccessList>>,
+    /// The site's rate limits, checked before the route's.
+    pub rate_limits: Vec<Arc<RateRule>>,
     pub https_redirect: bool,
     pub https_port: u16,
     pub explain: bool,
@@ -89,6 +94,8 @@ pub struct Snapshot {
     pub via: bool,
     /// Metrics for requests that matched no route.
     pub unmatched: RouteMetrics,
+    /// Rate-limit rules by name (their stores carry over reloads that keep them).
+    pub rate_rules: HashMap<String, Arc<RateRule>>,
 }
 
 impl Snapshot {
@@ -154,16 +161,44 @@ impl Snapshot {
             None => None,
         };
 
+        let mut rate_rules: HashMap<String, Arc<RateRule>> = HashMap::new();
+        for (i, r) in cfg.rate_limit.iter().enumerate() {
+            if rate_rules.contains_key(&r.name) {
+                errs.push(format!("rate_limit[{i}].name"), format!("\"{}\" is used twice", r.name));
+                continue;
+            }
+            let previous_rule = previous.and_then(|s| s.rate_rules.get(&r.name)).map(|r| &**r);
+            match RateRule::build(r, i, previous_rule) {
+                Ok(rule) => {
+                    rate_rules.insert(r.name.clone(), Arc::new(rule));
+                }
+                Err(list) => {
+                    for (path, msg) in list {
+                        errs.push(path, msg);
+                    }
+                }
+            }
+        }
+        let mut limits_for = |names: &[String], at: String| -> Vec<Arc<RateRule>> {
+            let mut out = Vec::new();
+            for (i, n) in names.iter().enumerate() {
+                match rate_rules.get(n) {
+                    Some(r) => out.push(r.clone()),
+                    None if cfg.rate_limit.iter().any(|r| &r.name == n) => {}
+                    None => errs.push(format!("{at}[{i}]"), format!("no rate_limit named \"{n}\"")),
+                }
+            }
+            out
+        };
         let mut router = Router::new();
         let mut sites = Vec::with_capacity(cfg.site.len());
+        let mut access_errs = Vec::new();
         let mut access = |a: &Option<rampart_config::Access>, at: String| match a {
             None => None,
             Some(a) => match AccessList::build(a, &at) {
                 Ok(l) => Some(Arc::new(l)),
                 Err(list) => {
-                    for (path, msg) in list {
-                        errs.push(path, msg);
-                    }
+                    access_errs.extend(list);
                     None
                 }
             },
@@ -184,6 +219,7 @@ impl Snapshot {
             let mut routes = Vec::with_capacity(s.route.len());
             for (ri, r) in s.route.iter().enumerate() {
                 let route_access = access(&r.access, format!("site[{si}].route[{ri}].access"));
+                let route_limits = limits_for(&r.rate_limits, format!("site[{si}].route[{ri}].rate_limits"));
                 let pool = r.pool.as_ref().and_then(|p| pools.get(p).cloned());
                 let chain = r.chain.as_ref().and_then(|c| chains.get(c).cloned());
                 if pool.is_none() && chain.is_none() {
@@ -229,12 +265,14 @@ impl Snapshot {
                     cache: r.cache.clone().filter(|c| c.enabled).map(Arc::new),
                     tunnel_idle: r.tunnel_idle_timeout.get(),
                     access: route_access,
+                    rate_limits: route_limits,
                 };
                 routes.push((m, Arc::new(entry)));
             }
             router.add_site(&hosts, s.default, routes);
             sites.push(SiteInfo {
                 access: access(&s.access, format!("site[{si}].access")),
+                rate_limits: limits_for(&s.rate_limits, format!("site[{si}].rate_limits")),
                 name,
                 https_redirect: s.https_redirect,
                 https_port: s.https_port.unwrap_or(443),
@@ -242,6 +280,9 @@ impl Snapshot {
             });
         }
 
+        for (path, msg) in access_errs {
+            errs.push(path, msg);
+        }
         errs.into_result(())?;
         let l = &cfg.server.limits;
         Ok(Snapshot {
@@ -260,6 +301,7 @@ impl Snapshot {
             },
             via: cfg.server.via,
             unmatched: metrics.route("-", "-"),
+            rate_rules,
             validated,
         })
     }

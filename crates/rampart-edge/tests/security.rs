@@ -396,3 +396,113 @@ async fn proxy_protocol_config_errors() {
     );
     assert!(err.contains("server.proxy_protocol: only trusted proxies"), "{err}");
 }
+
+fn limited_config(o: &Origin, rule: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+[admin]
+listen = "127.0.0.1:0"
+[log]
+access = "off"
+[[rate_limit]]
+{rule}
+[[pool]]
+name = "app"
+backends = ["{}"]
+[[site]]
+default = true
+  [[site.route]]
+  path = "/"
+  pool = "app"
+  rate_limits = ["api"]
+  [[site.route]]
+  path = "/free/"
+  pool = "app"
+"#,
+        o.url()
+    )
+}
+
+fn header_str(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after_and_ratelimit_headers() {
+    let o = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&limited_config(&o, "name = \"api\"\nrate = \"2/m\"\nburst = 2")).await;
+    let r = client().get(e.url("/a")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header_str(&r, "ratelimit-policy"), "\"api\";q=2;w=60");
+    assert_eq!(header_str(&r, "ratelimit"), "\"api\";r=1;t=30", "full again in 30 s");
+    let r = client().get(e.url("/b")).send().await.unwrap();
+    assert_eq!(header_str(&r, "ratelimit"), "\"api\";r=0;t=60");
+    let r = client().get(e.url("/c")).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(header_str(&r, "x-rampart-reason"), "RATE_LIMITED");
+    assert_eq!(header_str(&r, "retry-after"), "30", "one request per 30 s");
+    assert_eq!(header_str(&r, "ratelimit"), "\"api\";r=0;t=60");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["detail"], "api");
+    // Another route without the rule is not limited.
+    assert_eq!(client().get(e.url("/free/x")).send().await.unwrap().status(), 200);
+    assert_eq!(o.requests(), 3);
+    let metrics = client()
+        .get(e.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .contains(r#"rampart_security_decisions_total{stage="rate_limit",reason="RATE_LIMITED",action="block"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn shadow_rate_limits_count_without_refusing() {
+    let o = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&limited_config(
+        &o,
+        "name = \"api\"\nrate = \"1/m\"\nburst = 1\nshadow = true",
+    ))
+    .await;
+    for _ in 0..3 {
+        assert_eq!(client().get(e.url("/a")).send().await.unwrap().status(), 200);
+    }
+    let metrics = client()
+        .get(e.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .contains(r#"rampart_security_decisions_total{stage="rate_limit",reason="RATE_LIMITED",action="log"} 2"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn rate_limit_config_errors_name_the_field() {
+    let o = Origin::start("o").await.unwrap();
+    let cfg = limited_config(&o, "name = \"other\"\nrate = \"2/d\"\nkey = \"body\"");
+    let v = rampart_config::load_str(&cfg, &temp_dir()).unwrap();
+    let err = rampart_edge::check(v).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("rate_limit[0].key"), "{err}");
+    assert!(err.contains("rate_limit[0].rate"), "{err}");
+    assert!(
+        err.contains("site[0].route[0].rate_limits[0]: no rate_limit named \"api\""),
+        "{err}"
+    );
+}

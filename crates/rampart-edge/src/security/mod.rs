@@ -8,3 +8,4 @@ pub mod framing;
 pub mod guard;
 pub mod normalize;
 pub mod proxy_protocol;
+pub mod rate_limit;
