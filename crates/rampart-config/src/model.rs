@@ -24,8 +24,75 @@ pub struct Config {
     /// Rate-limit rules, applied by the sites and routes that name them.
     #[serde(default)]
     pub rate_limit: Vec<RateLimit>,
+    /// Custom WAF rules.
+    #[serde(default)]
+    pub waf: Waf,
     #[serde(default)]
     pub site: Vec<Site>,
+}
+
+/// `[waf]`: custom rules in the Rules-language style, run in order on every request.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Waf {
+    /// Turn every block into a log entry.
+    pub shadow: bool,
+    /// How much of a request body the rules may inspect.
+    pub body_limit: Size,
+    /// What to do with a body longer than `body_limit`.
+    pub body_overflow: BodyOverflow,
+    pub rule: Vec<WafRule>,
+}
+
+impl Default for Waf {
+    fn default() -> Self {
+        Waf {
+            shadow: false,
+            body_limit: Size::kib(128),
+            body_overflow: BodyOverflow::InspectPrefix,
+            rule: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BodyOverflow {
+    /// Inspect the first `body_limit` bytes and let the request through.
+    #[default]
+    InspectPrefix,
+    /// Refuse the request (413).
+    Block,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WafRule {
+    /// Names the rule in answers, logs and metrics.
+    pub id: String,
+    pub expression: String,
+    pub action: WafAction,
+    /// Status of a block (default 403).
+    #[serde(default)]
+    pub status: Option<u16>,
+    /// Body of a block (default: JSON naming the rule and the request id).
+    #[serde(default)]
+    pub body: Option<String>,
+    /// Log instead of blocking.
+    #[serde(default)]
+    pub shadow: bool,
+    /// For `skip`: what to skip, `"rules"` (the remaining rules) and/or `"rate_limit"`.
+    #[serde(default)]
+    pub skip: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WafAction {
+    Block,
+    Log,
+    Skip,
+    Allow,
 }
 
 /// `[[rate_limit]]`: a GCRA limit on requests per key.

@@ -102,6 +102,24 @@ impl UpstreamBody {
     }
 }
 
+impl UpstreamBody {
+    /// The bytes read so far, and whether more may follow (unread) after them.
+    pub fn read_so_far(&self) -> (&[u8], bool) {
+        match self {
+            UpstreamBody::Empty | UpstreamBody::Full(None) => (&[], false),
+            UpstreamBody::Full(Some(b)) => (b, false),
+            UpstreamBody::Stream { prefix, .. } => (prefix.as_deref().unwrap_or_default(), true),
+        }
+    }
+}
+
+/// The client's request body as the pipeline holds it: not touched yet, or already
+/// (partly) read by a stage that needed to see it (WAF body inspection).
+pub enum ClientBody {
+    Unread(Incoming),
+    Read(UpstreamBody),
+}
+
 /// Read a request body into memory while it fits in `keep` bytes, so it can be
 /// replayed on retries. The request body limit and the client body timeout apply.
 /// Returns the whole body, or, when it is longer than `keep`, a body that sends the

@@ -63,6 +63,12 @@ pub struct SecurityLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WafLabels {
+    pub rule: String,
+    pub action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -92,6 +98,7 @@ pub struct Metrics {
     cache: crate::cache::Stats,
     pub tls_handshake_failures: Counter,
     security: Family<SecurityLabels, Counter>,
+    waf: Family<WafLabels, Counter>,
 }
 
 /// Handles for one route: incrementing them is lock-free.
@@ -254,6 +261,12 @@ impl Metrics {
             "Requests a security stage refused (or, in shadow mode, would have), by stage, reason and action",
             security.clone(),
         );
+        let waf = Family::<WafLabels, Counter>::default();
+        registry.register(
+            "waf_rule_matches",
+            "WAF rules that matched, by rule id and what they did (block, log, skip, allow)",
+            waf.clone(),
+        );
         let tls_handshake_failures = Counter::default();
         registry.register(
             "tls_handshake_failures",
@@ -279,6 +292,7 @@ impl Metrics {
             cache,
             tls_handshake_failures,
             security,
+            waf,
         })
     }
 
@@ -360,6 +374,19 @@ impl Metrics {
         self.security
             .get_or_create(&SecurityLabels { stage, reason, action })
             .inc();
+    }
+
+    /// Count a WAF rule match (rule ids come from the config, so the set is bounded).
+    pub fn waf_match(&self, rule: &str, action: &'static str) {
+        self.waf
+            .get_or_create(&WafLabels {
+                rule: rule.to_string(),
+                action,
+            })
+            .inc();
+        if action == "log" {
+            self.security("waf", Reason::WafBlocked.as_str(), "log");
+        }
     }
 
     pub fn cache_stats(&self) -> crate::cache::Stats {

@@ -8,7 +8,7 @@
 
 use crate::Shared;
 use crate::access_log::{Entry, now_rfc3339};
-use crate::body::{BodyOutcome, Completion, EdgeBody, RequestBodyState, UpstreamBody};
+use crate::body::{BodyOutcome, ClientBody, Completion, EdgeBody, RequestBodyState, UpstreamBody};
 use crate::headers::{self, X_RAMPART_ATTEMPTS, X_RAMPART_REASON, X_RAMPART_ROUTE, X_RAMPART_UPSTREAM, X_REQUEST_ID};
 use crate::reason::Reason;
 use crate::routing::Matched;
@@ -198,6 +198,35 @@ fn version_str(v: Version) -> &'static str {
 }
 
 /// A response the edge makes itself, with a JSON body naming the reason.
+/// A WAF rule blocks: its status, and its body or the default JSON naming the rule
+/// and the request id.
+fn waf_block(mut rec: Record, block: crate::security::waf::Block) -> Response<EdgeBody> {
+    rec.shared.metrics.security("waf", Reason::WafBlocked.as_str(), "block");
+    rec.detail = Some(Arc::from(format!("rule:{}", block.rule)));
+    let (body, extra) = match block.body {
+        Some(b) => (
+            b,
+            Some((
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            )),
+        ),
+        None => (
+            bytes::Bytes::from(format!(
+                "{}\n",
+                serde_json::json!({
+                    "status": block.status.as_u16(),
+                    "reason": Reason::WafBlocked.as_str(),
+                    "rule": &*block.rule,
+                    "request_id": rec.request_id.to_str().unwrap_or("-"),
+                })
+            )),
+            None,
+        ),
+    };
+    respond(Reason::WafBlocked, block.status, body, rec, extra)
+}
+
 /// A security stage refuses the request: counted, logged with its detail, answered.
 fn refuse(mut rec: Record, stage: &'static str, reason: Reason, detail: &str) -> Response<EdgeBody> {
     rec.shared.metrics.security(stage, reason.as_str(), "block");
@@ -215,7 +244,18 @@ fn local_response(reason: Reason, rec: Record, extra: Option<(header::HeaderName
     if let Some(d) = &rec.detail {
         body["detail"] = serde_json::Value::from(d.as_ref());
     }
-    let body = format!("{body}\n");
+    respond(reason, status, bytes::Bytes::from(format!("{body}\n")), rec, extra)
+}
+
+/// An answer the edge makes itself: status, JSON (or configured) body, request id,
+/// reason, and the completion record for the access log and metrics.
+fn respond(
+    reason: Reason,
+    status: StatusCode,
+    body: bytes::Bytes,
+    rec: Record,
+    extra: Option<(header::HeaderName, HeaderValue)>,
+) -> Response<EdgeBody> {
     let mut resp = Response::new(EdgeBody::empty());
     *resp.status_mut() = status;
     let h = resp.headers_mut();
@@ -406,13 +446,104 @@ async fn handle_request(
         acl.strip(req.headers_mut());
     }
 
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > snap.limits.max_body
+    {
+        return Ok(local_response(Reason::RequestBodyTooLarge, rec, None));
+    }
+
+    // Upgrades (WebSocket and friends) are HTTP/1.1 only.
+    let upgrade = if route.websocket && req.version() == Version::HTTP_11 {
+        headers::upgrade_protocol(req.headers())
+    } else {
+        None
+    };
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+
+    let (parts, body) = req.into_parts();
+
+    // WAF rules, in order; they may read the body up to the inspection bound.
+    let client_body_timeout = snap.validated.config.server.client_body_timeout.get();
+    let mut body = ClientBody::Unread(body);
+    let mut skip_rate_limit = false;
+    if let Some(waf) = &snap.waf {
+        if let ClientBody::Unread(b) = &body
+            && waf.reads_body
+            && !b.is_end_stream()
+        {
+            let ClientBody::Unread(b) = std::mem::replace(&mut body, ClientBody::Read(UpstreamBody::Empty)) else {
+                return Ok(local_response(Reason::ClientBodyError, rec, None));
+            };
+            let state = Arc::new(RequestBodyState::new());
+            rec.body_state = Some(state.clone());
+            match crate::body::buffer_for_replay(b, waf.body_limit, snap.limits.max_body, state, client_body_timeout)
+                .await
+            {
+                Ok(read) => body = ClientBody::Read(read),
+                Err(_) => {
+                    let reason = client_body_fault(rec.body_state.as_deref()).unwrap_or(Reason::ClientBodyError);
+                    return Ok(local_response(reason, rec, None));
+                }
+            }
+        }
+        let (seen, more) = match &body {
+            ClientBody::Read(b) => b.read_so_far(),
+            ClientBody::Unread(_) => (&[][..], false),
+        };
+        if more && waf.overflow_blocks {
+            return Ok(refuse(rec, "waf", Reason::WafBodyLimit, "body-over-inspection-limit"));
+        }
+        let seen = &seen[..seen.len().min(waf.body_limit)];
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let query = parts.uri.query().unwrap_or("");
+        let uri = if query.is_empty() {
+            path.clone()
+        } else {
+            format!("{path}?{query}")
+        };
+        let view = crate::security::expr::Request {
+            method: parts.method.as_str(),
+            uri: &uri,
+            path: &path,
+            query,
+            headers: &parts.headers,
+            host: host_value.to_str().unwrap_or(""),
+            ip: rec.client_ip,
+            tls: conn.tls,
+            body: seen,
+            body_size: declared.unwrap_or(seen.len() as u64),
+            body_truncated: more,
+        };
+        let verdict = waf.evaluate(&view);
+        for (rule, action) in &verdict.matched {
+            shared.metrics.waf_match(rule, action);
+        }
+        if let Some(block) = verdict.block {
+            shared.metrics.waf_match(&block.rule, "block");
+            return Ok(waf_block(rec, block));
+        }
+        if let Some((rule, _)) = verdict.matched.first() {
+            rec.detail = Some(Arc::from(format!("waf:{rule}")));
+        }
+        skip_rate_limit = verdict.skip_rate_limit;
+    }
+
     // Rate limits: the site's, then the route's. Every rule counts the request; the
     // first that refuses (outside shadow mode) answers 429.
     let now = crate::security::rate_limit::now_nanos();
     let mut tightest: Option<u32> = None;
-    for rule in site.rate_limits.iter().chain(route.rate_limits.iter()) {
+    let rules = site.rate_limits.iter().chain(route.rate_limits.iter());
+    for rule in rules.filter(|_| !skip_rate_limit) {
         use crate::security::rate_limit::Decision;
-        match rule.check(rec.client_ip, &path, &route.id, req.headers(), now) {
+        match rule.check(rec.client_ip, &path, &route.id, &parts.headers, now) {
             None => {}
             Some(Decision::Allow { remaining, reset }) if tightest.is_none_or(|t| remaining < t) => {
                 tightest = Some(remaining);
@@ -436,25 +567,6 @@ async fn handle_request(
         }
     }
 
-    if let Some(len) = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > snap.limits.max_body
-    {
-        return Ok(local_response(Reason::RequestBodyTooLarge, rec, None));
-    }
-
-    // Upgrades (WebSocket and friends) are HTTP/1.1 only.
-    let upgrade = if route.websocket && req.version() == Version::HTTP_11 {
-        headers::upgrade_protocol(req.headers())
-    } else {
-        None
-    };
-    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-
-    let (parts, body) = req.into_parts();
     let Some(route_pool) = &route.pool else {
         let chain = route.chain.clone();
         let Some(chain) = chain else {
@@ -533,35 +645,37 @@ async fn handle_request(
 
     // The request body: streamed as it arrives, or, when a retry may need it again,
     // kept in memory up to the replay limit (past it, it streams and is not retried).
-    let client_body_timeout = snap.validated.config.server.client_body_timeout.get();
-    let mut body = if body.is_end_stream() {
-        Some(UpstreamBody::Empty)
-    } else {
-        let state = Arc::new(RequestBodyState::new());
-        rec.body_state = Some(state.clone());
-        if may_retry {
-            match crate::body::buffer_for_replay(
-                body,
-                policy.replay_limit,
-                snap.limits.max_body,
-                state,
-                client_body_timeout,
-            )
-            .await
-            {
-                Ok(b) => Some(b),
-                Err(_) => {
-                    let reason = client_body_fault(rec.body_state.as_deref()).unwrap_or(Reason::ClientBodyError);
-                    return Ok(local_response(reason, rec, None));
+    let mut body = match body {
+        // Already read for the WAF (whole, or a prefix and the rest streaming).
+        ClientBody::Read(b) => Some(b),
+        ClientBody::Unread(body) if body.is_end_stream() => Some(UpstreamBody::Empty),
+        ClientBody::Unread(body) => {
+            let state = Arc::new(RequestBodyState::new());
+            rec.body_state = Some(state.clone());
+            if may_retry {
+                match crate::body::buffer_for_replay(
+                    body,
+                    policy.replay_limit,
+                    snap.limits.max_body,
+                    state,
+                    client_body_timeout,
+                )
+                .await
+                {
+                    Ok(b) => Some(b),
+                    Err(_) => {
+                        let reason = client_body_fault(rec.body_state.as_deref()).unwrap_or(Reason::ClientBodyError);
+                        return Ok(local_response(reason, rec, None));
+                    }
                 }
+            } else {
+                Some(UpstreamBody::stream(
+                    body,
+                    snap.limits.max_body,
+                    state,
+                    client_body_timeout,
+                ))
             }
-        } else {
-            Some(UpstreamBody::stream(
-                body,
-                snap.limits.max_body,
-                state,
-                client_body_timeout,
-            ))
         }
     };
     let replayable = |b: &Option<UpstreamBody>| matches!(b, Some(UpstreamBody::Empty | UpstreamBody::Full(_)));
@@ -830,7 +944,7 @@ async fn serve_chain(
     mut rec: Record,
     target: ChainTarget<'_>,
     h: http::HeaderMap,
-    body: Incoming,
+    body: ClientBody,
     explain: bool,
     cached: Option<caching::CacheCtx>,
 ) -> Response<EdgeBody> {
@@ -841,24 +955,26 @@ async fn serve_chain(
         ..
     } = target;
     // Keep the body for failover up to the chain's replay bound.
-    let body = if body.is_end_stream() {
-        UpstreamBody::Empty
-    } else {
-        let state = Arc::new(RequestBodyState::new());
-        rec.body_state = Some(state.clone());
-        match crate::body::buffer_for_replay(
-            body,
-            chain.replay_limit,
-            snap.limits.max_body,
-            state,
-            snap.validated.config.server.client_body_timeout.get(),
-        )
-        .await
-        {
-            Ok(b) => b,
-            Err(_) => {
-                let reason = client_body_fault(rec.body_state.as_deref()).unwrap_or(Reason::ClientBodyError);
-                return local_response(reason, rec, None);
+    let body = match body {
+        ClientBody::Read(b) => b,
+        ClientBody::Unread(body) if body.is_end_stream() => UpstreamBody::Empty,
+        ClientBody::Unread(body) => {
+            let state = Arc::new(RequestBodyState::new());
+            rec.body_state = Some(state.clone());
+            match crate::body::buffer_for_replay(
+                body,
+                chain.replay_limit,
+                snap.limits.max_body,
+                state,
+                snap.validated.config.server.client_body_timeout.get(),
+            )
+            .await
+            {
+                Ok(b) => b,
+                Err(_) => {
+                    let reason = client_body_fault(rec.body_state.as_deref()).unwrap_or(Reason::ClientBodyError);
+                    return local_response(reason, rec, None);
+                }
             }
         }
     };

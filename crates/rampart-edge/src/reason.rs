@@ -45,10 +45,14 @@ pub enum Reason {
     AccessDenied,
     /// A rate limit refused the request.
     RateLimited,
+    /// A WAF rule blocked the request.
+    WafBlocked,
+    /// The body is longer than the WAF may inspect, and `body_overflow = "block"`.
+    WafBodyLimit,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 31] = [
+    pub const ALL: [Reason; 33] = [
         Reason::Proxied,
         Reason::NoMatchingSite,
         Reason::NoMatchingRoute,
@@ -80,6 +84,8 @@ impl Reason {
         Reason::UpstreamBadFraming,
         Reason::AccessDenied,
         Reason::RateLimited,
+        Reason::WafBlocked,
+        Reason::WafBodyLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -115,6 +121,8 @@ impl Reason {
             Reason::UpstreamBadFraming => "UPSTREAM_BAD_FRAMING",
             Reason::AccessDenied => "ACCESS_DENIED",
             Reason::RateLimited => "RATE_LIMITED",
+            Reason::WafBlocked => "WAF_BLOCKED",
+            Reason::WafBodyLimit => "WAF_BODY_LIMIT",
         }
     }
 
@@ -140,6 +148,8 @@ impl Reason {
             Reason::OnlyIfCachedMiss => StatusCode::GATEWAY_TIMEOUT,
             Reason::PurgeNotAllowed | Reason::AccessDenied => StatusCode::FORBIDDEN,
             Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Reason::WafBlocked => StatusCode::FORBIDDEN,
+            Reason::WafBodyLimit => StatusCode::PAYLOAD_TOO_LARGE,
             Reason::UpstreamConnectRefused
             | Reason::UpstreamConnectError
             | Reason::UpstreamDnsError

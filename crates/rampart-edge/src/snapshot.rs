@@ -96,6 +96,8 @@ pub struct Snapshot {
     pub unmatched: RouteMetrics,
     /// Rate-limit rules by name (their stores carry over reloads that keep them).
     pub rate_rules: HashMap<String, Arc<RateRule>>,
+    /// The custom WAF rules, when there are any.
+    pub waf: Option<Arc<crate::security::waf::Waf>>,
 }
 
 impl Snapshot {
@@ -161,6 +163,16 @@ impl Snapshot {
             None => None,
         };
 
+        let waf = match crate::security::waf::Waf::build(&cfg.waf) {
+            Ok(w) if w.is_empty() => None,
+            Ok(w) => Some(Arc::new(w)),
+            Err(list) => {
+                for (path, msg) in list {
+                    errs.push(path, msg);
+                }
+                None
+            }
+        };
         let mut rate_rules: HashMap<String, Arc<RateRule>> = HashMap::new();
         for (i, r) in cfg.rate_limit.iter().enumerate() {
             if rate_rules.contains_key(&r.name) {
@@ -302,6 +314,7 @@ impl Snapshot {
             via: cfg.server.via,
             unmatched: metrics.route("-", "-"),
             rate_rules,
+            waf,
             validated,
         })
     }

@@ -506,3 +506,188 @@ async fn rate_limit_config_errors_name_the_field() {
         "{err}"
     );
 }
+
+fn waf_config(o: &Origin, waf: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+[admin]
+listen = "127.0.0.1:0"
+[log]
+access = "off"
+{waf}
+[[rate_limit]]
+name = "tight"
+rate = "1/m"
+burst = 1
+[[pool]]
+name = "app"
+backends = ["{}"]
+[[site]]
+default = true
+rate_limits = ["tight"]
+  [[site.route]]
+  path = "/"
+  pool = "app"
+"#,
+        o.url()
+    )
+}
+
+const RULES: &str = r#"
+[waf]
+body_limit = "1KiB"
+[[waf.rule]]
+id = "office"
+expression = 'http.request.headers["x-office"] eq "1"'
+action = "allow"
+[[waf.rule]]
+id = "scanner"
+expression = 'lower(http.user_agent) contains "sqlmap"'
+action = "block"
+[[waf.rule]]
+id = "teapot"
+expression = 'http.request.uri.path eq "/brew" and http.request.method eq "POST"'
+action = "block"
+status = 418
+body = "no coffee here"
+[[waf.rule]]
+id = "watch-admin"
+expression = 'starts_with(http.request.uri.path, "/admin")'
+action = "log"
+[[waf.rule]]
+id = "sqli-body"
+expression = 'lower(url_decode(http.request.body.raw)) contains "union select"'
+action = "block"
+[[waf.rule]]
+id = "trial"
+expression = 'http.request.uri.query contains "trial"'
+action = "block"
+shadow = true
+"#;
+
+#[tokio::test]
+async fn waf_rules_block_log_allow_and_inspect_bodies() {
+    let o = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&waf_config(&o, RULES)).await;
+    // Blocked: the default answer names the rule and the request id.
+    let r = client()
+        .get(e.url("/"))
+        .header("user-agent", "SQLMap/1.7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(header_str(&r, "x-rampart-reason"), "WAF_BLOCKED");
+    let id = header_str(&r, "x-request-id");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        (body["rule"].as_str(), body["request_id"].as_str()),
+        (Some("scanner"), Some(id.as_str()))
+    );
+    // A configured status and body.
+    let r = client().post(e.url("/brew")).send().await.unwrap();
+    assert_eq!(r.status(), 418);
+    assert_eq!(r.text().await.unwrap(), "no coffee here");
+    // The body is inspected (decoded) up to the bound, then still forwarded whole.
+    let r = client()
+        .post(e.url("/echo"))
+        .header("x-office", "1")
+        .body("q=1%20UNION%20SELECT%20password")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "allow stops the rules before sqli-body");
+    let r = client()
+        .post(e.url("/echo"))
+        .body("q=1%20UNION%20SELECT%20password")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["rule"], "sqli-body");
+    assert_eq!(o.requests(), 1);
+    // Logged and shadowed rules let the request through (then the rate limit applies).
+    let r = client().get(e.url("/admin/x?trial=1")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let metrics = client()
+        .get(e.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"rampart_waf_rule_matches_total{rule="scanner",action="block"} 1"#,
+        r#"rampart_waf_rule_matches_total{rule="watch-admin",action="log"} 1"#,
+        r#"rampart_waf_rule_matches_total{rule="trial",action="log"} 1"#,
+        r#"rampart_waf_rule_matches_total{rule="office",action="allow"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line}\n{metrics}");
+    }
+    // `allow` skips the rate limit: the office is never limited.
+    for _ in 0..3 {
+        let r = client().get(e.url("/")).header("x-office", "1").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(client().get(e.url("/")).send().await.unwrap().status(), 429);
+}
+
+#[tokio::test]
+async fn a_body_past_the_inspection_bound_passes_or_blocks_as_configured() {
+    let o = Origin::start("o").await.unwrap();
+    let big = format!("{}union select", "a".repeat(2000));
+    let e = TestEdge::start(&waf_config(&o, RULES)).await;
+    let r = client().post(e.url("/echo")).body(big.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 200, "only the first KiB is inspected");
+    let echoed: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(echoed["body_length"], big.len(), "the whole body is forwarded");
+    let strict = RULES.replace(
+        "body_limit = \"1KiB\"",
+        "body_limit = \"1KiB\"\nbody_overflow = \"block\"",
+    );
+    let e = TestEdge::start(&waf_config(&o, &strict)).await;
+    let r = client().post(e.url("/echo")).body(big).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(header_str(&r, "x-rampart-reason"), "WAF_BODY_LIMIT");
+}
+
+#[tokio::test]
+async fn global_shadow_mode_logs_every_block() {
+    let o = Origin::start("o").await.unwrap();
+    let shadow = RULES.replace("[waf]\n", "[waf]\nshadow = true\n");
+    let e = TestEdge::start(&waf_config(&o, &shadow)).await;
+    let r = client()
+        .get(e.url("/"))
+        .header("user-agent", "sqlmap")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let metrics = client()
+        .get(e.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"rampart_waf_rule_matches_total{rule="scanner",action="log"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_rule_error_is_a_config_error_with_the_rule_and_position() {
+    let o = Origin::start("o").await.unwrap();
+    let bad = "[waf]\n[[waf.rule]]\nid = \"x\"\nexpression = 'http.request.method = \"GET\"'\naction = \"block\"\n";
+    let v = rampart_config::load_str(&waf_config(&o, bad), &temp_dir()).unwrap();
+    let err = rampart_edge::check(v).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        err.contains("waf.rule[0].expression: rule \"x\": at column 21: expected an operator"),
+        "{err}"
+    );
+}

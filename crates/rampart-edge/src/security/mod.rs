@@ -4,8 +4,10 @@
 //! `rampart_security_decisions_total`, and in the answer's JSON `detail`.
 
 pub mod access;
+pub mod expr;
 pub mod framing;
 pub mod guard;
 pub mod normalize;
 pub mod proxy_protocol;
 pub mod rate_limit;
+pub mod waf;
