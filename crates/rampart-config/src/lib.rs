@@ -78,8 +78,12 @@ impl std::error::Error for ConfigErrors {}
 #[derive(Debug, Clone)]
 pub struct Validated {
     pub config: Config,
-    /// The admin bearer token, resolved from `env:`, `file:` or a literal.
+    /// The admin bearer token (`admin.token`), resolved from `env:`, `file:` or a literal.
     pub admin_token: Option<String>,
+    /// Every admin token: (name, secret, scope); `admin.token` is `admin`, write.
+    pub admin_tokens: Vec<(String, String, TokenScope)>,
+    /// `admin.metrics_allow`, parsed.
+    pub metrics_allow: Vec<Cidr>,
     pub trusted_proxies: Vec<Cidr>,
     /// Problems that do not stop the config from loading.
     pub warnings: Vec<String>,
@@ -360,6 +364,8 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
     }
 
     let mut admin_token = None;
+    let mut admin_tokens = Vec::new();
+    let mut metrics_allow = Vec::new();
     if let Some(a) = &config.admin {
         check_listen(&mut errs, &mut addrs, "admin.listen", &a.listen);
         if let Some(spec) = &a.token {
@@ -374,6 +380,45 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
                 }
                 Err(e) => errs.push("admin.token", e),
             }
+        }
+        if let Some(t) = &admin_token {
+            admin_tokens.push(("admin".to_string(), t.clone(), TokenScope::Write));
+        }
+        for (i, t) in a.tokens.iter().enumerate() {
+            if t.name.trim().is_empty() {
+                errs.push(format!("admin.tokens[{i}].name"), "must not be empty");
+            } else if admin_tokens.iter().any(|(n, _, _)| *n == t.name) {
+                errs.push(
+                    format!("admin.tokens[{i}].name"),
+                    format!("\"{}\" is used twice", t.name),
+                );
+            }
+            match resolve_secret(&t.token, base_dir) {
+                Ok((tok, literal)) => {
+                    if literal {
+                        warnings.push(format!(
+                            "admin.tokens[{i}].token: a literal token is in the config file; prefer env:NAME or file:PATH"
+                        ));
+                    }
+                    if admin_tokens.iter().any(|(_, s, _)| *s == tok) {
+                        errs.push(format!("admin.tokens[{i}].token"), "the same secret as another token");
+                    }
+                    admin_tokens.push((t.name.clone(), tok, t.scope));
+                }
+                Err(e) => errs.push(format!("admin.tokens[{i}].token"), e),
+            }
+        }
+        for (i, c) in a.metrics_allow.iter().enumerate() {
+            match c.parse::<Cidr>() {
+                Ok(c) => metrics_allow.push(c),
+                Err(e) => errs.push(format!("admin.metrics_allow[{i}]"), e),
+            }
+        }
+        if a.max_auth_failures == 0 {
+            errs.push("admin.max_auth_failures", "must be at least 1");
+        }
+        if a.auth_lockout.is_zero() {
+            errs.push("admin.auth_lockout", "must be greater than zero");
         }
     }
 
@@ -839,6 +884,8 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
     Ok(Validated {
         config,
         admin_token,
+        admin_tokens,
+        metrics_allow,
         trusted_proxies: trusted,
         warnings,
         hash: stable_hash(text),

@@ -468,9 +468,50 @@ impl Default for RouteCache {
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     pub listen: String,
-    /// `env:NAME`, `file:PATH` or a literal token (warned about).
+    /// `env:NAME`, `file:PATH` or a literal token (warned about): a write-scoped
+    /// token named `admin`.
     #[serde(default, skip_serializing)]
     pub token: Option<String>,
+    /// Named tokens with a scope.
+    #[serde(default)]
+    pub tokens: Vec<AdminToken>,
+    /// Networks allowed to read `/metrics` (empty: anyone who reaches the listener).
+    #[serde(default)]
+    pub metrics_allow: Vec<String>,
+    /// Failed authentications from one client IP before it is locked out.
+    #[serde(default = "default_auth_failures")]
+    pub max_auth_failures: u32,
+    /// How long a lockout lasts (and the window failures are counted in).
+    #[serde(default = "default_auth_lockout")]
+    pub auth_lockout: Duration,
+}
+
+fn default_auth_failures() -> u32 {
+    5
+}
+
+fn default_auth_lockout() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// `[[admin.tokens]]`: a bearer token with a name (in the audit log) and a scope.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminToken {
+    pub name: String,
+    /// `env:NAME`, `file:PATH` or a literal (warned about).
+    #[serde(skip_serializing)]
+    pub token: String,
+    pub scope: TokenScope,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenScope {
+    /// GET endpoints only.
+    Read,
+    /// Everything.
+    Write,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

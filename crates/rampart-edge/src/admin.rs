@@ -4,15 +4,20 @@
 //! read-only endpoints answer and the mutating ones are refused.
 
 use crate::Shared;
-use axum::extract::{Path, Query, Request, State};
+use axum::Extension;
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use rampart_config::TokenScope;
 use serde_json::json;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use subtle::ConstantTimeEq;
 
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -39,40 +44,133 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-async fn auth(State(shared): State<Arc<Shared>>, headers: HeaderMap, req: Request, next: Next) -> Response {
-    let snap = shared.snapshot.load();
-    match &snap.validated.admin_token {
-        Some(token) => {
-            let given = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
-                next.run(req).await
-            } else {
-                let mut r = (
-                    StatusCode::UNAUTHORIZED,
-                    Json(json!({"error": "a valid bearer token is required"})),
-                )
-                    .into_response();
-                r.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"rampart\""),
-                );
-                r
+/// Who called, once authenticated: the token's name (for the audit log) and scope.
+#[derive(Clone)]
+pub struct Caller {
+    pub name: Arc<str>,
+}
+
+/// Failed authentications per client IP. After `admin.max_auth_failures` within
+/// `admin.auth_lockout`, the IP is refused (429) until the lockout has passed, even
+/// with a valid token. At most `MAX_TRACKED` IPs are tracked.
+#[derive(Default)]
+pub struct AuthThrottle {
+    failures: Mutex<HashMap<IpAddr, (u32, std::time::Instant)>>,
+}
+
+const MAX_TRACKED: usize = 10_000;
+
+impl AuthThrottle {
+    /// How long `ip` stays locked out, if it is.
+    fn locked(&self, ip: IpAddr, max: u32, window: Duration) -> Option<Duration> {
+        let m = self.failures.lock().ok()?;
+        let (count, since) = m.get(&ip)?;
+        let elapsed = since.elapsed();
+        (*count >= max && elapsed < window).then(|| window - elapsed)
+    }
+
+    fn fail(&self, ip: IpAddr, max: u32, window: Duration) {
+        let Ok(mut m) = self.failures.lock() else { return };
+        if m.len() >= MAX_TRACKED && !m.contains_key(&ip) {
+            m.retain(|_, (_, since)| since.elapsed() < window);
+            if m.len() >= MAX_TRACKED {
+                return;
             }
         }
-        // Reading, and analysing a trace (which changes nothing), is open without a token.
-        None if req.method() == Method::GET || req.method() == Method::HEAD || req.uri().path() == "/admin/analyze" => {
-            next.run(req).await
+        let e = m.entry(ip).or_insert((0, std::time::Instant::now()));
+        if e.1.elapsed() >= window {
+            *e = (0, std::time::Instant::now());
         }
-        None => (
-            StatusCode::FORBIDDEN,
-            Json(json!({"error": "no admin token is configured (admin.token), so mutating endpoints are disabled"})),
-        )
-            .into_response(),
+        e.0 += 1;
+        if e.0 == max {
+            // The lockout runs from the last failure.
+            e.1 = std::time::Instant::now();
+        }
     }
+
+    fn succeed(&self, ip: IpAddr) {
+        if let Ok(mut m) = self.failures.lock() {
+            m.remove(&ip);
+        }
+    }
+}
+
+fn refusal(status: StatusCode, msg: String) -> Response {
+    (status, Json(json!({ "error": msg }))).into_response()
+}
+
+async fn auth(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let snap = shared.snapshot.load();
+    let mutating =
+        !(req.method() == Method::GET || req.method() == Method::HEAD || req.uri().path() == "/admin/analyze");
+    let tokens = &snap.validated.admin_tokens;
+    if tokens.is_empty() {
+        // Reading, and analysing a trace (which changes nothing), is open without a token.
+        if !mutating {
+            return next.run(req).await;
+        }
+        return refusal(
+            StatusCode::FORBIDDEN,
+            "no admin token is configured (admin.token or admin.tokens), so mutating endpoints are disabled".into(),
+        );
+    }
+    let admin = snap.validated.config.admin.as_ref();
+    let max = admin.map_or(5, |a| a.max_auth_failures);
+    let window = admin.map_or(Duration::from_secs(60), |a| a.auth_lockout.get());
+    let ip = peer.ip();
+    if let Some(left) = shared.admin_throttle.locked(ip, max, window) {
+        let mut r = refusal(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("too many failed authentications from {ip}; try again later"),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(left.as_secs().max(1)));
+        return r;
+    }
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compare with every token, in constant time, without stopping at a match.
+    let mut found = None;
+    for t in tokens {
+        if bool::from(given.as_bytes().ct_eq(t.1.as_bytes())) {
+            found = Some(t);
+        }
+    }
+    let Some((name, _, scope)) = found else {
+        shared.admin_throttle.fail(ip, max, window);
+        tracing::warn!(target: "rampart::audit", %ip, path = %req.uri().path(), "admin authentication failed");
+        let mut r = refusal(StatusCode::UNAUTHORIZED, "a valid bearer token is required".into());
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"rampart\""),
+        );
+        return r;
+    };
+    shared.admin_throttle.succeed(ip);
+    if mutating && *scope == TokenScope::Read {
+        return refusal(
+            StatusCode::FORBIDDEN,
+            format!("token \"{name}\" has the read scope; {} needs write", req.uri().path()),
+        );
+    }
+    req.extensions_mut().insert(Caller {
+        name: Arc::from(name.as_str()),
+    });
+    next.run(req).await
+}
+
+/// The caller's token name, for the audit log.
+fn operator(caller: Option<&Extension<Caller>>) -> String {
+    caller.map_or_else(|| "admin-api".to_string(), |c| c.name.to_string())
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
@@ -83,7 +181,14 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+async fn metrics(State(shared): State<Arc<Shared>>, ConnectInfo(peer): ConnectInfo<SocketAddr>) -> Response {
+    let allow = &shared.snapshot.load().validated.metrics_allow;
+    if !allow.is_empty() && !allow.iter().any(|c| c.contains(peer.ip())) {
+        return refusal(
+            StatusCode::FORBIDDEN,
+            format!("{} is not in admin.metrics_allow", peer.ip()),
+        );
+    }
     shared.cache.refresh_gauges();
     let body = shared.metrics.encode();
     (
@@ -131,21 +236,46 @@ async fn config(State(shared): State<Arc<Shared>>) -> Response {
     {
         admin.insert("token".into(), json!("<redacted>"));
     }
+    // Token secrets are never serialised; say that they exist.
+    if let Some(list) = v
+        .get_mut("admin")
+        .and_then(|a| a.get_mut("tokens"))
+        .and_then(|t| t.as_array_mut())
+    {
+        for t in list.iter_mut().filter_map(|t| t.as_object_mut()) {
+            t.insert("token".into(), json!("<redacted>"));
+        }
+    }
     Json(v).into_response()
 }
 
-async fn reload(State(shared): State<Arc<Shared>>) -> Response {
+async fn reload(State(shared): State<Arc<Shared>>, caller: Option<Extension<Caller>>) -> Response {
+    let who = operator(caller.as_ref());
     match shared.reload().await {
-        Ok(r) => (
-            StatusCode::OK,
-            Json(json!({"ok": true, "version": r.version, "hash": r.hash, "warnings": r.warnings})),
-        )
-            .into_response(),
-        Err(errors) => (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"ok": false, "errors": errors.messages()})),
-        )
-            .into_response(),
+        Ok(r) => {
+            shared.control.record_audit(
+                &who,
+                "config-reload",
+                &format!("version {} hash {}", r.version, r.hash),
+                None,
+            );
+            (
+                StatusCode::OK,
+                Json(json!({"ok": true, "version": r.version, "hash": r.hash, "warnings": r.warnings})),
+            )
+                .into_response()
+        }
+        Err(errors) => {
+            let n = errors.messages().len();
+            shared
+                .control
+                .record_audit(&who, "config-reload-refused", "config", Some(format!("{n} error(s)")));
+            (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"ok": false, "errors": errors.messages()})),
+            )
+                .into_response()
+        }
     }
 }
 
@@ -185,6 +315,7 @@ async fn pools(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
 /// without a reload, and lasts until changed again (a reload keeps it).
 async fn backend_action(
     State(shared): State<Arc<Shared>>,
+    caller: Option<Extension<Caller>>,
     Path((pool, backend, action)): Path<(String, String, String)>,
 ) -> Response {
     let state = match action.as_str() {
@@ -222,7 +353,7 @@ async fn backend_action(
     let before = b.state.admin();
     b.state.set_admin(state);
     shared.control.record_audit(
-        "admin-api",
+        &operator(caller.as_ref()),
         &format!("backend-{action}"),
         &format!("pool {pool} backend {}", b.label),
         None,
@@ -320,6 +451,7 @@ async fn decide(
             }
         }
     };
+    // The body names the operator (required), as the person deciding.
     match shared
         .control
         .decide(&id, approve, d.operator.as_deref(), d.note, &shared.chain_health)
@@ -365,7 +497,11 @@ struct PurgeRequest {
 /// `POST /admin/cache/purge` with exactly one of `{"url": ...}` (every variant),
 /// `{"prefix": ...}`, `{"tag": ...}` or `{"all": true}`, and optionally `"soft": true`
 /// (mark stale so the next request revalidates; the default hard purge deletes).
-async fn cache_purge(State(shared): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+async fn cache_purge(
+    State(shared): State<Arc<Shared>>,
+    caller: Option<Extension<Caller>>,
+    body: axum::body::Bytes,
+) -> Response {
     let req: PurgeRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({"error": e.to_string()}))).into_response(),
@@ -400,7 +536,7 @@ async fn cache_purge(State(shared): State<Arc<Shared>>, body: axum::body::Bytes)
         crate::cache::Purge::All => "everything".into(),
     };
     shared.control.record_audit(
-        "admin-api",
+        &operator(caller.as_ref()),
         if req.soft { "cache-soft-purge" } else { "cache-purge" },
         &target,
         None,

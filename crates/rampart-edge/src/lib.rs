@@ -51,6 +51,8 @@ pub struct Shared {
     pub control: analyser::Control,
     /// The HTTP cache's memory tier (sized at start).
     pub cache: cache::Store,
+    /// Failed admin authentications per client IP (lockouts).
+    pub admin_throttle: admin::AuthThrottle,
     pub metrics: Arc<Metrics>,
     access_log_slot: ArcSwap<(String, AccessLog)>,
     pub access_log: AccessLogHandle,
@@ -334,6 +336,7 @@ impl Edge {
             traces: chain::TraceStore::default(),
             control,
             cache,
+            admin_throttle: admin::AuthThrottle::default(),
             metrics,
             access_log_slot: ArcSwap::from_pointee((access, log)),
             access_log: AccessLogHandle { slot: me.clone() },
@@ -374,11 +377,12 @@ impl Edge {
                     let stop = async move {
                         let _ = admin_stop_rx.changed().await;
                     };
+                    let app = app.into_make_service_with_connect_info::<SocketAddr>();
                     if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop).await {
                         tracing::error!(error = %e, "admin listener failed");
                     }
                 });
-                if shared.snapshot.load().validated.admin_token.is_none() {
+                if shared.snapshot.load().validated.admin_tokens.is_empty() {
                     tracing::warn!(address = %local, "admin API has no token (admin.token): read-only endpoints are open, mutating endpoints are disabled");
                 }
                 tracing::info!(address = %local, "admin listening");

@@ -336,3 +336,73 @@ async fn reload_cannot_remove_or_move_the_admin_listener() {
         401
     );
 }
+
+const SCOPED: &str = r#"
+max_auth_failures = 3
+auth_lockout = "60s"
+tokens = [
+  { name = "ops", token = "write-secret", scope = "write" },
+  { name = "grafana", token = "read-secret", scope = "read" },
+]
+"#;
+
+async fn admin_get(e: &TestEdge, path: &str, token: &str) -> u16 {
+    client()
+        .get(e.admin(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn token_scopes_and_the_audit_log() {
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&with_admin(&origin.url(), SCOPED)).await;
+    assert_eq!(admin_get(&e, "/admin/status", "read-secret").await, 200);
+    assert_eq!(admin_get(&e, "/admin/status", "write-secret").await, 200);
+    assert_eq!(admin_get(&e, "/admin/status", "").await, 401);
+    let (status, body) = e.admin_post("/admin/reload", "read-secret", "").await;
+    assert_eq!(status, 403);
+    assert!(body["error"].as_str().unwrap().contains("read scope"), "{body}");
+    assert_eq!(e.admin_post("/admin/reload", "write-secret", "").await.0, 200);
+    // Every mutation is in the audit log, under the token's name.
+    let audit = e.admin_json("/admin/audit", Some("read-secret")).await;
+    assert_eq!(audit["audit"][0]["operator"], "ops");
+    assert_eq!(audit["audit"][0]["action"], "config-reload");
+    // The secrets never show in the config view.
+    let cfg = e.admin_json("/admin/config", Some("read-secret")).await.to_string();
+    assert!(!cfg.contains("write-secret") && !cfg.contains("read-secret"), "{cfg}");
+}
+
+#[tokio::test]
+async fn failed_authentication_locks_the_client_out() {
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&with_admin(&origin.url(), SCOPED)).await;
+    for _ in 0..3 {
+        assert_eq!(admin_get(&e, "/admin/status", "guess").await, 401);
+    }
+    // Locked out now, even with a valid token.
+    let r = client()
+        .get(e.admin("/admin/status"))
+        .bearer_auth("write-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    // Health and metrics stay available.
+    assert_eq!(client().get(e.admin("/healthz")).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn metrics_can_be_restricted_to_networks() {
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&with_admin(&origin.url(), "metrics_allow = [\"10.0.0.0/8\"]")).await;
+    assert_eq!(client().get(e.admin("/metrics")).send().await.unwrap().status(), 403);
+    let e = TestEdge::start(&with_admin(&origin.url(), "metrics_allow = [\"127.0.0.0/8\", \"::1\"]")).await;
+    assert_eq!(client().get(e.admin("/metrics")).send().await.unwrap().status(), 200);
+}
