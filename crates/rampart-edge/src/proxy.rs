@@ -139,6 +139,16 @@ impl Completion for Record {
 }
 
 impl Record {
+    /// Add a security decision that did not refuse the request (a logged or shadowed
+    /// rule) to `detail`: the access log has it, and `x-rampart-security` when the
+    /// site explains.
+    fn note(&mut self, decision: &str) {
+        self.detail = Some(match self.detail.take() {
+            Some(d) => Arc::from(format!("{d},{decision}")),
+            None => Arc::from(decision),
+        });
+    }
+
     /// Feed the exchange's outcome to the backend's circuit breaker. Upstream errors
     /// and 502/503/504 answers are failures; a response the upstream gave otherwise is
     /// a success; problems with the client's own request are neither.
@@ -530,8 +540,8 @@ async fn handle_request(
             shared.metrics.waf_match(&block.rule, "block");
             return Ok(waf_block(rec, block));
         }
-        if let Some((rule, _)) = verdict.matched.first() {
-            rec.detail = Some(Arc::from(format!("waf:{rule}")));
+        for (rule, action) in &verdict.matched {
+            rec.note(&format!("waf:{rule}={action}"));
         }
         skip_rate_limit = verdict.skip_rate_limit;
     }
@@ -554,7 +564,7 @@ async fn handle_request(
                 shared
                     .metrics
                     .security("rate_limit", Reason::RateLimited.as_str(), "log");
-                rec.detail = Some(Arc::from(format!("shadow:rate_limit:{}", rule.name)));
+                rec.note(&format!("rate_limit:{}=log", rule.name));
             }
             Some(Decision::Deny { retry_after, reset }) => {
                 *limit = Some((rule.policy.clone(), ratelimit_value(rule, 0, reset)));
@@ -1004,9 +1014,13 @@ async fn serve_chain(
     shared.control.observe(chain, &trace);
     shared.traces.push(trace.clone());
 
+    let security = rec.detail.clone();
     let explain_headers = |h: &mut http::HeaderMap| {
         if !explain {
             return;
+        }
+        if let Some(v) = security.as_deref().and_then(|d| HeaderValue::from_str(d).ok()) {
+            h.insert(X_RAMPART_SECURITY.clone(), v);
         }
         let mut put = |name: &'static str, v: String| {
             if let Ok(v) = HeaderValue::from_str(&v) {
@@ -1162,6 +1176,17 @@ fn finish_headers(
         if let Some(a) = rec.attempts.as_deref().and_then(|a| HeaderValue::from_str(a).ok()) {
             h.insert(X_RAMPART_ATTEMPTS.clone(), a);
         }
+        security_header(h, rec);
+    }
+}
+
+static X_RAMPART_SECURITY: header::HeaderName = header::HeaderName::from_static("x-rampart-security");
+
+/// `x-rampart-security`: the security decisions that let the request through
+/// (`waf:RULE=log`, `rate_limit:NAME=log`, ...), for explaining sites.
+fn security_header(h: &mut http::HeaderMap, rec: &Record) {
+    if let Some(v) = rec.detail.as_deref().and_then(|d| HeaderValue::from_str(d).ok()) {
+        h.insert(X_RAMPART_SECURITY.clone(), v);
     }
 }
 

@@ -526,6 +526,7 @@ name = "app"
 backends = ["{}"]
 [[site]]
 default = true
+explain = true
 rate_limits = ["tight"]
   [[site.route]]
   path = "/"
@@ -611,6 +612,11 @@ async fn waf_rules_block_log_allow_and_inspect_bodies() {
     // Logged and shadowed rules let the request through (then the rate limit applies).
     let r = client().get(e.url("/admin/x?trial=1")).send().await.unwrap();
     assert_eq!(r.status(), 200);
+    assert_eq!(
+        header_str(&r, "x-rampart-security"),
+        "waf:watch-admin=log,waf:trial=log",
+        "explained when the site explains"
+    );
     let metrics = client()
         .get(e.admin("/metrics"))
         .send()

@@ -58,6 +58,24 @@ providers = [
 ]
 origin_fallback = {{ url = "{origin}", allowed = false }}
 
+# Custom WAF rules, in the style of Cloudflare's Rules language.
+[[waf.rule]]
+id = "scanners"
+expression = 'lower(http.user_agent) contains "sqlmap" or lower(http.user_agent) contains "nikto"'
+action = "block"
+
+[[waf.rule]]
+id = "sqli-query"
+expression = 'lower(url_decode(http.request.uri.query)) matches "union\\s+select"'
+action = "block"
+
+# Five requests per minute per client on /api/, then 429.
+[[rate_limit]]
+name = "api"
+key = "ip"
+rate = "5/m"
+burst = 5
+
 [[site]]
 name = "demo"
 hosts = ["localhost", "127.0.0.1"]
@@ -73,6 +91,10 @@ explain = true
   path = "/cache/"
   pool = "origin"
   cache = {{ stale_if_error = "1m" }}
+  [[site.route]]
+  path = "/api/"
+  pool = "origin"
+  rate_limits = ["api"]
   [[site.route]]
   path = "/"
   pool = "origin"
@@ -114,6 +136,12 @@ Try:
   curl -si {e}/video/intro.mp4 | grep -i x-rampart   # chain: cdn-slow times out, cdn-block says 429, cdn-ok serves
   curl -s '{a}/admin/traces?limit=1' -H 'Authorization: Bearer {token}'   # the route trace behind it
   curl -si '{e}/cache/page?cc=max-age%3D30' | grep -i cache   # run it twice: MISS, then HIT with an Age
+  curl -i -A sqlmap {e}/                # WAF rule "scanners": 403 WAF_BLOCKED, naming the rule
+  curl -i '{e}/search?q=1%20UNION%20SELECT%20pw'   # WAF rule "sqli-query" (regex on the decoded query)
+  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}} ' {e}/api/items; done; echo   # rate limit: 5 x 200, then 429
+  curl -si {e}/api/items | grep -i -E 'retry-after|ratelimit'   # Retry-After and the IETF RateLimit headers
+  curl -i --path-as-is '{e}/static/..%2F..%2Fetc/passwd'   # encoded traversal: 400 BAD_PATH
+  curl -s {a}/metrics | grep -E 'rampart_(security_decisions|waf_rule_matches)'
   curl -s {a}/metrics | grep rampart_requests
   curl -s -H 'Authorization: Bearer {token}' {a}/admin/status
   curl -s -X POST -H 'Authorization: Bearer {token}' {a}/admin/reload   # re-reads the config file

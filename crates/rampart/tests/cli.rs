@@ -281,6 +281,23 @@ async fn demo_runs_and_shows_the_edge_working() {
     let cached = format!("{edge}/cache/page?cc=max-age%3D30");
     assert_eq!(get(&cached).await.headers()["x-cache-status"], "MISS");
     assert_eq!(get(&cached).await.headers()["x-cache-status"], "HIT");
+    // The WAF rule and the rate limit the demo prints commands for.
+    let c = reqwest::Client::builder().no_proxy().build().unwrap();
+    let r = c
+        .get(format!("{edge}/"))
+        .header("user-agent", "sqlmap/1.7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.headers()["x-rampart-reason"], "WAF_BLOCKED");
+    let r = get(&format!("{edge}/search?q=1%20UNION%20SELECT%20pw")).await;
+    assert_eq!(r.status(), 403);
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        codes.push(get(&format!("{edge}/api/items")).await.status().as_u16());
+    }
+    assert_eq!(codes, [200, 200, 200, 200, 200, 429]);
     let m = get(&format!("{admin}/metrics")).await.text().await.unwrap();
     assert!(
         m.contains(r#"rampart_requests_total{site="demo",route="/",class="2xx"} 1"#),
