@@ -427,8 +427,24 @@ impl Edge {
         self.admin_addr
     }
 
+    /// Reload from the config file (what SIGHUP does); audited as operator `signal`.
     pub async fn reload(&self) -> Result<Reloaded, ConfigErrors> {
-        self.shared.reload().await
+        let r = self.shared.reload().await;
+        match &r {
+            Ok(ok) => self.shared.control.record_audit(
+                "signal",
+                "config-reload",
+                &format!("version {} hash {}", ok.version, ok.hash),
+                None,
+            ),
+            Err(e) => self.shared.control.record_audit(
+                "signal",
+                "config-reload-refused",
+                "config",
+                Some(format!("{} error(s)", e.messages().len())),
+            ),
+        }
+        r
     }
 
     /// The configured drain deadline (`server.shutdown_timeout`).

@@ -406,3 +406,13 @@ async fn metrics_can_be_restricted_to_networks() {
     let e = TestEdge::start(&with_admin(&origin.url(), "metrics_allow = [\"127.0.0.0/8\", \"::1\"]")).await;
     assert_eq!(client().get(e.admin("/metrics")).send().await.unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn a_signal_reload_is_audited_too() {
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&with_admin(&origin.url(), SCOPED)).await;
+    e.edge().reload().await.unwrap();
+    let audit = e.admin_json("/admin/audit", Some("read-secret")).await;
+    assert_eq!(audit["audit"][0]["operator"], "signal");
+    assert_eq!(audit["audit"][0]["action"], "config-reload");
+}
