@@ -236,6 +236,8 @@ fn builder(shared: &Shared, kind: Kind) -> Protocols {
         .max_headers(snap.limits.max_headers);
     b.http2()
         .timer(TokioTimer::new())
+        // WebSocket over HTTP/2 (RFC 8441): extended CONNECT.
+        .enable_connect_protocol()
         .max_header_list_size(u32::try_from(head_budget).unwrap_or(u32::MAX))
         .max_concurrent_streams(256)
         .keep_alive_interval(Some(Duration::from_secs(30)))

@@ -403,7 +403,16 @@ async fn handle_request(
         };
         return Ok(refuse(rec, "framing", reason, detail));
     }
-    if req.method() == Method::CONNECT {
+    // WebSocket over HTTP/2 (RFC 8441): an extended CONNECT with `:protocol websocket`.
+    // It is routed like a request for its path and tunnelled to an HTTP/1.1 upstream
+    // as a WebSocket upgrade. Any other CONNECT is refused.
+    let h2_websocket = req.method() == Method::CONNECT
+        && req.version() == Version::HTTP_2
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+    if req.method() == Method::CONNECT && !h2_websocket {
         return Ok(local_response(Reason::MethodNotAllowed, rec, None));
     }
     // One normalised path for routing, every later stage, the cache key and the
@@ -466,12 +475,20 @@ async fn handle_request(
         return Ok(local_response(Reason::RequestBodyTooLarge, rec, None));
     }
 
-    // Upgrades (WebSocket and friends) are HTTP/1.1 only.
-    let upgrade = if route.websocket && req.version() == Version::HTTP_11 {
+    // Upgrades: HTTP/1.1 `Upgrade` (WebSocket and friends), and WebSocket over HTTP/2.
+    let upgrade = if !route.websocket {
+        None
+    } else if h2_websocket {
+        Some(HeaderValue::from_static("websocket"))
+    } else if req.version() == Version::HTTP_11 {
         headers::upgrade_protocol(req.headers())
     } else {
         None
     };
+    if h2_websocket && (upgrade.is_none() || route.pool.is_none()) {
+        // WebSockets are off on this route, or it is served by a provider chain.
+        return Ok(local_response(Reason::MethodNotAllowed, rec, None));
+    }
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
 
     let (parts, body) = req.into_parts();
@@ -653,6 +670,15 @@ async fn handle_request(
         &rec.request_id,
     );
 
+    if h2_websocket {
+        // The HTTP/1.1 handshake the upstream expects (RFC 6455 §4.1); the key only
+        // has to be fresh, nobody checks the answer to it over HTTP/2.
+        h.insert(header::SEC_WEBSOCKET_KEY, websocket_key());
+        if !h.contains_key(header::SEC_WEBSOCKET_VERSION) {
+            h.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        }
+    }
+
     // The request body: streamed as it arrives, or, when a retry may need it again,
     // kept in memory up to the replay limit (past it, it streams and is not retried).
     let mut body = match body {
@@ -720,7 +746,12 @@ async fn handle_request(
         }
         None => None,
     };
-    let request_method = parts.method.clone();
+    // An HTTP/2 WebSocket CONNECT goes upstream as an HTTP/1.1 GET with Upgrade.
+    let request_method = if h2_websocket {
+        Method::GET
+    } else {
+        parts.method.clone()
+    };
 
     let (pinned, repin) = pool.pinned(&h, rec.client_ip);
     let mut tried: Vec<usize> = Vec::new();
@@ -756,7 +787,7 @@ async fn handle_request(
             other => other.take().unwrap_or(UpstreamBody::Empty),
         };
         let mut up = Request::new(this_body);
-        *up.method_mut() = parts.method.clone();
+        *up.method_mut() = request_method.clone();
         *up.uri_mut() = uri;
         *up.headers_mut() = if can_retry_after(tried.len(), &body) {
             h.clone()
@@ -864,11 +895,17 @@ async fn handle_request(
         });
         let proto = rparts.headers.get(header::UPGRADE).cloned();
         headers::remove_hop_by_hop(&mut rparts.headers, false);
-        rparts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        if let Some(p) = proto {
-            rparts.headers.insert(header::UPGRADE, p);
+        if h2_websocket {
+            // Over HTTP/2 the tunnel opens with a 2xx to the CONNECT (RFC 8441 §5).
+            rparts.status = StatusCode::OK;
+            rparts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+        } else {
+            rparts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            if let Some(p) = proto {
+                rparts.headers.insert(header::UPGRADE, p);
+            }
         }
         finish_headers(&mut rparts.headers, &rec, snap.via, explain, &route, backend);
         return Ok(Response::from_parts(
@@ -1226,6 +1263,16 @@ fn join(base: &str, rest: &str, segment: bool) -> String {
     } else {
         format!("{base}{rest}")
     }
+}
+
+/// A fresh `Sec-WebSocket-Key`: the base64 of 16 random bytes (21 random characters,
+/// one whose low four bits are zero, and the padding).
+fn websocket_key() -> HeaderValue {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut key: String = (0..21).map(|_| char::from(A[fastrand::usize(..64)])).collect();
+    key.push(char::from(b"AQgw"[fastrand::usize(..4)]));
+    key.push_str("==");
+    HeaderValue::from_str(&key).unwrap_or(HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="))
 }
 
 /// Relay an upgraded connection both ways until either side closes or it is idle too long.

@@ -79,3 +79,67 @@ async fn shutdown_waits_for_open_tunnels_until_the_deadline() {
     assert_eq!(report.abandoned, 1, "the open tunnel is counted");
     assert!(t.elapsed() >= Duration::from_millis(300));
 }
+
+/// Open a WebSocket over HTTP/2 (RFC 8441: extended CONNECT with `:protocol`) on
+/// an h2c connection to the edge; the status of the CONNECT and the stream.
+async fn h2_websocket(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> (
+    u16,
+    Option<tokio_tungstenite::WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .uri(format!("http://{addr}{path}"))
+        .version(hyper::Version::HTTP_2)
+        .header("sec-websocket-version", "13")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let mut resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    if status != 200 {
+        return (status, None);
+    }
+    let upgraded = hyper::upgrade::on(&mut resp).await.unwrap();
+    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(upgraded),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    (status, Some(ws))
+}
+
+#[tokio::test]
+async fn websocket_over_http2_is_tunnelled_to_an_http1_upstream() {
+    let origin = Origin::start("ws").await.unwrap();
+    let cfg = simple(&origin.url(), "").replace("[server]\n", "[server]\nh2c = true\n");
+    let e = TestEdge::start(&cfg).await;
+    let (status, ws) = h2_websocket(e.http, "/ws").await;
+    assert_eq!(status, 200, "the tunnel opens with a 2xx to the CONNECT");
+    let mut ws = ws.unwrap();
+    for i in 0..3 {
+        ws.send(Message::text(format!("over h2 {i}"))).await.unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(m, Message::text(format!("over h2 {i}")));
+    }
+    ws.close(None).await.unwrap();
+
+    // A route without WebSockets refuses the CONNECT.
+    let off = cfg.replace("pool = \"app\"\n", "pool = \"app\"\n  websocket = false\n");
+    let e = TestEdge::start(&off).await;
+    assert_eq!(h2_websocket(e.http, "/ws").await.0, 405);
+}
