@@ -14,6 +14,7 @@ pub mod chain;
 pub mod dns;
 pub mod headers;
 pub mod health;
+mod io;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
