@@ -594,6 +594,15 @@ async fn handle_request(
         }
     }
 
+    let cache_view = caching::View {
+        shared: &shared,
+        snap: &snap,
+        tls: conn.tls,
+        host: &host_value,
+        path: &path,
+        query: parts.uri.query(),
+        method: &parts.method,
+    };
     let Some(route_pool) = &route.pool else {
         let chain = route.chain.clone();
         let Some(chain) = chain else {
@@ -610,28 +619,17 @@ async fn handle_request(
             snap.via.then_some(parts.version),
             &rec.request_id,
         );
-        let cached = match route.cache.clone() {
-            Some(rc) => {
-                let lookup = caching::Lookup {
-                    shared: &shared,
-                    snap: &snap,
-                    tls: conn.tls,
-                    host: &host_value,
-                    path: &path,
-                    query: parts.uri.query(),
-                    method: &parts.method,
-                    path_and_query: &pq,
-                    origin: caching::RefreshVia::Chain(chain.clone()),
-                };
-                match caching::before(lookup, rc, &mut h, rec).await {
-                    Ok((ctx, r)) => {
-                        rec = r;
-                        Some(ctx)
-                    }
-                    Err(answer) => return Ok(answer),
-                }
+        let lookup = caching::Lookup {
+            view: &cache_view,
+            path_and_query: &pq,
+            origin: caching::RefreshVia::Chain(chain.clone()),
+        };
+        let cached = match caching::stage(route.cache.clone(), lookup, &mut h, rec).await {
+            Ok((ctx, r)) => {
+                rec = r;
+                ctx
             }
-            None => None,
+            Err(answer) => return Ok(answer),
         };
         let target = ChainTarget {
             chain: &chain,
@@ -723,28 +721,17 @@ async fn handle_request(
         .map_or(t.response_header.get(), |p| p.min(t.response_header.get()));
     // HTTP cache: answer from a usable stored response, or prepare to validate a
     // stale one, before any upstream is contacted.
-    let cached = match route.cache.clone() {
-        Some(rc) => {
-            let lookup = caching::Lookup {
-                shared: &shared,
-                snap: &snap,
-                tls: conn.tls,
-                host: &host_value,
-                path: &path,
-                query: parts.uri.query(),
-                method: &parts.method,
-                path_and_query: &pq,
-                origin: caching::RefreshVia::Pool(pool.clone(), route.host_for_refresh(&host_value)),
-            };
-            match caching::before(lookup, rc, &mut h, rec).await {
-                Ok((ctx, r)) => {
-                    rec = r;
-                    Some(ctx)
-                }
-                Err(answer) => return Ok(answer),
-            }
+    let lookup = caching::Lookup {
+        view: &cache_view,
+        path_and_query: &pq,
+        origin: caching::RefreshVia::Pool(pool.clone(), route.host_for_refresh(&host_value)),
+    };
+    let cached = match caching::stage(route.cache.clone(), lookup, &mut h, rec).await {
+        Ok((ctx, r)) => {
+            rec = r;
+            ctx
         }
-        None => None,
+        Err(answer) => return Ok(answer),
     };
     // An HTTP/2 WebSocket CONNECT goes upstream as an HTTP/1.1 GET with Upgrade.
     let request_method = if h2_websocket {

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// The request as the cache stage sees it.
-pub(super) struct Lookup<'a> {
+/// The request as the cache stage sees it (the same for pool and chain routes).
+pub(super) struct View<'a> {
     pub shared: &'a Arc<Shared>,
     pub snap: &'a Snapshot,
     pub tls: bool,
@@ -25,25 +25,51 @@ pub(super) struct Lookup<'a> {
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub method: &'a Method,
+}
+
+/// A lookup: the request, and where its origin requests go.
+pub(super) struct Lookup<'a> {
+    pub view: &'a View<'a>,
     /// The path and query sent upstream (for a background refresh).
     pub path_and_query: &'a str,
     /// Where a background refresh goes.
     pub origin: RefreshVia,
 }
 
+/// The cache stage of a route: nothing when the route does not cache (`Ok` with no
+/// context), an answer from the cache (`Err`), or the context for [`after`].
+pub(super) async fn stage(
+    policy: Option<Arc<rampart_config::RouteCache>>,
+    l: Lookup<'_>,
+    h: &mut http::HeaderMap,
+    rec: Record,
+) -> Result<(Option<CacheCtx>, Record), Response<EdgeBody>> {
+    match policy {
+        None => Ok((None, rec)),
+        Some(rc) => before(l, rc, h, rec).await.map(|(ctx, rec)| (Some(ctx), rec)),
+    }
+}
+
 /// Before any upstream is contacted: answer from a usable stored response (`Err`
 /// with the response), or return what the cache needs to handle the origin's
 /// answer, having put a stale copy's validators in `h` (the upstream headers).
-pub(super) async fn before(
+async fn before(
     l: Lookup<'_>,
     rc: Arc<rampart_config::RouteCache>,
     h: &mut http::HeaderMap,
     mut rec: Record,
 ) -> Result<(CacheCtx, Record), Response<EdgeBody>> {
-    let key = crate::cache::policy_key(&rc, l.tls, l.host.to_str().unwrap_or(""), l.path, l.query, h);
+    let key = crate::cache::policy_key(
+        &rc,
+        l.view.tls,
+        l.view.host.to_str().unwrap_or(""),
+        l.view.path,
+        l.view.query,
+        h,
+    );
     // PURGE on the public listener, when enabled, from allowed networks only.
-    let purge_allow = &l.snap.validated.config.cache.purge_allow;
-    if l.method.as_str() == "PURGE" && !purge_allow.is_empty() {
+    let purge_allow = &l.view.snap.validated.config.cache.purge_allow;
+    if l.view.method.as_str() == "PURGE" && !purge_allow.is_empty() {
         let allowed = purge_allow
             .iter()
             .filter_map(|n| n.parse::<rampart_config::Cidr>().ok())
@@ -52,7 +78,7 @@ pub(super) async fn before(
             return Err(local_response(Reason::PurgeNotAllowed, rec, None));
         }
         let soft = h.get("x-purge-soft").is_some_and(|v| v.as_bytes() == b"1");
-        let n = l.shared.cache.purge(&crate::cache::Purge::Url(key), soft);
+        let n = l.view.shared.cache.purge(&crate::cache::Purge::Url(key), soft);
         let body = format!("{{\"purged\":{n},\"soft\":{soft}}}\n");
         let mut resp = Response::new(EdgeBody::empty());
         resp.headers_mut()
@@ -64,7 +90,7 @@ pub(super) async fn before(
         return Err(resp);
     }
     let req_cc = crate::cache::cache_control(h);
-    let safe = (*l.method == Method::GET || *l.method == Method::HEAD) && !crate::cache::bypassed(&rc, h);
+    let safe = (*l.view.method == Method::GET || *l.view.method == Method::HEAD) && !crate::cache::bypassed(&rc, h);
     let authorized = h.contains_key(header::AUTHORIZATION);
     // §3.5: a request with Authorization is answered from the cache only by a stored
     // response that allows it.
@@ -72,9 +98,9 @@ pub(super) async fn before(
         |e: &crate::cache::Entry| !authorized || e.cc.public || e.cc.s_maxage.is_some() || e.cc.must_revalidate;
     let request_time = crate::cache::now_secs();
     let found = if safe {
-        match l.shared.cache.lookup(&key, h) {
+        match l.view.shared.cache.lookup(&key, h) {
             Some(e) => Some(e),
-            None => from_disk(l.shared, &key, h).await,
+            None => from_disk(l.view.shared, &key, h).await,
         }
         .filter(|e| allowed(e))
     } else {
@@ -82,7 +108,7 @@ pub(super) async fn before(
     };
     let now = crate::cache::now_secs();
     if let Some(e) = found.as_ref().filter(|e| e.usable(&req_cc, now)) {
-        return Err(cached_response(e, h, l.method, "HIT", rec, l.snap.via));
+        return Err(cached_response(e, h, l.view.method, "HIT", rec, l.view.snap.via));
     }
     let mut ctx = CacheCtx {
         leader: None,
@@ -97,7 +123,7 @@ pub(super) async fn before(
         request_time,
         ranged: false,
     };
-    if safe && *l.method == Method::GET && h.contains_key(header::RANGE) {
+    if safe && *l.view.method == Method::GET && h.contains_key(header::RANGE) {
         // Like nginx's proxy cache: ask the origin for the whole object, so it can
         // be stored, and answer the range from it.
         h.remove(header::RANGE);
@@ -108,14 +134,14 @@ pub(super) async fn before(
         match found {
             Some(e) if e.serves_while_revalidating(ctx.settings.stale_while_revalidate.get().as_secs_f64(), now) => {
                 // Serve it stale now; one background request refreshes it.
-                if let crate::cache::Fetch::Lead(leader) = l.shared.cache.fetch(&ctx.key) {
+                if let crate::cache::Fetch::Lead(leader) = l.view.shared.cache.fetch(&ctx.key) {
                     let mut refresh_headers = h.clone();
                     for (name, value) in e.validators() {
                         refresh_headers.insert(name, value);
                     }
                     spawn_refresh(Refresh {
                         policy: ctx.settings.clone(),
-                        shared: l.shared.clone(),
+                        shared: l.view.shared.clone(),
                         origin: l.origin,
                         key: ctx.key.clone(),
                         entry: e.clone(),
@@ -126,7 +152,7 @@ pub(super) async fn before(
                         leader,
                     });
                 }
-                return Err(cached_response(&e, h, l.method, "UPDATING", rec, l.snap.via));
+                return Err(cached_response(&e, h, l.view.method, "UPDATING", rec, l.view.snap.via));
             }
             Some(e) => {
                 // Stale, or no-cache: validate with the origin.
@@ -147,7 +173,7 @@ pub(super) async fn before(
             None if ctx.req_cc.only_if_cached => {
                 return Err(local_response(Reason::OnlyIfCachedMiss, rec, None));
             }
-            None => match l.shared.cache.fetch(&ctx.key) {
+            None => match l.view.shared.cache.fetch(&ctx.key) {
                 // Concurrent misses make one origin request: the first leads...
                 crate::cache::Fetch::Lead(leader) => ctx.leader = Some(leader),
                 // ...the others wait for it (bounded), then use what it stored,
@@ -155,12 +181,13 @@ pub(super) async fn before(
                 crate::cache::Fetch::Follow(rx) => {
                     if crate::cache::follow(rx, ctx.settings.coalesce_timeout.get()).await
                         && let Some(e) = l
+                            .view
                             .shared
                             .cache
                             .lookup(&ctx.key, h)
                             .filter(|e| allowed(e) && e.usable(&ctx.req_cc, crate::cache::now_secs()))
                     {
-                        return Err(cached_response(&e, h, l.method, "HIT", rec, l.snap.via));
+                        return Err(cached_response(&e, h, l.view.method, "HIT", rec, l.view.snap.via));
                     }
                 }
             },
