@@ -27,7 +27,7 @@ async fn health_readiness_and_metrics() {
         c.get(e.url("/")).send().await.unwrap().bytes().await.unwrap();
     }
     c.get(e.url("/status/503")).send().await.unwrap().bytes().await.unwrap();
-    let m = c.get(e.admin("/metrics")).send().await.unwrap().text().await.unwrap();
+    let m = e.metrics().await;
     assert!(
         m.contains(r#"rampart_requests_total{site="default",route="/",class="2xx"} 3"#),
         "{m}"
@@ -60,7 +60,7 @@ async fn upstream_errors_are_counted_by_reason() {
     let e = TestEdge::start(&with_admin(&format!("http://{dead}"), "")).await;
     let c = client();
     assert_eq!(c.get(e.url("/")).send().await.unwrap().status(), 502);
-    let m = c.get(e.admin("/metrics")).send().await.unwrap().text().await.unwrap();
+    let m = e.metrics().await;
     // The default policy retries a connect failure once: two failed exchanges, one retry.
     assert!(
         m.contains(r#"rampart_upstream_errors_total{pool="app",reason="UPSTREAM_CONNECT_REFUSED"} 2"#),
@@ -176,7 +176,7 @@ async fn reload_swaps_config_and_a_bad_config_changes_nothing() {
     assert_eq!(body["version"], 2, "rejected configs take no version");
     assert_eq!(c.get(e.url("/")).send().await.unwrap().headers()["x-origin-name"], "b");
 
-    let m = c.get(e.admin("/metrics")).send().await.unwrap().text().await.unwrap();
+    let m = e.metrics().await;
     assert!(m.contains(r#"rampart_config_reloads_total{result="failure"} 2"#), "{m}");
     assert!(m.contains(r#"rampart_config_reloads_total{result="success"} 1"#), "{m}");
 }

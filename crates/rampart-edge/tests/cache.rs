@@ -329,14 +329,7 @@ async fn stats_and_metrics() {
     );
     assert_eq!(s["memory"]["objects"], 1);
     assert!(s["memory"]["bytes"].as_u64().unwrap() > 0);
-    let m = client()
-        .get(e.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = e.metrics().await;
     assert!(m.contains("rampart_cache_hits_total 2"), "{m}");
     assert!(m.contains("rampart_cache_objects 1"), "{m}");
 }
@@ -676,14 +669,7 @@ async fn the_disk_tier_evicts_least_recently_used_files_and_counts_them() {
     assert!(evicted >= 3, "disk evictions counted: {evicted}");
     let stats = e.admin_json("/admin/cache/stats", None).await;
     assert!(stats["disk"]["bytes"].as_u64().unwrap() <= 1 << 20);
-    let metrics = client()
-        .get(e.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = e.metrics().await;
     assert!(metrics.contains("rampart_cache_disk_evictions_total"), "{metrics}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -54,13 +54,6 @@ explain = true
     )
 }
 
-fn header(r: &reqwest::Response, name: &str) -> String {
-    r.headers()
-        .get(name)
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default()
-}
-
 fn unbase64url(s: &str) -> Vec<u8> {
     let val = |c: u8| -> u32 {
         match c {
@@ -91,18 +84,19 @@ async fn timeout_then_block_then_success_explains_itself() {
     let e = TestEdge::start(&config(&o, "", false)).await;
     let r = client().get(e.url("/videos/1.ts")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(header(&r, "x-rampart-provider"), "cdn-c");
-    assert_eq!(header(&r, "x-rampart-reason"), "PROVIDER_FAILOVER_SUCCESS");
+    assert_eq!(header_str(&r, "x-rampart-provider"), "cdn-c");
+    assert_eq!(header_str(&r, "x-rampart-reason"), "PROVIDER_FAILOVER_SUCCESS");
     assert_eq!(
-        header(&r, "x-rampart-attempts"),
+        header_str(&r, "x-rampart-attempts"),
         "cdn-a:PROVIDER_TIMEOUT,cdn-b:PROVIDER_BLOCKED_429,cdn-c:PROVIDER_SUCCESS"
     );
     assert_eq!(
-        header(&r, "x-rampart-failure-points"),
+        header_str(&r, "x-rampart-failure-points"),
         "1:PROVIDER_TIMEOUT:cdn-a:PROVIDER_TIMEOUT,2:PROVIDER_BLOCKED_STATUS:cdn-b:PROVIDER_BLOCKED_429"
     );
-    let id = header(&r, "x-request-id");
-    let trace: serde_json::Value = serde_json::from_slice(&unbase64url(&header(&r, "x-rampart-route-trace"))).unwrap();
+    let id = header_str(&r, "x-request-id");
+    let trace: serde_json::Value =
+        serde_json::from_slice(&unbase64url(&header_str(&r, "x-rampart-route-trace"))).unwrap();
     assert_eq!(trace["request_id"], id.as_str());
     assert_eq!(trace["route_key"], "/videos/");
     assert_eq!(trace["policy_id"], "video");
@@ -127,17 +121,17 @@ async fn each_reason_code() {
         async move { client().get(url).send().await.unwrap() }
     };
     let r = get("/primary").await;
-    assert_eq!(header(&r, "x-rampart-reason"), "PRIMARY_PROVIDER_SUCCESS");
-    assert_eq!(header(&r, "x-rampart-failure-points"), "none");
+    assert_eq!(header_str(&r, "x-rampart-reason"), "PRIMARY_PROVIDER_SUCCESS");
+    assert_eq!(header_str(&r, "x-rampart-failure-points"), "none");
 
     o.a.set_hang("/t", true);
     let r = get("/t").await;
-    assert_eq!(header(&r, "x-rampart-reason"), "PROVIDER_TIMEOUT_FAILOVER");
-    assert_eq!(header(&r, "x-rampart-provider"), "cdn-b");
+    assert_eq!(header_str(&r, "x-rampart-reason"), "PROVIDER_TIMEOUT_FAILOVER");
+    assert_eq!(header_str(&r, "x-rampart-provider"), "cdn-b");
 
     o.a.set_status("/blocked", Some(403));
     let r = get("/blocked").await;
-    assert_eq!(header(&r, "x-rampart-reason"), "PROVIDER_BLOCKED_FAILOVER");
+    assert_eq!(header_str(&r, "x-rampart-reason"), "PROVIDER_BLOCKED_FAILOVER");
 
     for cdn in [&o.a, &o.b, &o.c] {
         cdn.set_status("/gone", Some(404));
@@ -145,7 +139,7 @@ async fn each_reason_code() {
     let r = get("/gone").await;
     assert_eq!(r.status(), 503, "fail closed");
     assert_eq!(
-        header(&r, "x-rampart-reason"),
+        header_str(&r, "x-rampart-reason"),
         "ALL_PROVIDERS_FAILED_FALLBACK_BLOCKED_BY_POLICY"
     );
     let j: serde_json::Value = r.json().await.unwrap();
@@ -162,10 +156,10 @@ async fn each_reason_code() {
     let r = client().get(e2.url("/gone")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(
-        header(&r, "x-rampart-reason"),
+        header_str(&r, "x-rampart-reason"),
         "ALL_PROVIDERS_FAILED_ORIGIN_FALLBACK_SELECTED"
     );
-    assert_eq!(header(&r, "x-rampart-provider"), "origin");
+    assert_eq!(header_str(&r, "x-rampart-provider"), "origin");
     assert_eq!(r.text().await.unwrap(), "hello from origin\n");
     assert_eq!(o.origin.requests(), 1);
 }
@@ -182,7 +176,7 @@ async fn a_provider_failing_on_one_route_is_demoted_there_only() {
         async move {
             let r = client().get(url).send().await.unwrap();
             assert_eq!(r.status(), 200);
-            header(&r, "x-rampart-attempts")
+            header_str(&r, "x-rampart-attempts")
         }
     };
     assert!(first("/live/x/1.ts").await.starts_with("cdn-a:PROVIDER_BLOCKED_503"));
@@ -220,7 +214,7 @@ async fn the_next_provider_gets_the_same_request_and_body() {
         .send()
         .await
         .unwrap();
-    assert_eq!(header(&r, "x-rampart-provider"), "cdn-b");
+    assert_eq!(header_str(&r, "x-rampart-provider"), "cdn-b");
     let j: serde_json::Value = r.json().await.unwrap();
     assert_eq!(j["method"], "POST");
     assert_eq!(j["path"], "/upload/echo");
@@ -259,7 +253,7 @@ async fn the_ranking_adapts_to_recent_failures_and_recovers_as_they_decay() {
     let e = TestEdge::start(&config(&o, "penalty_half_life = \"150ms\"", false)).await;
     let first = |p: String| {
         let url = e.url(&p);
-        async move { header(&client().get(url).send().await.unwrap(), "x-rampart-attempts") }
+        async move { header_str(&client().get(url).send().await.unwrap(), "x-rampart-attempts") }
     };
     assert!(first("/r/1".into()).await.starts_with("cdn-a:PROVIDER_BLOCKED_503"));
     assert!(first("/r/2".into()).await.starts_with("cdn-a:PROVIDER_BLOCKED_503"));
@@ -295,8 +289,8 @@ fn cached_config(o: &Cdns, route_cache: &str) -> String {
 async fn get_cached(e: &TestEdge, path: &str) -> (u16, String, String, String) {
     let r = client().get(e.url(path)).send().await.unwrap();
     let status = r.status().as_u16();
-    let cache = header(&r, "x-cache-status");
-    let provider = header(&r, "x-rampart-provider");
+    let cache = header_str(&r, "x-cache-status");
+    let provider = header_str(&r, "x-rampart-provider");
     (status, cache, provider, r.text().await.unwrap())
 }
 
@@ -328,9 +322,9 @@ async fn a_stale_copy_stands_in_when_every_provider_fails() {
     }
     let r = client().get(e.url(p)).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(header(&r, "x-cache-status"), "STALE");
+    assert_eq!(header_str(&r, "x-cache-status"), "STALE");
     assert!(
-        !header(&r, "x-rampart-failure-points").is_empty(),
+        !header_str(&r, "x-rampart-failure-points").is_empty(),
         "the failed chain is explained"
     );
     assert_eq!(r.text().await.unwrap(), body);

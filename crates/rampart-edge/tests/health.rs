@@ -52,14 +52,7 @@ async fn wait_for<F: Fn(&serde_json::Value) -> bool>(e: &TestEdge, i: usize, f: 
 }
 
 async fn metrics(e: &TestEdge) -> String {
-    client()
-        .get(e.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    e.metrics().await
 }
 
 #[tokio::test]

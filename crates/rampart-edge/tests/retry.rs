@@ -159,14 +159,7 @@ async fn the_retry_budget_caps_retries() {
             failed += 1;
         }
     }
-    let m = client()
-        .get(e.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = e.metrics().await;
     assert!(m.contains(r#"rampart_upstream_retries_total{pool="app"} 10"#), "{m}");
     assert!(failed >= 10, "without budget the failures are not retried: {failed}");
 }

@@ -196,14 +196,7 @@ async fn paths_are_normalised_once_for_routing_and_forwarding() {
         assert_eq!(r.status(), 200, "{sent}");
         assert_eq!(o.paths().last().map(String::as_str), Some(forwarded), "{sent}");
     }
-    let metrics = client()
-        .get(e.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = e.metrics().await;
     assert!(
         metrics.contains(r#"rampart_security_decisions_total{stage="normalize",reason="BAD_PATH",action="block"} 6"#),
         "{metrics}"
@@ -240,30 +233,64 @@ async fn an_upstream_response_with_ambiguous_framing_is_not_passed_on() {
     assert_eq!(r.headers()["x-rampart-reason"], "UPSTREAM_BAD_FRAMING");
 }
 
-fn acl_config(o: &Origin, server_extra: &str, site_access: &str, route_access: &str) -> String {
+/// A config with an admin listener, one pool and a default site whose `/` route
+/// goes to it, with room for extras: `[server]` fields, top-level sections, site
+/// fields, the `/` route's fields and more routes.
+fn edge_config(o: &Origin, server: &str, top: &str, site: &str, root_route: &str, routes: &str) -> String {
     format!(
         r#"
 [server]
 listen = ["127.0.0.1:0"]
-{server_extra}
+{server}
+[admin]
+listen = "127.0.0.1:0"
 [log]
 access = "off"
+{top}
 [[pool]]
 name = "app"
 backends = ["{}"]
 [[site]]
 default = true
-access = {{ {site_access} }}
+{site}
   [[site.route]]
   path = "/"
   pool = "app"
-  [[site.route]]
-  path = "/private/"
-  pool = "app"
-  access = {{ {route_access} }}
+  {root_route}
+{routes}
 "#,
         o.url()
     )
+}
+
+fn acl_config(o: &Origin, server_extra: &str, site_access: &str, route_access: &str) -> String {
+    let private =
+        format!("  [[site.route]]\n  path = \"/private/\"\n  pool = \"app\"\n  access = {{ {route_access} }}");
+    edge_config(
+        o,
+        server_extra,
+        "",
+        &format!("access = {{ {site_access} }}"),
+        "",
+        &private,
+    )
+}
+
+fn limited_config(o: &Origin, rule: &str) -> String {
+    let free = "  [[site.route]]\n  path = \"/free/\"\n  pool = \"app\"";
+    edge_config(
+        o,
+        "",
+        &format!("[[rate_limit]]\n{rule}"),
+        "",
+        "rate_limits = [\"api\"]",
+        free,
+    )
+}
+
+fn waf_config(o: &Origin, waf: &str) -> String {
+    let top = format!("{waf}\n[[rate_limit]]\nname = \"tight\"\nrate = \"1/m\"\nburst = 1");
+    edge_config(o, "", &top, "explain = true\nrate_limits = [\"tight\"]", "", "")
 }
 
 async fn status_reason(e: &TestEdge, path: &str, headers: &[(&str, &str)]) -> (u16, String, serde_json::Value) {
@@ -397,41 +424,6 @@ async fn proxy_protocol_config_errors() {
     assert!(err.contains("server.proxy_protocol: only trusted proxies"), "{err}");
 }
 
-fn limited_config(o: &Origin, rule: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
-[admin]
-listen = "127.0.0.1:0"
-[log]
-access = "off"
-[[rate_limit]]
-{rule}
-[[pool]]
-name = "app"
-backends = ["{}"]
-[[site]]
-default = true
-  [[site.route]]
-  path = "/"
-  pool = "app"
-  rate_limits = ["api"]
-  [[site.route]]
-  path = "/free/"
-  pool = "app"
-"#,
-        o.url()
-    )
-}
-
-fn header_str(r: &reqwest::Response, name: &str) -> String {
-    r.headers()
-        .get(name)
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn rate_limits_answer_429_with_retry_after_and_ratelimit_headers() {
     let o = Origin::start("o").await.unwrap();
@@ -452,14 +444,7 @@ async fn rate_limits_answer_429_with_retry_after_and_ratelimit_headers() {
     // Another route without the rule is not limited.
     assert_eq!(client().get(e.url("/free/x")).send().await.unwrap().status(), 200);
     assert_eq!(o.requests(), 3);
-    let metrics = client()
-        .get(e.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = e.metrics().await;
     assert!(
         metrics
             .contains(r#"rampart_security_decisions_total{stage="rate_limit",reason="RATE_LIMITED",action="block"} 1"#),
@@ -478,14 +463,7 @@ async fn shadow_rate_limits_count_without_refusing() {
     for _ in 0..3 {
         assert_eq!(client().get(e.url("/a")).send().await.unwrap().status(), 200);
     }
-    let metrics = client()
-        .get(e.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = e.metrics().await;
     assert!(
         metrics
             .contains(r#"rampart_security_decisions_total{stage="rate_limit",reason="RATE_LIMITED",action="log"} 2"#),
@@ -505,35 +483,6 @@ async fn rate_limit_config_errors_name_the_field() {
         err.contains("site[0].route[0].rate_limits[0]: no rate_limit named \"api\""),
         "{err}"
     );
-}
-
-fn waf_config(o: &Origin, waf: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
-[admin]
-listen = "127.0.0.1:0"
-[log]
-access = "off"
-{waf}
-[[rate_limit]]
-name = "tight"
-rate = "1/m"
-burst = 1
-[[pool]]
-name = "app"
-backends = ["{}"]
-[[site]]
-default = true
-explain = true
-rate_limits = ["tight"]
-  [[site.route]]
-  path = "/"
-  pool = "app"
-"#,
-        o.url()
-    )
 }
 
 const RULES: &str = r#"
@@ -617,14 +566,7 @@ async fn waf_rules_block_log_allow_and_inspect_bodies() {
         "waf:watch-admin=log,waf:trial=log",
         "explained when the site explains"
     );
-    let metrics = client()
-        .get(e.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = e.metrics().await;
     for line in [
         r#"rampart_waf_rule_matches_total{rule="scanner",action="block"} 1"#,
         r#"rampart_waf_rule_matches_total{rule="watch-admin",action="log"} 1"#,
@@ -672,14 +614,7 @@ async fn global_shadow_mode_logs_every_block() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let metrics = client()
-        .get(e.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = e.metrics().await;
     assert!(
         metrics.contains(r#"rampart_waf_rule_matches_total{rule="scanner",action="log"} 1"#),
         "{metrics}"

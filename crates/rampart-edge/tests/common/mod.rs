@@ -68,6 +68,18 @@ impl TestEdge {
         format!("http://{}{}", self.edge().admin_addr().unwrap(), path)
     }
 
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.admin("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// GET an admin path (with the bearer token, if given) and parse the JSON answer.
     pub async fn admin_json(&self, path: &str, token: Option<&str>) -> serde_json::Value {
         let mut r = client().get(self.admin(path));
@@ -154,4 +166,12 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8], within: Duration) -> String {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(within, s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A response header as a string ("" when absent).
+pub fn header_str(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
 }
