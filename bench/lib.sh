@@ -124,6 +124,39 @@ write_1k_page() {  # DIR: the 1 KiB static file every origin serves, as DIR/1k.h
   echo >>"$1/1k.html"
 }
 
+write_origin() {  # DIR PORT...: the origin nginx (1 worker) serving DIR/html/1k.html on each port
+  local dir=$1 port servers=""; shift
+  write_1k_page "$dir/html"
+  mkdir -p "$dir/tmp"
+  for port in "$@"; do
+    # X-Origin-Port says which port answered (pool.sh's spread check).
+    servers+="
+    server {
+        listen 127.0.0.1:$port backlog=4096;
+        root $dir/html;
+        add_header X-Origin-Port \$server_port;
+        location / { try_files /1k.html =404; }
+    }"
+  done
+  cat >"$dir/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+$(nginx_temp_paths "$dir/tmp")
+    access_log off;
+    sendfile on;
+    open_file_cache max=16 inactive=60s;
+    keepalive_timeout 120s;
+    keepalive_requests 1000000;
+    default_type text/html;
+$servers
+}
+EOF
+}
+
 # --- Start processes ----------------------------------------------------------
 start_bg() {  # NAME STDOUT STDERR CMD...: start in the background, remember its PID
   local name=$1 out=$2 err=$3; shift 3

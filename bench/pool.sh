@@ -101,34 +101,7 @@ for d in origin nginx-pool; do mkdir -p "$WORK/$d/tmp"; done
 # Origins: one nginx (1 worker) with three server blocks, one per backend port,
 # each serving the same 1 KiB static file over keep-alive. X-Origin-Port says
 # which one answered (used for the spread check at the end).
-write_1k_page "$WORK/origin/html"
-ORIGIN_SERVERS=""
-for port in "${ORIGIN_PORTS[@]}"; do
-  ORIGIN_SERVERS+="
-    server {
-        listen 127.0.0.1:$port backlog=4096;
-        root $WORK/origin/html;
-        add_header X-Origin-Port \$server_port;
-        location / { try_files /1k.html =404; }
-    }"
-done
-cat >"$WORK/origin/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/origin/nginx.pid;
-error_log $WORK/origin/error.log warn;
-events { worker_connections 4096; }
-http {
-$(nginx_temp_paths "$WORK/origin/tmp")
-    access_log off;
-    sendfile on;
-    open_file_cache max=16 inactive=60s;
-    keepalive_timeout 120s;
-    keepalive_requests 1000000;
-    default_type text/html;
-$ORIGIN_SERVERS
-}
-EOF
+write_origin "$WORK/origin" "${ORIGIN_PORTS[@]}"
 
 # nginx with a 3-server upstream. Open-source nginx has no active health
 # checks; it marks a server down passively (max_fails=1 fail_timeout=10s by default).

@@ -121,28 +121,7 @@ mkdir -p "$WORK"/{origin,nginx,haproxy,rampart}
 for d in origin nginx; do mkdir -p "$WORK/$d/tmp"; done
 
 # Origin: 1 KiB static file over keep-alive, cheap enough to stay out of the way.
-write_1k_page "$WORK/origin/html"
-cat >"$WORK/origin/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/origin/nginx.pid;
-error_log $WORK/origin/error.log warn;
-events { worker_connections 4096; }
-http {
-$(nginx_temp_paths "$WORK/origin/tmp")
-    access_log off;
-    sendfile on;
-    open_file_cache max=16 inactive=60s;
-    keepalive_timeout 120s;
-    keepalive_requests 1000000;
-    default_type text/html;
-    server {
-        listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
-        root $WORK/origin/html;
-        location / { try_files /1k.html =404; }
-    }
-}
-EOF
+write_origin "$WORK/origin" "$ORIGIN_PORT"
 
 # nginx as reverse proxy. Access log: Rampart writes one JSON line per request
 # from a background task in batches, so nginx gets a buffered file log too.

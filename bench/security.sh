@@ -89,28 +89,7 @@ EOF
 # --- Configs ------------------------------------------------------------------
 mkdir -p "$WORK"/{origin,nginx,rampart-plain,rampart-waf,rampart-ratelimit}
 for d in origin nginx; do mkdir -p "$WORK/$d/tmp"; done
-write_1k_page "$WORK/origin/html"
-cat >"$WORK/origin/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/origin/nginx.pid;
-error_log $WORK/origin/error.log warn;
-events { worker_connections 4096; }
-http {
-$(nginx_temp_paths "$WORK/origin/tmp")
-    access_log off;
-    sendfile on;
-    open_file_cache max=16 inactive=60s;
-    keepalive_timeout 120s;
-    keepalive_requests 1000000;
-    default_type text/html;
-    server {
-        listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
-        root $WORK/origin/html;
-        location / { try_files /1k.html =404; }
-    }
-}
-EOF
+write_origin "$WORK/origin" "$ORIGIN_PORT"
 
 if [[ $ACCESS_LOG == file ]]; then
   NGINX_ACCESS="access_log $WORK/nginx/access.log combined${NGINX_LOG_BUFFER:+ buffer=$NGINX_LOG_BUFFER flush=1s};"
