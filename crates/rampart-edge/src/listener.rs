@@ -295,25 +295,29 @@ async fn serve_conn(
             let io = Guarded::new(stream, head_budget, verdicts);
             serve(&b, TokioIo::new(io), svc, &mut shutdown).await;
         }
+        // The TLS state is large: boxed, so plain connections do not carry room for it.
         Kind::Tls => {
             let snap = shared.snapshot.load();
             let Some(cfg) = snap.tls.clone() else { return };
             drop(snap);
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => {
-                    let io = Guarded::new(tls, head_budget, verdicts);
-                    serve(&b, TokioIo::new(io), svc, &mut shutdown).await;
+            Box::pin(async move {
+                match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let io = Guarded::new(tls, head_budget, verdicts);
+                        serve(&b, TokioIo::new(io), svc, &mut shutdown).await;
+                    }
+                    Ok(Err(e)) => {
+                        shared.metrics.tls_handshake_failures.inc();
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        shared.metrics.tls_handshake_failures.inc();
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                    }
                 }
-                Ok(Err(e)) => {
-                    shared.metrics.tls_handshake_failures.inc();
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                }
-                Err(_) => {
-                    shared.metrics.tls_handshake_failures.inc();
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                }
-            }
+            })
+            .await;
         }
     }
 }
@@ -335,10 +339,11 @@ where
             tokio::pin!(conn);
             drive(conn, shutdown, |c| c.graceful_shutdown()).await;
         }
+        // HTTP/1 and HTTP/2 state together is large: boxed, so HTTP/1-only
+        // connections do not carry room for it.
         Protocols::Both(b) => {
-            let conn = b.serve_connection_with_upgrades(io, svc);
-            tokio::pin!(conn);
-            drive(conn, shutdown, |c| c.graceful_shutdown()).await;
+            let mut conn = Box::pin(b.serve_connection_with_upgrades(io, svc));
+            drive(conn.as_mut(), shutdown, |c| c.graceful_shutdown()).await;
         }
     }
 }
@@ -364,4 +369,23 @@ where
         }
     }
     let _ = conn.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The task each connection runs; its future lives as long as the connection.
+    #[test]
+    fn the_connection_task_size() {
+        fn future_size<F, Fut>(_: F) -> usize
+        where
+            F: FnOnce(Arc<Shared>, TcpStream, SocketAddr, Arc<str>, Kind, ConnGuard) -> Fut,
+        {
+            std::mem::size_of::<Fut>()
+        }
+        let size = future_size(serve_conn);
+        println!("serve_conn's future is {size} bytes");
+        assert!(size <= 2048, "serve_conn's future is {size} bytes");
+    }
 }

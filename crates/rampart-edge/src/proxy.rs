@@ -310,7 +310,11 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<EdgeBody>, Infallible> {
     let mut limit = None;
-    let mut resp = handle_request(shared, conn, req, &mut limit).await?;
+    // hyper keeps one allocation the size of this future for each connection's whole
+    // life (HTTP/1's in-flight slot), idle or not. The pipeline's state (about 3 KiB)
+    // lives in its own box, allocated per request instead: 15.6 against 18.2 KiB per
+    // idle connection, with no CPU difference measured (see docs/architecture.md).
+    let mut resp = Box::pin(handle_request(shared, conn, req, &mut limit)).await?;
     // The tightest rate limit the request passed, for the client to pace itself.
     if let Some((policy, state)) = limit {
         resp.headers_mut().insert(RATELIMIT_POLICY.clone(), policy);
@@ -507,8 +511,14 @@ async fn handle_request(
             };
             let state = Arc::new(RequestBodyState::new());
             rec.body_state = Some(state.clone());
-            match crate::body::buffer_for_replay(b, waf.body_limit, snap.limits.max_body, state, client_body_timeout)
-                .await
+            match Box::pin(crate::body::buffer_for_replay(
+                b,
+                waf.body_limit,
+                snap.limits.max_body,
+                state,
+                client_body_timeout,
+            ))
+            .await
             {
                 Ok(read) => body = ClientBody::Read(read),
                 Err(_) => {
@@ -624,12 +634,15 @@ async fn handle_request(
             path_and_query: &pq,
             origin: caching::RefreshVia::Chain(chain.clone()),
         };
-        let cached = match caching::stage(route.cache.clone(), lookup, &mut h, rec).await {
-            Ok((ctx, r)) => {
-                rec = r;
-                ctx
-            }
-            Err(answer) => return Ok(answer),
+        let cached = match route.cache.clone() {
+            None => None,
+            Some(policy) => match Box::pin(caching::stage(Some(policy), lookup, &mut h, rec)).await {
+                Ok((ctx, r)) => {
+                    rec = r;
+                    ctx
+                }
+                Err(answer) => return Ok(answer),
+            },
         };
         let target = ChainTarget {
             chain: &chain,
@@ -638,7 +651,8 @@ async fn handle_request(
             tls: conn.tls,
             host: &host_value,
         };
-        return Ok(serve_chain(&shared, &snap, rec, target, h, body, explain, cached).await);
+        // Boxed, like the other rarely taken stages, to keep the pipeline's future small.
+        return Ok(Box::pin(serve_chain(&shared, &snap, rec, target, h, body, explain, cached)).await);
     };
     // A pool with no healthy backend hands over to its fallback pool, if it has one.
     let pool = match &route.fallback {
@@ -687,13 +701,13 @@ async fn handle_request(
             let state = Arc::new(RequestBodyState::new());
             rec.body_state = Some(state.clone());
             if may_retry {
-                match crate::body::buffer_for_replay(
+                match Box::pin(crate::body::buffer_for_replay(
                     body,
                     policy.replay_limit,
                     snap.limits.max_body,
                     state,
                     client_body_timeout,
-                )
+                ))
                 .await
                 {
                     Ok(b) => Some(b),
@@ -726,12 +740,15 @@ async fn handle_request(
         path_and_query: &pq,
         origin: caching::RefreshVia::Pool(pool.clone(), route.host_for_refresh(&host_value)),
     };
-    let cached = match caching::stage(route.cache.clone(), lookup, &mut h, rec).await {
-        Ok((ctx, r)) => {
-            rec = r;
-            ctx
-        }
-        Err(answer) => return Ok(answer),
+    let cached = match route.cache.clone() {
+        None => None,
+        Some(policy) => match Box::pin(caching::stage(Some(policy), lookup, &mut h, rec)).await {
+            Ok((ctx, r)) => {
+                rec = r;
+                ctx
+            }
+            Err(answer) => return Ok(answer),
+        },
     };
     // An HTTP/2 WebSocket CONNECT goes upstream as an HTTP/1.1 GET with Upgrade.
     let request_method = if h2_websocket {
@@ -913,7 +930,7 @@ async fn handle_request(
             deadline,
             via: snap.via,
         };
-        match caching::after(fetched, ctx, &mut rparts, rbody, rec).await {
+        match Box::pin(caching::after(fetched, ctx, &mut rparts, rbody, rec)).await {
             Ok((b, f, r)) => (rbody, fill, rec) = (b, f, r),
             Err(answer) => return Ok(answer),
         }
@@ -1121,7 +1138,7 @@ async fn serve_chain(
             deadline: None,
             via: snap.via,
         };
-        match caching::after(fetched, ctx, &mut rparts, rbody, rec).await {
+        match Box::pin(caching::after(fetched, ctx, &mut rparts, rbody, rec)).await {
             Ok((b, f, r)) => (rbody, fill, rec) = (b, f, r),
             Err(mut answer) => {
                 explain_headers(answer.headers_mut());
@@ -1323,6 +1340,38 @@ crate::io::delegate_write!(Activity, io);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_per_connection_service_future_is_small() {
+        // hyper keeps an allocation of this size per HTTP/1 connection, idle or not.
+        fn future_size<F, Fut>(_: F) -> usize
+        where
+            F: FnOnce(Arc<Shared>, Arc<ConnInfo>, Request<Incoming>) -> Fut,
+        {
+            std::mem::size_of::<Fut>()
+        }
+        let size = future_size(handle);
+        assert!(size <= 512, "handle's future is {size} bytes");
+    }
+
+    #[test]
+    fn the_per_request_pipeline_future_size() {
+        fn future_size<F, Fut>(_: F) -> usize
+        where
+            F: FnOnce(
+                Arc<Shared>,
+                Arc<ConnInfo>,
+                Request<Incoming>,
+                &'static mut Option<(HeaderValue, HeaderValue)>,
+            ) -> Fut,
+        {
+            std::mem::size_of::<Fut>()
+        }
+        // Allocated once per request; rarely taken stages (cache, chain, WAF body
+        // reads, replay buffering) are boxed inside it so this stays small.
+        let size = future_size(handle_request);
+        assert!(size <= 4096, "handle_request's future is {size} bytes");
+    }
 
     #[test]
     fn rewrites() {
