@@ -264,12 +264,12 @@ pub(super) async fn after(
             }
         }
     }
-    let too_large = rparts
+    let length = rparts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .is_some_and(|n| n > f.shared.cache.max_object);
+        .and_then(|v| v.parse::<usize>().ok());
+    let too_large = length.is_some_and(|n| n > f.shared.cache.max_object);
     let why_not = crate::cache::not_storable(
         f.method,
         &ctx.req_headers,
@@ -280,11 +280,6 @@ pub(super) async fn after(
         ctx.settings.allow_set_cookie,
     );
     let stored = why_not.is_none() && !too_large && ctx.status != "BYPASS";
-    let length = rparts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
     if stored && ctx.ranged && rparts.status == StatusCode::OK && length.is_some() {
         // A range was asked for and the whole object came back: read it (at most
         // max_object bytes, under the body timeouts), store it, answer the range.
