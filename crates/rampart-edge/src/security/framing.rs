@@ -6,10 +6,12 @@
 //! `Transfer-Encoding` whose last coding is not `chunked`, `Transfer-Encoding` in an
 //! HTTP/1.0 request, invalid chunk sizes and chunk lines ended by a bare LF, obs-fold,
 //! whitespace before the colon, bare CR, and NUL or other control characters in the
-//! head. What it lets through, and this module refuses:
+//! head. What it lets through is refused here and in [`super::guard`]:
 //!
-//! - `Content-Length` together with `Transfer-Encoding` (hyper would use the chunked
-//!   framing; a peer in front of us might have used the length);
+//! - `Content-Length` together with `Transfer-Encoding`: hyper uses the chunked framing
+//!   and drops the length before the handler sees the head, so the guard (which reads
+//!   the raw head) marks such requests; the check below stays as a second line should
+//!   hyper ever pass both on;
 //! - a `Transfer-Encoding` that is anything but exactly one `chunked` (`gzip, chunked`,
 //!   `chunked, chunked`, or two fields), since the body is re-framed upstream and other
 //!   codings would be lost;
