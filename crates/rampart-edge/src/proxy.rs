@@ -634,15 +634,12 @@ async fn handle_request(
             path_and_query: &pq,
             origin: caching::RefreshVia::Chain(chain.clone()),
         };
-        let cached = match route.cache.clone() {
-            None => None,
-            Some(policy) => match Box::pin(caching::stage(Some(policy), lookup, &mut h, rec)).await {
-                Ok((ctx, r)) => {
-                    rec = r;
-                    ctx
-                }
-                Err(answer) => return Ok(answer),
-            },
+        let cached = match caching::stage(route.cache.clone(), lookup, &mut h, rec).await {
+            Ok((ctx, r)) => {
+                rec = r;
+                ctx
+            }
+            Err(answer) => return Ok(answer),
         };
         let target = ChainTarget {
             chain: &chain,
@@ -740,15 +737,12 @@ async fn handle_request(
         path_and_query: &pq,
         origin: caching::RefreshVia::Pool(pool.clone(), route.host_for_refresh(&host_value)),
     };
-    let cached = match route.cache.clone() {
-        None => None,
-        Some(policy) => match Box::pin(caching::stage(Some(policy), lookup, &mut h, rec)).await {
-            Ok((ctx, r)) => {
-                rec = r;
-                ctx
-            }
-            Err(answer) => return Ok(answer),
-        },
+    let cached = match caching::stage(route.cache.clone(), lookup, &mut h, rec).await {
+        Ok((ctx, r)) => {
+            rec = r;
+            ctx
+        }
+        Err(answer) => return Ok(answer),
     };
     // An HTTP/2 WebSocket CONNECT goes upstream as an HTTP/1.1 GET with Upgrade.
     let request_method = if h2_websocket {

@@ -46,7 +46,8 @@ pub(super) async fn stage(
 ) -> Result<(Option<CacheCtx>, Record), Response<EdgeBody>> {
     match policy {
         None => Ok((None, rec)),
-        Some(rc) => before(l, rc, h, rec).await.map(|(ctx, rec)| (Some(ctx), rec)),
+        // Boxed: most routes do not cache, and the pipeline's future stays small.
+        Some(rc) => Box::pin(before(l, rc, h, rec)).await.map(|(ctx, rec)| (Some(ctx), rec)),
     }
 }
 
