@@ -124,6 +124,51 @@ write_1k_page() {  # DIR: the 1 KiB static file every origin serves, as DIR/1k.h
   echo >>"$1/1k.html"
 }
 
+rampart_access() {  # NAME: Rampart's `log.access` value for $WORK/NAME (ACCESS_LOG)
+  if [[ $ACCESS_LOG == file ]]; then echo "$WORK/$1/access.log"; else echo off; fi
+}
+
+write_nginx_proxy() {  # DIR PORT CONNECTIONS BALANCE ORIGIN_PORT...: nginx (1 worker) as a
+  # keep-alive reverse proxy on PORT to the origin ports; BALANCE is an upstream method
+  # directive or empty (round robin). Access log: Rampart writes one JSON line per
+  # request in batches, so nginx gets a buffered file log (ACCESS_LOG, NGINX_LOG_BUFFER).
+  local dir=$1 port=$2 conns=$3 balance=$4 origin servers="" access="access_log off;"; shift 4
+  for origin in "$@"; do
+    servers+="
+        server 127.0.0.1:$origin;"
+  done
+  if [[ $ACCESS_LOG == file ]]; then
+    access="access_log $dir/access.log combined${NGINX_LOG_BUFFER:+ buffer=$NGINX_LOG_BUFFER flush=1s};"
+  fi
+  mkdir -p "$dir/tmp"
+  cat >"$dir/nginx.conf" <<EOF
+worker_processes 1;
+worker_rlimit_nofile $NOFILE;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections $conns; }
+http {
+$(nginx_temp_paths "$dir/tmp")
+    $access
+    keepalive_timeout 120s;
+    keepalive_requests 1000000;
+    upstream origin {${balance:+
+        $balance;}$servers
+        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:$port backlog=4096;
+        location / {
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+}
+
 write_origin() {  # DIR PORT...: the origin nginx (1 worker) serving DIR/html/1k.html on each port
   local dir=$1 port servers=""; shift
   write_1k_page "$dir/html"

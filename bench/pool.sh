@@ -105,42 +105,8 @@ write_origin "$WORK/origin" "${ORIGIN_PORTS[@]}"
 
 # nginx with a 3-server upstream. Open-source nginx has no active health
 # checks; it marks a server down passively (max_fails=1 fail_timeout=10s by default).
-if [[ $ACCESS_LOG == file ]]; then
-  NGINX_ACCESS="access_log $WORK/nginx-pool/access.log combined${NGINX_LOG_BUFFER:+ buffer=$NGINX_LOG_BUFFER flush=1s};"
-else
-  NGINX_ACCESS="access_log off;"
-fi
-cat >"$WORK/nginx-pool/nginx.conf" <<EOF
-worker_processes 1;
-worker_rlimit_nofile $NOFILE;
-daemon off;
-pid $WORK/nginx-pool/nginx.pid;
-error_log $WORK/nginx-pool/error.log warn;
-events { worker_connections 4096; }
-http {
-$(nginx_temp_paths "$WORK/nginx-pool/tmp")
-    $NGINX_ACCESS
-    keepalive_timeout 120s;
-    keepalive_requests 1000000;
-    upstream app {
-        ${NGINX_BALANCE:+$NGINX_BALANCE;}
-        server 127.0.0.1:${ORIGIN_PORTS[0]};
-        server 127.0.0.1:${ORIGIN_PORTS[1]};
-        server 127.0.0.1:${ORIGIN_PORTS[2]};
-        keepalive 64;
-    }
-    server {
-        listen 127.0.0.1:${PORT[nginx-pool]} backlog=4096;
-        location / {
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-EOF
+write_nginx_proxy "$WORK/nginx-pool" "${PORT[nginx-pool]}" 4096 "$NGINX_BALANCE" "${ORIGIN_PORTS[@]}"
 
-rampart_access() { if [[ $ACCESS_LOG == file ]]; then echo "$WORK/$1/access.log"; else echo off; fi; }
 
 # Rampart plain: exactly run.sh's config (one worker, one backend, no health checks).
 cat >"$WORK/rampart-plain/rampart.toml" <<EOF

@@ -123,39 +123,8 @@ for d in origin nginx; do mkdir -p "$WORK/$d/tmp"; done
 # Origin: 1 KiB static file over keep-alive, cheap enough to stay out of the way.
 write_origin "$WORK/origin" "$ORIGIN_PORT"
 
-# nginx as reverse proxy. Access log: Rampart writes one JSON line per request
-# from a background task in batches, so nginx gets a buffered file log too.
-if [[ $ACCESS_LOG == file ]]; then
-  NGINX_ACCESS="access_log $WORK/nginx/access.log combined${NGINX_LOG_BUFFER:+ buffer=$NGINX_LOG_BUFFER flush=1s};"
-else
-  NGINX_ACCESS="access_log off;"
-fi
-cat >"$WORK/nginx/nginx.conf" <<EOF
-worker_processes 1;
-worker_rlimit_nofile $NOFILE;
-daemon off;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 20000; }
-http {
-$(nginx_temp_paths "$WORK/nginx/tmp")
-    $NGINX_ACCESS
-    keepalive_timeout 120s;
-    keepalive_requests 1000000;
-    upstream origin {
-        server 127.0.0.1:$ORIGIN_PORT;
-        keepalive 64;
-    }
-    server {
-        listen 127.0.0.1:${PORT[nginx]} backlog=4096;
-        location / {
-            proxy_pass http://origin;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-EOF
+# nginx as reverse proxy (20,000 connections: the idle test holds 10,000).
+write_nginx_proxy "$WORK/nginx" "${PORT[nginx]}" 20000 "" "$ORIGIN_PORT"
 
 # HAProxy: one thread, keep-alive both sides. Its file-like log target is
 # stdout (redirected to a file); each line is one write().
@@ -190,7 +159,6 @@ backend origin
 EOF
 
 # Rampart: one worker thread; header_read_timeout also bounds idle keep-alive.
-if [[ $ACCESS_LOG == file ]]; then RAMPART_ACCESS=$WORK/rampart/access.log; else RAMPART_ACCESS=off; fi
 cat >"$WORK/rampart/rampart.toml" <<EOF
 [server]
 listen = ["127.0.0.1:${PORT[rampart]}"]
@@ -198,7 +166,7 @@ workers = 1
 header_read_timeout = "120s"
 
 [log]
-access = "$RAMPART_ACCESS"
+access = "$(rampart_access rampart)"
 
 [admin]
 listen = "127.0.0.1:$ADMIN_PORT"

@@ -91,31 +91,8 @@ mkdir -p "$WORK"/{origin,nginx,rampart-plain,rampart-waf,rampart-ratelimit}
 for d in origin nginx; do mkdir -p "$WORK/$d/tmp"; done
 write_origin "$WORK/origin" "$ORIGIN_PORT"
 
-if [[ $ACCESS_LOG == file ]]; then
-  NGINX_ACCESS="access_log $WORK/nginx/access.log combined${NGINX_LOG_BUFFER:+ buffer=$NGINX_LOG_BUFFER flush=1s};"
-else
-  NGINX_ACCESS="access_log off;"
-fi
-cat >"$WORK/nginx/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-$(nginx_temp_paths "$WORK/nginx/tmp")
-    $NGINX_ACCESS
-    keepalive_timeout 120s;
-    keepalive_requests 1000000;
-    upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 64; }
-    server {
-        listen 127.0.0.1:${PORT[nginx]} backlog=4096;
-        location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; }
-    }
-}
-EOF
+write_nginx_proxy "$WORK/nginx" "${PORT[nginx]}" 4096 "" "$ORIGIN_PORT"
 
-rampart_access() { if [[ $ACCESS_LOG == file ]]; then echo "$WORK/$1/access.log"; else echo off; fi; }
 rampart_config() {  # NAME EXTRA_TOP ROUTE_EXTRA: run.sh's plain config plus the extras
   cat <<EOF
 [server]
