@@ -7,32 +7,15 @@ use rampart_testkit::{Origin, closed_port};
 use std::time::Duration;
 
 fn config(backends: &[String], pool_extra: &str, tail: &str) -> String {
-    let list = backends
-        .iter()
-        .map(|b| format!("\"{b}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
-[admin]
-listen = "127.0.0.1:0"
-token = "file:token"
-[log]
-access = "off"
-[[pool]]
-name = "app"
-backends = [{list}]
-{pool_extra}
-{tail}
-[[site]]
-default = true
-explain = true
-  [[site.route]]
-  path = "/"
-  pool = "app"
-"#
+    let list: Vec<&str> = backends.iter().map(String::as_str).collect();
+    one_pool(
+        &list,
+        Parts {
+            admin: Some("token = \"file:token\""),
+            pool: &format!("{pool_extra}\n{tail}"),
+            site: "explain = true",
+            ..Parts::default()
+        },
     )
 }
 

@@ -7,28 +7,14 @@ use rampart_testkit::Origin;
 use std::time::Duration;
 
 fn two_backends(a: &Origin, b: &Origin, pool_extra: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
-[admin]
-listen = "127.0.0.1:0"
-token = "file:token"
-[log]
-access = "off"
-[[pool]]
-name = "app"
-backends = ["{}", "{}"]
-{pool_extra}
-[[site]]
-default = true
-explain = true
-  [[site.route]]
-  path = "/"
-  pool = "app"
-"#,
-        a.url(),
-        b.url()
+    one_pool(
+        &[&a.url(), &b.url()],
+        Parts {
+            admin: Some("token = \"file:token\""),
+            pool: pool_extra,
+            site: "explain = true",
+            ..Parts::default()
+        },
     )
 }
 

@@ -7,24 +7,13 @@ use rampart_testkit::{Origin, closed_port};
 use std::time::Duration;
 
 fn config(a: &str, b: &str, pool_extra: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
-[admin]
-listen = "127.0.0.1:0"
-[log]
-access = "off"
-[[pool]]
-name = "app"
-backends = ["{a}", "{b}"]
-{pool_extra}
-[[site]]
-default = true
-  [[site.route]]
-  path = "/"
-  pool = "app"
-"#
+    one_pool(
+        &[a, b],
+        Parts {
+            admin: Some(""),
+            pool: pool_extra,
+            ..Parts::default()
+        },
     )
 }
 

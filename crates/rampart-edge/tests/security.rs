@@ -236,30 +236,18 @@ async fn an_upstream_response_with_ambiguous_framing_is_not_passed_on() {
 /// A config with an admin listener, one pool and a default site whose `/` route
 /// goes to it, with room for extras: `[server]` fields, top-level sections, site
 /// fields, the `/` route's fields and more routes.
-fn edge_config(o: &Origin, server: &str, top: &str, site: &str, root_route: &str, routes: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
-{server}
-[admin]
-listen = "127.0.0.1:0"
-[log]
-access = "off"
-{top}
-[[pool]]
-name = "app"
-backends = ["{}"]
-[[site]]
-default = true
-{site}
-  [[site.route]]
-  path = "/"
-  pool = "app"
-  {root_route}
-{routes}
-"#,
-        o.url()
+fn edge_config(o: &Origin, server: &str, top: &str, site: &str, route: &str, routes: &str) -> String {
+    one_pool(
+        &[&o.url()],
+        Parts {
+            server,
+            admin: Some(""),
+            top,
+            site,
+            route,
+            routes,
+            ..Parts::default()
+        },
     )
 }
 

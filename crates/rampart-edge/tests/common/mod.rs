@@ -122,25 +122,77 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
-/// A config with one plain listener, one pool and one default site routing `/` to it.
-pub fn simple(backend: &str, extra_pool: &str) -> String {
+/// The TOML around a test config's pool `app` and default site: each field is put
+/// in its place (empty: nothing).
+#[derive(Default)]
+pub struct Parts<'a> {
+    /// More `[server]` fields.
+    pub server: &'a str,
+    /// An admin listener on `127.0.0.1:0`, with these extra `[admin]` fields.
+    pub admin: Option<&'a str>,
+    /// Top-level sections (`[cache]`, `[[rate_limit]]`, `[waf]`, ...).
+    pub top: &'a str,
+    /// More `[[pool]]` fields for `app` (and whatever follows it, such as more pools).
+    pub pool: &'a str,
+    /// More `[[site]]` fields.
+    pub site: &'a str,
+    /// More fields of the `/` route.
+    pub route: &'a str,
+    /// More routes.
+    pub routes: &'a str,
+}
+
+/// A config with one plain listener, access logs off, one pool `app` of `backends`
+/// and a default site whose `/` route goes to it.
+pub fn one_pool(backends: &[&str], p: Parts<'_>) -> String {
+    let list = backends
+        .iter()
+        .map(|b| format!("\"{b}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let admin = p
+        .admin
+        .map(|extra| format!("[admin]\nlisten = \"127.0.0.1:0\"\n{extra}\n"))
+        .unwrap_or_default();
     format!(
         r#"
 [server]
 listen = ["127.0.0.1:0"]
-[log]
+{server}
+{admin}[log]
 access = "off"
+{top}
 [[pool]]
 name = "app"
-backends = ["{backend}"]
-{extra_pool}
+backends = [{list}]
+{pool}
 [[site]]
 default = true
-explain = true
+{site}
   [[site.route]]
   path = "/"
   pool = "app"
-"#
+  {route}
+{routes}
+"#,
+        server = p.server,
+        top = p.top,
+        pool = p.pool,
+        site = p.site,
+        route = p.route,
+        routes = p.routes,
+    )
+}
+
+/// A config with one plain listener, one pool and one default site routing `/` to it.
+pub fn simple(backend: &str, extra_pool: &str) -> String {
+    one_pool(
+        &[backend],
+        Parts {
+            pool: extra_pool,
+            site: "explain = true",
+            ..Parts::default()
+        },
     )
 }
 
