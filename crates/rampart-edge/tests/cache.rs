@@ -6,26 +6,13 @@ use common::*;
 use rampart_testkit::Origin;
 
 fn config(origin: &Origin, route_cache: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = ["127.0.0.1:0"]
-[log]
-access = "off"
-[cache]
-memory_size = "16MiB"
-max_object_size = "64KiB"
-[[pool]]
-name = "app"
-backends = ["{}"]
-[[site]]
-default = true
-  [[site.route]]
-  path = "/"
-  pool = "app"
-  cache = {{ {route_cache} }}
-"#,
-        origin.url()
+    one_pool(
+        &[&origin.url()],
+        Parts {
+            top: "[cache]\nmemory_size = \"16MiB\"\nmax_object_size = \"64KiB\"",
+            route: &format!("cache = {{ {route_cache} }}"),
+            ..Parts::default()
+        },
     )
 }
 
