@@ -7,7 +7,7 @@ pub mod net;
 pub mod units;
 
 pub use model::*;
-pub use net::Cidr;
+pub use net::{Cidr, parse_cidrs};
 pub use units::{Duration, Size};
 
 use std::collections::{HashMap, HashSet};
@@ -46,6 +46,12 @@ impl fmt::Display for FieldError {
 pub struct ConfigErrors(pub Vec<FieldError>);
 
 impl ConfigErrors {
+    /// Add errors that come as (path, message) pairs.
+    pub fn extend(&mut self, list: impl IntoIterator<Item = (String, String)>) {
+        for (path, message) in list {
+            self.push(path, message);
+        }
+    }
     pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(FieldError::new(path, message));
     }
@@ -84,6 +90,8 @@ pub struct Validated {
     pub admin_tokens: Vec<(String, String, TokenScope)>,
     /// `admin.metrics_allow`, parsed.
     pub metrics_allow: Vec<Cidr>,
+    /// `cache.purge_allow`, parsed.
+    pub purge_allow: Vec<Cidr>,
     pub trusted_proxies: Vec<Cidr>,
     /// Problems that do not stop the config from loading.
     pub warnings: Vec<String>,
@@ -321,13 +329,8 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
     if s.max_connections == 0 {
         errs.push("server.max_connections", "must be at least 1");
     }
-    let mut trusted = Vec::new();
-    for (i, t) in s.trusted_proxies.iter().enumerate() {
-        match t.parse::<Cidr>() {
-            Ok(c) => trusted.push(c),
-            Err(e) => errs.push(format!("server.trusted_proxies[{i}]"), e),
-        }
-    }
+    let (trusted, bad) = parse_cidrs(&s.trusted_proxies, "server.trusted_proxies");
+    errs.extend(bad);
     for (i, l) in s.proxy_protocol.iter().enumerate() {
         let known = s.listen.contains(l) || s.tls.as_ref().is_some_and(|t| t.listen.contains(l));
         if !known {
@@ -408,12 +411,9 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
                 Err(e) => errs.push(format!("admin.tokens[{i}].token"), e),
             }
         }
-        for (i, c) in a.metrics_allow.iter().enumerate() {
-            match c.parse::<Cidr>() {
-                Ok(c) => metrics_allow.push(c),
-                Err(e) => errs.push(format!("admin.metrics_allow[{i}]"), e),
-            }
-        }
+        let (nets, bad) = parse_cidrs(&a.metrics_allow, "admin.metrics_allow");
+        metrics_allow = nets;
+        errs.extend(bad);
         if a.max_auth_failures == 0 {
             errs.push("admin.max_auth_failures", "must be at least 1");
         }
@@ -441,11 +441,8 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
             errs.push("cache.disk_size", "must be at least 1MiB");
         }
     }
-    for (i, n) in cs.purge_allow.iter().enumerate() {
-        if let Err(e) = n.parse::<Cidr>() {
-            errs.push(format!("cache.purge_allow[{i}]"), e);
-        }
-    }
+    let (purge_allow, bad) = parse_cidrs(&cs.purge_allow, "cache.purge_allow");
+    errs.extend(bad);
     if http::HeaderName::from_bytes(cs.tag_header.as_bytes()).is_err() {
         errs.push(
             "cache.tag_header",
@@ -886,6 +883,7 @@ pub fn validate(config: Config, text: &str, base_dir: &Path) -> Result<Validated
         admin_token,
         admin_tokens,
         metrics_allow,
+        purge_allow,
         trusted_proxies: trusted,
         warnings,
         hash: stable_hash(text),

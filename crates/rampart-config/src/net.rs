@@ -32,6 +32,20 @@ impl Cidr {
     }
 }
 
+/// Parse a config list of IPs or CIDRs: the networks, and an error at `FIELD[i]`
+/// for each entry that is not one.
+pub fn parse_cidrs(list: &[String], field: &str) -> (Vec<Cidr>, Vec<(String, String)>) {
+    let mut nets = Vec::with_capacity(list.len());
+    let mut errs = Vec::new();
+    for (i, c) in list.iter().enumerate() {
+        match c.parse::<Cidr>() {
+            Ok(n) => nets.push(n),
+            Err(e) => errs.push((format!("{field}[{i}]"), e)),
+        }
+    }
+    (nets, errs)
+}
+
 impl FromStr for Cidr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

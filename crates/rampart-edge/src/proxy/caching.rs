@@ -69,12 +69,9 @@ async fn before(
         h,
     );
     // PURGE on the public listener, when enabled, from allowed networks only.
-    let purge_allow = &l.view.snap.validated.config.cache.purge_allow;
+    let purge_allow = &l.view.snap.validated.purge_allow;
     if l.view.method.as_str() == "PURGE" && !purge_allow.is_empty() {
-        let allowed = purge_allow
-            .iter()
-            .filter_map(|n| n.parse::<rampart_config::Cidr>().ok())
-            .any(|c| c.contains(rec.client_ip));
+        let allowed = purge_allow.iter().any(|c| c.contains(rec.client_ip));
         if !allowed {
             return Err(local_response(Reason::PurgeNotAllowed, rec, None));
         }

@@ -8,7 +8,7 @@
 //! right-most untrusted `X-Forwarded-For` hop when the peer is a trusted proxy.
 
 use http::{HeaderMap, HeaderName};
-use rampart_config::{Access, Cidr};
+use rampart_config::{Access, Cidr, parse_cidrs};
 use regex::bytes::{Regex, RegexBuilder};
 use std::net::IpAddr;
 
@@ -59,20 +59,10 @@ impl AccessList {
     /// Compile `a`; errors come with their field path below `at`.
     pub fn build(a: &Access, at: &str) -> Result<AccessList, Vec<(String, String)>> {
         let mut errs = Vec::new();
-        let mut nets = |list: &[String], field: &str| -> Vec<Cidr> {
-            list.iter()
-                .enumerate()
-                .filter_map(|(i, c)| match c.parse::<Cidr>() {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        errs.push((format!("{at}.{field}[{i}]"), e));
-                        None
-                    }
-                })
-                .collect()
-        };
-        let allow = nets(&a.allow_ips, "allow_ips");
-        let deny = nets(&a.deny_ips, "deny_ips");
+        let (allow, bad) = parse_cidrs(&a.allow_ips, &format!("{at}.allow_ips"));
+        errs.extend(bad);
+        let (deny, bad) = parse_cidrs(&a.deny_ips, &format!("{at}.deny_ips"));
+        errs.extend(bad);
         let mut tests = |list: &[rampart_config::HeaderRule], field: &str, verb: &str| -> Vec<HeaderTest> {
             let mut out = Vec::new();
             for (i, r) in list.iter().enumerate() {

@@ -342,13 +342,8 @@ impl Rule {
         if !(1..=10_000_000).contains(&cfg.max_keys) {
             errs.push((format!("{at}.max_keys"), "must be between 1 and 10000000".to_string()));
         }
-        let mut exempt_ips = Vec::new();
-        for (j, c) in cfg.exempt_ips.iter().enumerate() {
-            match c.parse::<rampart_config::Cidr>() {
-                Ok(c) => exempt_ips.push(c),
-                Err(e) => errs.push((format!("{at}.exempt_ips[{j}]"), e)),
-            }
-        }
+        let (exempt_ips, bad) = rampart_config::parse_cidrs(&cfg.exempt_ips, &format!("{at}.exempt_ips"));
+        errs.extend(bad);
         for (j, p) in cfg.exempt_paths.iter().enumerate() {
             if !p.starts_with('/') {
                 errs.push((format!("{at}.exempt_paths[{j}]"), "must start with /".to_string()));
