@@ -469,11 +469,12 @@ async fn handle_request(
         acl.strip(req.headers_mut());
     }
 
-    if let Some(len) = req
+    let declared_length = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = declared_length
         && len > snap.limits.max_body
     {
         return Ok(local_response(Reason::RequestBodyTooLarge, rec, None));
@@ -535,11 +536,6 @@ async fn handle_request(
             return Ok(refuse(rec, "waf", Reason::WafBodyLimit, "body-over-inspection-limit"));
         }
         let seen = &seen[..seen.len().min(waf.body_limit)];
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
         let query = parts.uri.query().unwrap_or("");
         let uri = if query.is_empty() {
             path.clone()
@@ -556,7 +552,7 @@ async fn handle_request(
             ip: rec.client_ip,
             tls: conn.tls,
             body: seen,
-            body_size: declared.unwrap_or(seen.len() as u64),
+            body_size: declared_length.unwrap_or(seen.len() as u64),
             body_truncated: more,
         };
         let verdict = waf.evaluate(&view);
