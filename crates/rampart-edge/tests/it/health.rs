@@ -1,8 +1,6 @@
 //! Active and passive health, panic mode and the ejection cap, over real sockets.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-use common::*;
+use crate::common::*;
 use rampart_testkit::{Origin, closed_port};
 use std::time::Duration;
 

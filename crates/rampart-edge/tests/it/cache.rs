@@ -1,8 +1,6 @@
 //! The HTTP cache over real sockets (RFC 9111 shared cache, memory tier).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-use common::*;
+use crate::common::*;
 use rampart_testkit::Origin;
 
 fn config(origin: &Origin, route_cache: &str) -> String {

@@ -1,8 +1,6 @@
 //! Graceful shutdown: stop accepting, finish in-flight requests, give up at the deadline.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-use common::*;
+use crate::common::*;
 use rampart_testkit::Origin;
 use std::time::{Duration, Instant};
 

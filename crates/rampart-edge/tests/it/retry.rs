@@ -1,8 +1,6 @@
 //! Retries: conditions, idempotency, body replay bound, per-try timeout, budget.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-use common::*;
+use crate::common::*;
 use rampart_testkit::{Origin, closed_port};
 use std::time::{Duration, Instant};
 

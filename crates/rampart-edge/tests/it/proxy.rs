@@ -1,9 +1,7 @@
 //! The proxy core over real sockets: forwarding, routing, headers, limits,
 //! and every upstream failure mapped to 502/504 with a reason code.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-use common::*;
+use crate::common::*;
 use rampart_testkit::{Origin, closed_port};
 use std::time::{Duration, Instant};
 

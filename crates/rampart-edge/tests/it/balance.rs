@@ -1,8 +1,6 @@
 //! Load balancing and backend administration over real sockets.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-use common::*;
+use crate::common::*;
 use rampart_testkit::Origin;
 use std::time::Duration;
 

@@ -1,8 +1,6 @@
 //! TLS towards clients: certificates chosen by SNI, HTTP/2 via ALPN, HTTPS redirects.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-use common::*;
+use crate::common::*;
 use rampart_testkit::Origin;
 use std::path::Path;
 

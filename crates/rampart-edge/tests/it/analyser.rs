@@ -1,9 +1,7 @@
 //! The analyser: trace reports, recommendations, approval that changes routing,
 //! the audit log, and persistence across restarts.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-use common::*;
+use crate::common::*;
 use rampart_testkit::Origin;
 use std::path::Path;
 use std::time::Duration;

@@ -1,8 +1,6 @@
 //! The security pipeline over raw sockets: request framing, normalisation.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-use common::*;
+use crate::common::*;
 use rampart_testkit::Origin;
 use std::time::Duration;
 

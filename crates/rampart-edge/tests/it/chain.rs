@@ -1,8 +1,6 @@
 //! Provider chains: failover, explanation headers, fallback policy, scoped health, traces.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-use common::*;
+use crate::common::*;
 use rampart_testkit::Origin;
 
 struct Cdns {

@@ -1,5 +1,4 @@
 //! Test harness: start a real edge from config text on ephemeral loopback ports.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use rampart_edge::Edge;
 use std::net::SocketAddr;

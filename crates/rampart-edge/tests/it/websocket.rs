@@ -1,8 +1,6 @@
 //! WebSocket (HTTP/1.1 Upgrade) tunnelled both ways, with an idle timeout.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use rampart_testkit::Origin;
 use std::time::Duration;
