@@ -7,7 +7,7 @@
 //! when the body ends.
 
 use crate::Shared;
-use crate::access_log::{Entry, now_rfc3339};
+use crate::access_log::Entry;
 use crate::body::{BodyOutcome, ClientBody, Completion, EdgeBody, RequestBodyState, UpstreamBody};
 use crate::headers::{self, X_RAMPART_ATTEMPTS, X_RAMPART_REASON, X_RAMPART_ROUTE, X_RAMPART_UPSTREAM, X_REQUEST_ID};
 use crate::reason::Reason;
@@ -113,9 +113,9 @@ impl Completion for Record {
         let log = &self.shared.access_log;
         if log.enabled() {
             log.log(&Entry {
-                time: now_rfc3339(),
+                time: std::time::SystemTime::now(),
                 request_id: self.request_id.to_str().unwrap_or("-"),
-                client_ip: self.client_ip.to_string(),
+                client_ip: self.client_ip,
                 host: self.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-"),
                 method: self.method.as_str(),
                 path: self.uri.path(),
@@ -123,7 +123,7 @@ impl Completion for Record {
                 status: self.status,
                 bytes_in,
                 bytes_out,
-                duration_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
+                duration_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
                 site: self.route.as_ref().map_or("-", |r| &r.site),
                 route: self.route.as_ref().map_or("-", |r| &r.id),
                 upstream: self.upstream.as_deref().unwrap_or("-"),
