@@ -29,9 +29,23 @@ pub fn list_elements<K: AsHeaderName>(h: &HeaderMap, name: K) -> impl Iterator<I
 
 /// Remove hop-by-hop headers: the fixed set and every header named in `Connection`.
 /// `TE: trailers` is kept when `keep_te_trailers` (it is end-to-end in meaning for HTTP/2 and gRPC).
+///
+/// One pass over the names finds which are present; most messages carry none but
+/// `Connection: keep-alive`, so the removals (each a hash and probe) are only done
+/// for headers that are there.
 pub fn remove_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
-    if h.contains_key(header::CONNECTION) {
+    let mut present = 0u8;
+    for name in h.keys() {
+        present |= hop_by_hop_bit(name);
+    }
+    if present == 0 {
+        return;
+    }
+    if present & HOP_CONNECTION != 0 {
+        // `close` and `keep-alive` are the usual tokens; neither names a header to
+        // remove beyond the fixed set, so the common case allocates nothing.
         let named: Vec<HeaderName> = list_elements(h, header::CONNECTION)
+            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for n in named {
@@ -39,12 +53,18 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
         }
         h.remove(header::CONNECTION);
     }
-    h.remove(&KEEP_ALIVE);
-    h.remove(&PROXY_CONNECTION);
-    h.remove(header::TRANSFER_ENCODING);
-    h.remove(header::UPGRADE);
-    h.remove(header::TRAILER);
-    if h.contains_key(header::TE) {
+    for (bit, name) in [
+        (HOP_KEEP_ALIVE, &KEEP_ALIVE),
+        (HOP_PROXY_CONNECTION, &PROXY_CONNECTION),
+        (HOP_TRANSFER_ENCODING, &header::TRANSFER_ENCODING),
+        (HOP_UPGRADE, &header::UPGRADE),
+        (HOP_TRAILER, &header::TRAILER),
+    ] {
+        if present & bit != 0 {
+            h.remove(name);
+        }
+    }
+    if present & HOP_TE != 0 {
         let trailers = keep_te_trailers
             && h.get_all(header::TE)
                 .iter()
@@ -52,6 +72,27 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
         if !trailers {
             h.remove(header::TE);
         }
+    }
+}
+
+const HOP_CONNECTION: u8 = 1;
+const HOP_KEEP_ALIVE: u8 = 2;
+const HOP_PROXY_CONNECTION: u8 = 4;
+const HOP_TRANSFER_ENCODING: u8 = 8;
+const HOP_UPGRADE: u8 = 16;
+const HOP_TRAILER: u8 = 32;
+const HOP_TE: u8 = 64;
+
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    match name.as_str() {
+        "connection" => HOP_CONNECTION,
+        "keep-alive" => HOP_KEEP_ALIVE,
+        "proxy-connection" => HOP_PROXY_CONNECTION,
+        "transfer-encoding" => HOP_TRANSFER_ENCODING,
+        "upgrade" => HOP_UPGRADE,
+        "trailer" => HOP_TRAILER,
+        "te" => HOP_TE,
+        _ => 0,
     }
 }
 
