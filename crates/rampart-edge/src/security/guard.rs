@@ -113,6 +113,17 @@ struct Head {
 }
 
 impl Head {
+    /// Within text whose bytes change nothing but the head's size: the request line
+    /// after the method, or the value of a field not watched. The line already has
+    /// a byte (the method's or the name's), so its emptiness is settled too.
+    fn in_dull_text(&self) -> bool {
+        if self.request_line_seen {
+            !self.in_name && self.field == Field::Other
+        } else {
+            self.method_done
+        }
+    }
+
     fn new() -> Head {
         Head {
             request_line_seen: false,
@@ -191,6 +202,30 @@ impl Tracker {
                     } else {
                         State::ChunkData(left - n)
                     };
+                }
+                State::Head if self.head.in_dull_text() => {
+                    // The rest of the request line or of a value nobody watches:
+                    // only its length and its end matter, so skip to the line feed.
+                    let n = memchr::memchr(b'\n', bytes).unwrap_or(bytes.len());
+                    let h = &mut self.head;
+                    match u32::try_from(n).ok().and_then(|n| h.total.checked_add(n)) {
+                        Some(t) if t <= self.max_head => {
+                            h.total = t;
+                            bytes = &bytes[n..];
+                            if let Some(&b) = bytes.first() {
+                                let at = total - bytes.len();
+                                bytes = &bytes[1..];
+                                self.byte(b).map_err(|v| (at, v))?;
+                            }
+                        }
+                        // Over the bound: byte by byte finds the exact byte.
+                        _ => {
+                            let b = bytes[0];
+                            let at = total - bytes.len();
+                            bytes = &bytes[1..];
+                            self.byte(b).map_err(|v| (at, v))?;
+                        }
+                    }
                 }
                 _ => {
                     let b = bytes[0];
@@ -545,6 +580,20 @@ mod tests {
             v.bad_head.load(Ordering::Relaxed),
         );
         assert_eq!(whole, split, "{:?}", String::from_utf8_lossy(input));
+        // And in two reads split anywhere (the fast path over dull text stops and
+        // resumes mid-line).
+        for at in (1..input.len()).filter(|_| input.len() < 1024) {
+            let v = Arc::new(Verdicts::default());
+            let mut t = Tracker::new(64 * 1024, v.clone());
+            let r = strip(t.feed(&input[..at])).and_then(|()| strip(t.feed(&input[at..])));
+            let two = (
+                r,
+                t.state,
+                v.heads.load(Ordering::Relaxed),
+                v.bad_head.load(Ordering::Relaxed),
+            );
+            assert_eq!(whole, two, "split at {at}: {:?}", String::from_utf8_lossy(input));
+        }
         whole
     }
 
