@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
@@ -320,6 +320,24 @@ pub struct EdgeBody {
     armed: bool,
     bytes: u64,
     done: Option<Box<dyn Completion>>,
+    in_flight: Option<InFlight>,
+}
+
+/// Counts a response as in flight on its connection until its body is dropped (an
+/// idle HTTP/1 connection is parked only with nothing in flight; see `listener`).
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    pub fn enter(count: &Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug)]
@@ -343,6 +361,7 @@ impl EdgeBody {
             armed: false,
             bytes: 0,
             done: None,
+            in_flight: None,
         }
     }
 
@@ -361,6 +380,7 @@ impl EdgeBody {
             armed: false,
             bytes: 0,
             done: None,
+            in_flight: None,
         }
     }
 
@@ -372,6 +392,12 @@ impl EdgeBody {
 
     pub fn on_complete(mut self, c: Box<dyn Completion>) -> EdgeBody {
         self.done = Some(c);
+        self
+    }
+
+    /// Count this response as in flight on its connection until the body is dropped.
+    pub fn in_flight(mut self, g: InFlight) -> EdgeBody {
+        self.in_flight = Some(g);
         self
     }
 

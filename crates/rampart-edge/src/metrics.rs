@@ -92,6 +92,7 @@ pub struct Metrics {
     retries: Family<PoolLabels, Counter>,
     pub open_connections: Family<ListenerLabels, Gauge>,
     pub open_tunnels: Gauge,
+    pub parked_connections: Gauge,
     pub connections: Family<ListenerLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
     pub access_log_dropped: Counter,
@@ -201,6 +202,12 @@ impl Metrics {
             "Upgraded connections (WebSocket and others) currently tunnelled",
             open_tunnels.clone(),
         );
+        let parked_connections = Gauge::default();
+        registry.register(
+            "parked_connections",
+            "Idle HTTP/1 connections waiting for a request with no HTTP state, only the socket",
+            parked_connections.clone(),
+        );
         let connections = Family::<ListenerLabels, Counter>::default();
         registry.register("connections", "Client connections accepted", connections.clone());
         let reloads = Family::<ResultLabels, Counter>::default();
@@ -286,6 +293,7 @@ impl Metrics {
             retries,
             open_connections,
             open_tunnels,
+            parked_connections,
             connections,
             reloads,
             access_log_dropped,

@@ -42,6 +42,8 @@ pub struct ConnInfo {
     requests: std::sync::atomic::AtomicU64,
     /// What the HTTP/1 framing guard found in the request heads.
     pub verdicts: Arc<crate::security::guard::Verdicts>,
+    /// Responses whose bodies are still being sent.
+    pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl ConnInfo {
@@ -53,6 +55,7 @@ impl ConnInfo {
             tls,
             requests: std::sync::atomic::AtomicU64::new(0),
             verdicts: Arc::default(),
+            in_flight: Arc::default(),
         }
     }
 }
@@ -310,6 +313,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<EdgeBody>, Infallible> {
     let mut limit = None;
+    let in_flight = crate::body::InFlight::enter(&conn.in_flight);
     // hyper keeps one allocation the size of this future for each connection's whole
     // life (HTTP/1's in-flight slot), idle or not. The pipeline's state (about 3 KiB)
     // lives in its own box, allocated per request instead: 15.6 against 18.2 KiB per
@@ -320,7 +324,7 @@ pub async fn handle(
         resp.headers_mut().insert(RATELIMIT_POLICY.clone(), policy);
         resp.headers_mut().insert(RATELIMIT.clone(), state);
     }
-    Ok(resp)
+    Ok(resp.map(|b| b.in_flight(in_flight)))
 }
 
 static RATELIMIT_POLICY: header::HeaderName = header::HeaderName::from_static("ratelimit-policy");

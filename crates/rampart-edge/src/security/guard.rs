@@ -18,7 +18,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, ReadBuf};
 
@@ -29,9 +29,30 @@ pub struct Verdicts {
     heads: AtomicU64,
     /// The 1-based number of the first head with both framings (0: none).
     bad_head: AtomicU64,
+    /// The connection is being parked: hyper's shutdown of the stream is not passed
+    /// on (the socket stays open for the client's next request).
+    parking: AtomicBool,
+    /// Not at a message boundary: part of a head read, a body still coming, or a
+    /// stream the guard stopped following. Such a connection is not parked (a
+    /// partial head stays under hyper's header timeout).
+    mid_message: AtomicBool,
 }
 
 impl Verdicts {
+    /// Request heads completed so far on this connection.
+    pub fn heads(&self) -> u64 {
+        self.heads.load(Ordering::Relaxed)
+    }
+
+    /// Whether everything read so far ends exactly at the end of a message.
+    pub fn at_boundary(&self) -> bool {
+        !self.mid_message.load(Ordering::Relaxed)
+    }
+
+    pub fn set_parking(&self, on: bool) {
+        self.parking.store(on, Ordering::Relaxed);
+    }
+
     /// Whether request number `n` (1-based, in arrival order) had ambiguous framing.
     pub fn ambiguous(&self, n: u64) -> bool {
         n != 0 && self.bad_head.load(Ordering::Relaxed) == n
@@ -519,6 +540,19 @@ impl<T> Guarded<T> {
             failed: None,
         }
     }
+
+    /// Whether the stream is between messages with `buffered` bytes read past the
+    /// last one: the bytes of a next head not yet complete, and nothing else (no
+    /// body left, nothing refused, nothing this guard stopped following).
+    pub fn between_messages(&self, buffered: usize) -> bool {
+        self.failed.is_none()
+            && self.tracker.state == State::Head
+            && usize::try_from(self.tracker.head.total).is_ok_and(|t| t == buffered)
+    }
+
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
@@ -530,7 +564,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if let Err((good, Violation(what))) = this.tracker.feed(&buf.filled()[before..]) {
+                let fed = this.tracker.feed(&buf.filled()[before..]);
+                let t = &this.tracker;
+                t.verdicts
+                    .mid_message
+                    .store(t.state != State::Head || t.head.total != 0, Ordering::Relaxed);
+                if let Err((good, Violation(what))) = fed {
                     this.failed = Some(what);
                     if good == 0 {
                         return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, what)));
@@ -544,7 +583,36 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
     }
 }
 
-crate::io::delegate_write!(Guarded, inner);
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Guarded<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    /// Not passed on while the connection is being parked: hyper ends an idle
+    /// connection with a shutdown, but a parked one keeps its socket open.
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.tracker.verdicts.parking.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 #[cfg(test)]
 mod tests {

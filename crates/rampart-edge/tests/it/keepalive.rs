@@ -1,0 +1,180 @@
+//! Idle HTTP/1 keep-alive connections are parked (only the socket kept, no HTTP
+//! state) and serve their next request; partial heads and timeouts are unchanged.
+
+use crate::common::*;
+use rampart_testkit::Origin;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Read one response with a Content-Length body: (head, body).
+async fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("a response in time")
+            .unwrap();
+        assert!(n > 0, "closed before a response: {:?}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .expect("a content-length");
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < len {
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed inside a body");
+        body.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(body.len(), len, "nothing beyond the body");
+    (head, body)
+}
+
+/// The `rampart_parked_connections` gauge.
+async fn parked(e: &TestEdge) -> u64 {
+    let m = e.metrics().await;
+    m.lines()
+        .find_map(|l| l.strip_prefix("rampart_parked_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the parked_connections gauge")
+}
+
+async fn until_parked(e: &TestEdge, n: u64) -> bool {
+    let end = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < end {
+        if parked(e).await == n {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+fn config(origin: &Origin, server: &str) -> String {
+    one_pool(
+        &[&origin.url()],
+        Parts {
+            server,
+            admin: Some(""),
+            ..Parts::default()
+        },
+    )
+}
+
+const GET: &[u8] = b"GET /status/200 HTTP/1.1\r\nHost: t\r\n\r\n";
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_parked_and_serves_its_next_requests() {
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&config(&origin, "")).await;
+    let mut s = TcpStream::connect(e.http).await.unwrap();
+    // A connection waiting for its first request holds no HTTP state either.
+    assert!(until_parked(&e, 1).await, "a new connection waits parked");
+    s.write_all(GET).await.unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(until_parked(&e, 1).await, "the idle connection was parked");
+    // The same socket serves the next request, and two pipelined ones.
+    s.write_all(GET).await.unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(!head.to_ascii_lowercase().contains("connection: close"), "{head}");
+    assert!(until_parked(&e, 1).await, "parked again");
+    let mut two = GET.to_vec();
+    two.extend_from_slice(b"GET /echo HTTP/1.1\r\nHost: t\r\nX-Probe: second\r\n\r\n");
+    s.write_all(&two).await.unwrap();
+    let (first, _) = read_response(&mut s).await;
+    let (second, body) = read_response(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 200") && second.starts_with("HTTP/1.1 200"));
+    assert!(
+        String::from_utf8_lossy(&body).contains("second"),
+        "the second request arrived whole"
+    );
+    assert_eq!(origin.requests(), 4);
+    // A client that closes a parked connection leaves nothing behind.
+    assert!(until_parked(&e, 1).await);
+    drop(s);
+    assert!(until_parked(&e, 0).await, "the closed connection is gone");
+}
+
+#[tokio::test]
+async fn a_request_body_and_a_partial_head_are_never_parked() {
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&config(&origin, "header_read_timeout = \"2500ms\"")).await;
+    let mut s = TcpStream::connect(e.http).await.unwrap();
+    // Half a body: the request is in flight, the connection stays with hyper.
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nhello")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(parked(&e).await, 0);
+    s.write_all(b"world").await.unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["body_length"], 10, "{echo}");
+    // Half a head: not parked (which would restart the header timer); hyper's
+    // header timeout still closes the connection.
+    s.write_all(b"GET /status/200 HTTP/1.1\r\nHo").await.unwrap();
+    let start = Instant::now();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(8), s.read_to_end(&mut rest)).await;
+    let waited = start.elapsed();
+    assert!(
+        waited < Duration::from_secs(6),
+        "closed by the header timeout, after {waited:?}"
+    );
+    assert_eq!(parked(&e).await, 0);
+}
+
+#[tokio::test]
+async fn a_parked_connection_closes_at_the_keep_alive_limit() {
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&config(&origin, "header_read_timeout = \"2500ms\"")).await;
+    let mut s = TcpStream::connect(e.http).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    read_response(&mut s).await;
+    let idle_from = Instant::now();
+    assert!(until_parked(&e, 1).await);
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(8), s.read_to_end(&mut rest)).await;
+    let idle = idle_from.elapsed();
+    assert!(
+        rest.is_empty(),
+        "closed without a word: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+    assert!(
+        idle >= Duration::from_millis(1400) && idle < Duration::from_millis(4500),
+        "closed after {idle:?} idle"
+    );
+    assert!(until_parked(&e, 0).await);
+}
+
+#[tokio::test]
+async fn shutdown_closes_parked_connections_at_once() {
+    let origin = Origin::start("o").await.unwrap();
+    let mut e = TestEdge::start(&config(&origin, "")).await;
+    let mut s = TcpStream::connect(e.http).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    read_response(&mut s).await;
+    assert!(until_parked(&e, 1).await);
+    let start = Instant::now();
+    let report = e.edge.take().unwrap().shutdown(Duration::from_secs(10)).await;
+    assert_eq!(report.abandoned, 0);
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await;
+    assert!(matches!(n, Ok(Ok(0))), "closed: {n:?}");
+}
