@@ -6,13 +6,14 @@
 //!   whole-request timeouts, byte counting, and the access-log/metrics record
 //!   written when the body ends or is dropped.
 
+use crate::security::guard::InFlight;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
@@ -321,23 +322,6 @@ pub struct EdgeBody {
     bytes: u64,
     done: Option<Box<dyn Completion>>,
     in_flight: Option<InFlight>,
-}
-
-/// Counts a response as in flight on its connection until its body is dropped (an
-/// idle HTTP/1 connection is parked only with nothing in flight; see `listener`).
-pub struct InFlight(Arc<AtomicUsize>);
-
-impl InFlight {
-    pub fn enter(count: &Arc<AtomicUsize>) -> InFlight {
-        count.fetch_add(1, Ordering::Relaxed);
-        InFlight(count.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 #[derive(Debug)]

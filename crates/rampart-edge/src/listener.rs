@@ -290,7 +290,6 @@ async fn serve_conn(
     let info = Arc::new(ConnInfo::new(peer, kind == Kind::Tls));
     // The framing guard reads along with hyper's HTTP/1 parser (see security::guard).
     let verdicts = info.verdicts.clone();
-    let in_flight = info.in_flight.clone();
     let svc_shared = shared.clone();
     let svc = service_fn(move |req| proxy::handle(svc_shared.clone(), info.clone(), req));
     let b = builder(&shared, kind);
@@ -300,7 +299,6 @@ async fn serve_conn(
                 builder: b,
                 head_budget,
                 verdicts,
-                in_flight,
                 idle: timeout,
                 parked: shared.metrics.parked_connections.clone(),
             };
@@ -383,7 +381,6 @@ struct Parkable {
     builder: http1::Builder,
     head_budget: usize,
     verdicts: Arc<crate::security::guard::Verdicts>,
-    in_flight: Arc<AtomicUsize>,
     /// The longest wait for a request (`server.header_read_timeout`).
     idle: Duration,
     parked: Gauge,
@@ -464,7 +461,7 @@ impl Parkable {
                 }
                 _ = tick.tick() => {
                     let now = self.verdicts.heads();
-                    let quiet = now == heads && self.in_flight.load(Ordering::Relaxed) == 0;
+                    let quiet = now == heads && self.verdicts.in_flight() == 0;
                     if quiet && self.verdicts.at_boundary() {
                         self.verdicts.set_parking(true);
                         Pin::new(&mut **conn).shutdown_gracefully();

@@ -42,8 +42,6 @@ pub struct ConnInfo {
     requests: std::sync::atomic::AtomicU64,
     /// What the HTTP/1 framing guard found in the request heads.
     pub verdicts: Arc<crate::security::guard::Verdicts>,
-    /// Responses whose bodies are still being sent.
-    pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl ConnInfo {
@@ -55,7 +53,6 @@ impl ConnInfo {
             tls,
             requests: std::sync::atomic::AtomicU64::new(0),
             verdicts: Arc::default(),
-            in_flight: Arc::default(),
         }
     }
 }
@@ -313,7 +310,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<EdgeBody>, Infallible> {
     let mut limit = None;
-    let in_flight = crate::body::InFlight::enter(&conn.in_flight);
+    let in_flight = crate::security::guard::InFlight::enter(&conn.verdicts);
     // hyper keeps one allocation the size of this future for each connection's whole
     // life (HTTP/1's in-flight slot), idle or not. The pipeline's state (about 3 KiB)
     // lives in its own box, allocated per request instead: 15.6 against 18.2 KiB per

@@ -18,8 +18,8 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// What the guard tells the request handler, shared per connection.
@@ -36,12 +36,35 @@ pub struct Verdicts {
     /// stream the guard stopped following. Such a connection is not parked (a
     /// partial head stays under hyper's header timeout).
     mid_message: AtomicBool,
+    /// Responses the service made whose bodies are still being sent.
+    in_flight: AtomicUsize,
+}
+
+/// A response in flight on its connection, until dropped (with the response body).
+pub struct InFlight(Arc<Verdicts>);
+
+impl InFlight {
+    pub fn enter(v: &Arc<Verdicts>) -> InFlight {
+        v.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(v.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Verdicts {
     /// Request heads completed so far on this connection.
     pub fn heads(&self) -> u64 {
         self.heads.load(Ordering::Relaxed)
+    }
+
+    /// Responses in flight on this connection.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     /// Whether everything read so far ends exactly at the end of a message.
@@ -530,6 +553,8 @@ pub struct Guarded<T> {
     inner: T,
     tracker: Tracker,
     failed: Option<&'static str>,
+    /// hyper's own error answer, rewritten, and how much of it is written.
+    answer: Option<(Vec<u8>, usize)>,
 }
 
 impl<T> Guarded<T> {
@@ -538,6 +563,7 @@ impl<T> Guarded<T> {
             inner,
             tracker: Tracker::new(max_head, verdicts),
             failed: None,
+            answer: None,
         }
     }
 
@@ -583,9 +609,95 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
     }
 }
 
+/// The answer hyper writes by itself when it cannot parse a request head (400, 431,
+/// 414, ...): `HTTP/1.1 CODE TEXT`, `connection: close`, `content-length: 0` and
+/// `date`, nothing else. Every answer the service makes carries `x-request-id`, so
+/// this exact form is hyper's alone. Returned rewritten as Rampart answers: with a
+/// request id, a reason code and the JSON body.
+fn rewrite_hyper_answer(buf: &[u8]) -> Option<Vec<u8>> {
+    let rest = buf.strip_prefix(b"HTTP/1.1 ")?;
+    let line_end = memchr::memchr(b'\r', rest)?;
+    let (status_line, tail) = rest.split_at(line_end);
+    let code = std::str::from_utf8(status_line.get(..3)?).ok()?.parse::<u16>().ok()?;
+    if !(400..600).contains(&code) || status_line.get(3).is_some_and(|&b| b != b' ') {
+        return None;
+    }
+    let date = tail.strip_prefix(b"\r\nconnection: close\r\ncontent-length: 0\r\ndate: ")?;
+    let date = date.strip_suffix(b"\r\n\r\n")?;
+    if date.len() != 29 || date.contains(&b'\r') {
+        return None;
+    }
+    let reason = match code {
+        414 => crate::reason::Reason::UriTooLong,
+        431 => crate::reason::Reason::HeadersTooLarge,
+        _ => crate::reason::Reason::BadRequest,
+    }
+    .as_str();
+    let id = crate::headers::new_request_id();
+    let id = id.to_str().unwrap_or("-");
+    let body = format!("{{\"reason\":\"{reason}\",\"request_id\":\"{id}\",\"status\":{code}}}\n");
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status_line);
+    out.extend_from_slice(b"\r\ncontent-type: application/json\r\nx-request-id: ");
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(b"\r\nx-rampart-reason: ");
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\nconnection: close\r\ncontent-length: ");
+    out.extend_from_slice(body.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\ndate: ");
+    out.extend_from_slice(date);
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(body.as_bytes());
+    Some(out)
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> Guarded<T> {
+    /// Whether `first` (and `len` bytes in all) may be hyper's own error answer:
+    /// nothing of the service's is being sent, and it looks like a status line.
+    fn maybe_hyper_answer(&self, first: &[u8], len: usize) -> bool {
+        len <= 512 && first.starts_with(b"HTTP/1.1 ") && self.tracker.verdicts.in_flight() == 0
+    }
+
+    /// Take `bytes` as hyper's write: if they are hyper's own error answer, queue
+    /// the rewritten answer instead and report them written.
+    fn intercept(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> Option<Poll<io::Result<usize>>> {
+        let answer = rewrite_hyper_answer(bytes)?;
+        self.answer = Some((answer, 0));
+        Some(match self.poll_answer(cx) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            // Written or not yet: hyper flushes next, which finishes it.
+            _ => Poll::Ready(Ok(bytes.len())),
+        })
+    }
+
+    /// Write what is left of a rewritten answer.
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some((bytes, done)) = &mut self.answer {
+            if *done >= bytes.len() {
+                self.answer = None;
+                break;
+            }
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &bytes[*done..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            *done += n;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Guarded<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        ready!(this.poll_answer(cx))?;
+        if this.maybe_hyper_answer(buf, buf.len())
+            && let Some(done) = this.intercept(cx, buf)
+        {
+            return done;
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -593,7 +705,18 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Guarded<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        ready!(this.poll_answer(cx))?;
+        // hyper writes its own answer as one buffer.
+        let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        if first.len() == len
+            && this.maybe_hyper_answer(first, len)
+            && let Some(done) = this.intercept(cx, first)
+        {
+            return done;
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -601,16 +724,20 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Guarded<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let this = &mut *self;
+        ready!(this.poll_answer(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     /// Not passed on while the connection is being parked: hyper ends an idle
     /// connection with a shutdown, but a parked one keeps its socket open.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.tracker.verdicts.parking.load(Ordering::Relaxed) {
+        let this = &mut *self;
+        ready!(this.poll_answer(cx))?;
+        if this.tracker.verdicts.parking.load(Ordering::Relaxed) {
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -663,6 +790,50 @@ mod tests {
             assert_eq!(whole, two, "split at {at}: {:?}", String::from_utf8_lossy(input));
         }
         whole
+    }
+
+    #[test]
+    fn only_hyper_s_own_error_answer_is_rewritten() {
+        let date = "Tue, 24 Nov 2026 01:26:28 GMT";
+        let hyper = format!(
+            "HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: {date}\r\n\r\n"
+        );
+        let out = String::from_utf8(rewrite_hyper_answer(hyper.as_bytes()).unwrap()).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains("\r\nx-rampart-reason: REQUEST_HEADERS_TOO_LARGE\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())),
+            "{head}"
+        );
+        assert!(head.ends_with(&format!("\r\ndate: {date}")), "{head}");
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["status"], 431);
+        assert!(head.contains(&format!("x-request-id: {}", json["request_id"].as_str().unwrap())));
+        let bad = format!("HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: {date}\r\n\r\n");
+        assert!(
+            String::from_utf8(rewrite_hyper_answer(bad.as_bytes()).unwrap())
+                .unwrap()
+                .contains("BAD_REQUEST")
+        );
+        for not_hyper in [
+            format!("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\ndate: {date}\r\n\r\n"),
+            format!(
+                "HTTP/1.1 400 Bad Request\r\nx-request-id: 1\r\nconnection: close\r\ncontent-length: 0\r\ndate: {date}\r\n\r\n"
+            ),
+            format!("HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: {date}\r\n\r\nbody"),
+            format!("HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 2\r\ndate: {date}\r\n\r\n"),
+            "HTTP/1.1 4000\r\n".to_string(),
+            String::new(),
+        ] {
+            assert!(rewrite_hyper_answer(not_hyper.as_bytes()).is_none(), "{not_hyper:?}");
+        }
     }
 
     #[test]

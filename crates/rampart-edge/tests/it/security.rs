@@ -20,7 +20,8 @@ async fn exchange(e: &TestEdge, bytes: &[u8]) -> (u16, bool, String) {
 }
 
 /// Each case is answered 400 and the connection closed, before any upstream sees it
-/// (`reason` when the edge itself explains the refusal; hyper's own 400s carry none).
+/// (`reason` when the edge itself explains the refusal with a detail; the heads hyper
+/// refuses get `BAD_REQUEST` and a request id too).
 #[tokio::test]
 async fn ambiguous_framing_is_refused_and_the_connection_closed() {
     let o = Origin::start("o").await.unwrap();
@@ -104,13 +105,70 @@ async fn ambiguous_framing_is_refused_and_the_connection_closed() {
         let (status, closed, text) = exchange(&e, bytes).await;
         assert_eq!(status, 400, "{name}: {text}");
         assert!(closed, "{name}: the connection stays open");
+        // Every answer has a request id and a reason, hyper's own 400s included.
+        assert!(text.contains("x-request-id: "), "{name}: {text}");
+        assert!(text.contains("x-rampart-reason: "), "{name}: {text}");
         if let Some(r) = reason {
             assert!(text.contains(&format!("x-rampart-reason: {r}")), "{name}: {text}");
             assert!(text.contains("\"detail\":"), "{name}: {text}");
-            assert!(text.contains("x-request-id: "), "{name}: {text}");
         }
     }
     assert_eq!(o.requests(), 0, "nothing reached the origin");
+}
+
+/// The answers hyper makes by itself (heads it cannot parse, heads over the size
+/// limit) carry a request id, a reason code and the JSON body like every other.
+#[tokio::test]
+async fn heads_hyper_refuses_are_answered_with_a_request_id() {
+    let o = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&simple(&o.url(), "")).await;
+    // Too many fields (hyper's 431) in a small head: all of it is read before the
+    // answer, so closing does not reset the connection under the reply.
+    let mut huge = b"GET / HTTP/1.1\r\nHost: a\r\n".to_vec();
+    for i in 0..500 {
+        huge.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+    }
+    huge.extend_from_slice(b"\r\n");
+    let cases: [(&str, Vec<u8>, u16, &str); 3] = [
+        (
+            "bad header name",
+            b"GET / HTTP/1.1\r\nHost: a\r\nBad Name: x\r\n\r\n".to_vec(),
+            400,
+            "BAD_REQUEST",
+        ),
+        (
+            "unknown version",
+            b"GET / HTTP/3.7\r\nHost: a\r\n\r\n".to_vec(),
+            400,
+            "BAD_REQUEST",
+        ),
+        ("too many fields", huge, 431, "REQUEST_HEADERS_TOO_LARGE"),
+    ];
+    for (name, bytes, code, reason) in cases {
+        let (status, closed, text) = exchange(&e, &bytes).await;
+        assert_eq!(status, code, "{name}: {text}");
+        assert!(closed, "{name}: the connection stays open");
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let id = head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-request-id: "))
+            .unwrap_or_else(|| panic!("{name}: no request id: {head}"));
+        assert_eq!(id.len(), 32, "{name}: {head}");
+        assert!(head.contains(&format!("x-rampart-reason: {reason}")), "{name}: {head}");
+        assert!(head.contains("\r\ndate: "), "{name}: {head}");
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["status"], code);
+        assert_eq!(json["reason"], reason);
+        assert_eq!(json["request_id"], id);
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(len, body.len(), "{name}");
+    }
+    assert_eq!(o.requests(), 0);
 }
 
 /// Chunked bodies the parser cannot frame: 400, connection closed.
