@@ -64,18 +64,23 @@ pub enum UpstreamBody {
     Empty,
     /// A body held in memory (kept for replay on retries).
     Full(Option<Bytes>),
-    Stream {
-        /// Bytes already read from `inner` (while deciding whether to keep the body
-        /// for replay), sent first.
-        prefix: Option<Bytes>,
-        inner: Incoming,
-        limit: u64,
-        state: Arc<RequestBodyState>,
-        /// Longest wait for the client's next chunk (`server.client_body_timeout`).
-        idle: Duration,
-        timer: Option<Pin<Box<Sleep>>>,
-        armed: bool,
-    },
+    /// Boxed: the upstream request is moved many times on its way through the
+    /// client, and most requests (GETs) have no body to stream; boxed, the body
+    /// is 40 bytes rather than 120.
+    Stream(Box<Streaming>),
+}
+
+pub struct Streaming {
+    /// Bytes already read from `inner` (while deciding whether to keep the body
+    /// for replay), sent first.
+    prefix: Option<Bytes>,
+    inner: Incoming,
+    limit: u64,
+    state: Arc<RequestBodyState>,
+    /// Longest wait for the client's next chunk (`server.client_body_timeout`).
+    idle: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
 }
 
 impl UpstreamBody {
@@ -91,7 +96,7 @@ impl UpstreamBody {
         state: Arc<RequestBodyState>,
         idle: Duration,
     ) -> UpstreamBody {
-        UpstreamBody::Stream {
+        UpstreamBody::Stream(Box::new(Streaming {
             prefix,
             inner,
             limit,
@@ -99,7 +104,7 @@ impl UpstreamBody {
             idle,
             timer: None,
             armed: false,
-        }
+        }))
     }
 }
 
@@ -109,7 +114,7 @@ impl UpstreamBody {
         match self {
             UpstreamBody::Empty | UpstreamBody::Full(None) => (&[], false),
             UpstreamBody::Full(Some(b)) => (b, false),
-            UpstreamBody::Stream { prefix, .. } => (prefix.as_deref().unwrap_or_default(), true),
+            UpstreamBody::Stream(s) => (s.prefix.as_deref().unwrap_or_default(), true),
         }
     }
 }
@@ -192,18 +197,21 @@ impl Body for UpstreamBody {
         let (inner, limit, state, idle, timer, armed) = match self.get_mut() {
             UpstreamBody::Empty => return Poll::Ready(None),
             UpstreamBody::Full(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            UpstreamBody::Stream { prefix, .. } if prefix.is_some() => {
-                return Poll::Ready(prefix.take().map(|b| Ok(Frame::data(b))));
+            UpstreamBody::Stream(s) if s.prefix.is_some() => {
+                return Poll::Ready(s.prefix.take().map(|b| Ok(Frame::data(b))));
             }
-            UpstreamBody::Stream {
-                inner,
-                limit,
-                state,
-                idle,
-                timer,
-                armed,
-                ..
-            } => (inner, limit, state, idle, timer, armed),
+            UpstreamBody::Stream(s) => {
+                let Streaming {
+                    inner,
+                    limit,
+                    state,
+                    idle,
+                    timer,
+                    armed,
+                    ..
+                } = &mut **s;
+                (inner, limit, state, idle, timer, armed)
+            }
         };
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -250,7 +258,7 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Empty => true,
             UpstreamBody::Full(b) => b.is_none(),
-            UpstreamBody::Stream { prefix, inner, .. } => prefix.is_none() && inner.is_end_stream(),
+            UpstreamBody::Stream(s) => s.prefix.is_none() && s.inner.is_end_stream(),
         }
     }
 
@@ -258,10 +266,10 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Empty => SizeHint::with_exact(0),
             UpstreamBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            UpstreamBody::Stream { prefix, inner, .. } => {
+            UpstreamBody::Stream(s) => {
                 // The prefix was read from `inner`, whose hint now covers only the rest.
-                let rest = inner.size_hint();
-                let p = prefix.as_ref().map_or(0, |b| b.len() as u64);
+                let rest = s.inner.size_hint();
+                let p = s.prefix.as_ref().map_or(0, |b| b.len() as u64);
                 let mut h = SizeHint::new();
                 if let Some(u) = rest.upper() {
                     h.set_upper(u.saturating_add(p));
@@ -314,7 +322,8 @@ impl Fill {
 
 pub struct EdgeBody {
     kind: Kind,
-    fill: Option<Fill>,
+    /// Boxed: only cache fills have one, and every response moves through hyper.
+    fill: Option<Box<Fill>>,
     idle: Duration,
     deadline: Option<Instant>,
     timer: Option<Pin<Box<Sleep>>>,
@@ -370,7 +379,7 @@ impl EdgeBody {
 
     /// Also collect the body for the cache.
     pub fn fill(mut self, f: Fill) -> EdgeBody {
-        self.fill = Some(f);
+        self.fill = Some(Box::new(f));
         self
     }
 

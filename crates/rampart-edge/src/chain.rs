@@ -584,7 +584,7 @@ pub async fn forward(chain: &Chain, store: &HealthStore, req: &ChainRequest<'_>,
     let replay = match &body {
         UpstreamBody::Empty => Some(None),
         UpstreamBody::Full(b) => Some(b.clone()),
-        UpstreamBody::Stream { .. } => None,
+        UpstreamBody::Stream(_) => None,
     };
     let mut streaming = replay.is_none().then_some(body);
     for idx in order {

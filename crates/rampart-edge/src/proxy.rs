@@ -626,17 +626,23 @@ async fn handle_request(
             snap.via.then_some(parts.version),
             &rec.request_id,
         );
-        let lookup = caching::Lookup {
-            view: &cache_view,
-            path_and_query: &pq,
-            origin: caching::RefreshVia::Chain(chain.clone()),
-        };
-        let cached = match caching::stage(route.cache.clone(), lookup, &mut h, rec).await {
-            Ok((ctx, r)) => {
-                rec = r;
-                ctx
+        // Routes without a cache skip the stage without moving the record through it.
+        let cached = match route.cache.clone() {
+            None => None,
+            Some(policy) => {
+                let lookup = caching::Lookup {
+                    view: &cache_view,
+                    path_and_query: &pq,
+                    origin: caching::RefreshVia::Chain(chain.clone()),
+                };
+                match caching::stage(policy, lookup, &mut h, rec).await {
+                    Ok((ctx, r)) => {
+                        rec = r;
+                        Some(ctx)
+                    }
+                    Err(answer) => return Ok(answer),
+                }
             }
-            Err(answer) => return Ok(answer),
         };
         let target = ChainTarget {
             chain: &chain,
@@ -729,17 +735,23 @@ async fn handle_request(
         .map_or(t.response_header.get(), |p| p.min(t.response_header.get()));
     // HTTP cache: answer from a usable stored response, or prepare to validate a
     // stale one, before any upstream is contacted.
-    let lookup = caching::Lookup {
-        view: &cache_view,
-        path_and_query: &pq,
-        origin: caching::RefreshVia::Pool(pool.clone(), route.host_for_refresh(&host_value)),
-    };
-    let cached = match caching::stage(route.cache.clone(), lookup, &mut h, rec).await {
-        Ok((ctx, r)) => {
-            rec = r;
-            ctx
+    // Routes without a cache skip the stage without moving the record through it.
+    let cached = match route.cache.clone() {
+        None => None,
+        Some(policy) => {
+            let lookup = caching::Lookup {
+                view: &cache_view,
+                path_and_query: &pq,
+                origin: caching::RefreshVia::Pool(pool.clone(), route.host_for_refresh(&host_value)),
+            };
+            match caching::stage(policy, lookup, &mut h, rec).await {
+                Ok((ctx, r)) => {
+                    rec = r;
+                    Some(ctx)
+                }
+                Err(answer) => return Ok(answer),
+            }
         }
-        Err(answer) => return Ok(answer),
     };
     // An HTTP/2 WebSocket CONNECT goes upstream as an HTTP/1.1 GET with Upgrade.
     let request_method = if h2_websocket {

@@ -39,16 +39,13 @@ pub(super) struct Lookup<'a> {
 /// The cache stage of a route: nothing when the route does not cache (`Ok` with no
 /// context), an answer from the cache (`Err`), or the context for [`after`].
 pub(super) async fn stage(
-    policy: Option<Arc<rampart_config::RouteCache>>,
+    policy: Arc<rampart_config::RouteCache>,
     l: Lookup<'_>,
     h: &mut http::HeaderMap,
     rec: Record,
-) -> Result<(Option<CacheCtx>, Record), Response<EdgeBody>> {
-    match policy {
-        None => Ok((None, rec)),
-        // Boxed: most routes do not cache, and the pipeline's future stays small.
-        Some(rc) => Box::pin(before(l, rc, h, rec)).await.map(|(ctx, rec)| (Some(ctx), rec)),
-    }
+) -> Result<(CacheCtx, Record), Response<EdgeBody>> {
+    // Boxed: most routes do not cache, and the pipeline's future stays small.
+    Box::pin(before(l, policy, h, rec)).await
 }
 
 /// Before any upstream is contacted: answer from a usable stored response (`Err`
