@@ -150,13 +150,27 @@ pub fn set_forwarded(
     } else if let Ok(v) = HeaderValue::from_str(&format!("{}, {}", prior.join(", "), peer.to_str().unwrap_or(""))) {
         h.insert(&X_FORWARDED_FOR, v);
     }
-    if !(trusted_peer && h.contains_key(&X_FORWARDED_PROTO)) {
-        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    // From a trusted proxy an existing value stands; otherwise ours replaces it.
+    // One hash and probe each, through the entry.
+    match h.entry(&X_FORWARDED_PROTO) {
+        http::header::Entry::Occupied(_) if trusted_peer => {}
+        http::header::Entry::Occupied(mut e) => {
+            e.insert(HeaderValue::from_static(proto));
+        }
+        http::header::Entry::Vacant(e) => {
+            e.insert(HeaderValue::from_static(proto));
+        }
     }
-    if !(trusted_peer && h.contains_key(&X_FORWARDED_HOST))
-        && let Some(host) = host
-    {
-        h.insert(&X_FORWARDED_HOST, host.clone());
+    if let Some(host) = host {
+        match h.entry(&X_FORWARDED_HOST) {
+            http::header::Entry::Occupied(_) if trusted_peer => {}
+            http::header::Entry::Occupied(mut e) => {
+                e.insert(host.clone());
+            }
+            http::header::Entry::Vacant(e) => {
+                e.insert(host.clone());
+            }
+        }
     }
 }
 
@@ -167,14 +181,20 @@ pub fn append_via(h: &mut HeaderMap, version: http::Version) {
         http::Version::HTTP_10 => "1.0 rampart",
         _ => "1.1 rampart",
     };
-    match h.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(prev) => {
-            if let Ok(v) = HeaderValue::from_str(&format!("{prev}, {ours}")) {
-                h.insert(header::VIA, v);
+    // One hash and probe whether or not a Via is there.
+    match h.entry(header::VIA) {
+        http::header::Entry::Occupied(mut e) => {
+            if let Some(v) = e
+                .get()
+                .to_str()
+                .ok()
+                .and_then(|prev| HeaderValue::from_str(&format!("{prev}, {ours}")).ok())
+            {
+                e.insert(v);
             }
         }
-        None => {
-            h.insert(header::VIA, HeaderValue::from_static(ours));
+        http::header::Entry::Vacant(e) => {
+            e.insert(HeaderValue::from_static(ours));
         }
     }
 }
