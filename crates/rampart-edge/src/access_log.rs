@@ -53,26 +53,27 @@ impl Entry<'_> {
     pub fn write_json(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(b"{\"time\":\"");
         write_rfc3339(out, self.time);
-        out.extend_from_slice(b"\",\"request_id\":");
-        json_str(out, self.request_id);
+        out.push(b'"');
+        str_field(out, "request_id", self.request_id);
         out.extend_from_slice(b",\"client_ip\":\"");
         write_ip(out, self.client_ip);
-        out.extend_from_slice(b"\",\"host\":");
-        json_str(out, self.host);
-        out.extend_from_slice(b",\"method\":");
-        json_str(out, self.method);
-        out.extend_from_slice(b",\"path\":");
-        json_str(out, self.path);
-        out.extend_from_slice(b",\"protocol\":");
-        json_str(out, self.protocol);
-        out.extend_from_slice(b",\"status\":");
-        int(out, u64::from(self.status));
-        out.extend_from_slice(b",\"bytes_in\":");
-        int(out, self.bytes_in);
-        out.extend_from_slice(b",\"bytes_out\":");
-        int(out, self.bytes_out);
-        out.extend_from_slice(b",\"duration_ms\":");
-        int(out, self.duration_us / 1000);
+        out.push(b'"');
+        for (name, value) in [
+            ("host", self.host),
+            ("method", self.method),
+            ("path", self.path),
+            ("protocol", self.protocol),
+        ] {
+            str_field(out, name, value);
+        }
+        for (name, value) in [
+            ("status", u64::from(self.status)),
+            ("bytes_in", self.bytes_in),
+            ("bytes_out", self.bytes_out),
+        ] {
+            int_field(out, name, value);
+        }
+        int_field(out, "duration_ms", self.duration_us / 1000);
         let frac = self.duration_us % 1000;
         out.extend_from_slice(&[
             b'.',
@@ -80,22 +81,33 @@ impl Entry<'_> {
             b'0' + (frac / 10 % 10) as u8,
             b'0' + (frac % 10) as u8,
         ]);
-        out.extend_from_slice(b",\"site\":");
-        json_str(out, self.site);
-        out.extend_from_slice(b",\"route\":");
-        json_str(out, self.route);
-        out.extend_from_slice(b",\"upstream\":");
-        json_str(out, self.upstream);
-        out.extend_from_slice(b",\"attempts\":");
-        int(out, u64::from(self.attempts));
-        out.extend_from_slice(b",\"reason\":");
-        json_str(out, self.reason);
+        for (name, value) in [("site", self.site), ("route", self.route), ("upstream", self.upstream)] {
+            str_field(out, name, value);
+        }
+        int_field(out, "attempts", u64::from(self.attempts));
+        str_field(out, "reason", self.reason);
         if let Some(d) = self.detail {
-            out.extend_from_slice(b",\"detail\":");
-            json_str(out, d);
+            str_field(out, "detail", d);
         }
         out.push(b'}');
     }
+}
+
+/// `,"name":` (names are plain ASCII, never escaped).
+fn key(out: &mut Vec<u8>, name: &str) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
+}
+
+fn str_field(out: &mut Vec<u8>, name: &str, value: &str) {
+    key(out, name);
+    json_str(out, value);
+}
+
+fn int_field(out: &mut Vec<u8>, name: &str, value: u64) {
+    key(out, name);
+    int(out, value);
 }
 
 fn int(out: &mut Vec<u8>, n: u64) {

@@ -304,6 +304,32 @@ fn respond(
     resp
 }
 
+/// The HTTP cache stage, for routes with a cache policy: answer from the cache
+/// (returning the answer from the enclosing function), or go on with what the cache
+/// needs after the origin answers. Routes without a cache skip it without moving
+/// the record through it or building the lookup (`origin` is evaluated only then).
+macro_rules! cache_stage {
+    ($route:expr, $view:expr, $pq:expr, $origin:expr, $h:ident, $rec:ident) => {
+        match $route.cache.clone() {
+            None => None,
+            Some(policy) => {
+                let lookup = caching::Lookup {
+                    view: $view,
+                    path_and_query: $pq,
+                    origin: $origin,
+                };
+                match caching::stage(policy, lookup, &mut $h, $rec).await {
+                    Ok((ctx, r)) => {
+                        $rec = r;
+                        Some(ctx)
+                    }
+                    Err(answer) => return Ok(answer),
+                }
+            }
+        }
+    };
+}
+
 pub async fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
@@ -626,24 +652,14 @@ async fn handle_request(
             snap.via.then_some(parts.version),
             &rec.request_id,
         );
-        // Routes without a cache skip the stage without moving the record through it.
-        let cached = match route.cache.clone() {
-            None => None,
-            Some(policy) => {
-                let lookup = caching::Lookup {
-                    view: &cache_view,
-                    path_and_query: &pq,
-                    origin: caching::RefreshVia::Chain(chain.clone()),
-                };
-                match caching::stage(policy, lookup, &mut h, rec).await {
-                    Ok((ctx, r)) => {
-                        rec = r;
-                        Some(ctx)
-                    }
-                    Err(answer) => return Ok(answer),
-                }
-            }
-        };
+        let cached = cache_stage!(
+            route,
+            &cache_view,
+            &pq,
+            caching::RefreshVia::Chain(chain.clone()),
+            h,
+            rec
+        );
         let target = ChainTarget {
             chain: &chain,
             method: &parts.method,
@@ -735,24 +751,14 @@ async fn handle_request(
         .map_or(t.response_header.get(), |p| p.min(t.response_header.get()));
     // HTTP cache: answer from a usable stored response, or prepare to validate a
     // stale one, before any upstream is contacted.
-    // Routes without a cache skip the stage without moving the record through it.
-    let cached = match route.cache.clone() {
-        None => None,
-        Some(policy) => {
-            let lookup = caching::Lookup {
-                view: &cache_view,
-                path_and_query: &pq,
-                origin: caching::RefreshVia::Pool(pool.clone(), route.host_for_refresh(&host_value)),
-            };
-            match caching::stage(policy, lookup, &mut h, rec).await {
-                Ok((ctx, r)) => {
-                    rec = r;
-                    Some(ctx)
-                }
-                Err(answer) => return Ok(answer),
-            }
-        }
-    };
+    let cached = cache_stage!(
+        route,
+        &cache_view,
+        &pq,
+        caching::RefreshVia::Pool(pool.clone(), route.host_for_refresh(&host_value)),
+        h,
+        rec
+    );
     // An HTTP/2 WebSocket CONNECT goes upstream as an HTTP/1.1 GET with Upgrade.
     let request_method = if h2_websocket {
         Method::GET

@@ -22,7 +22,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, ReadBuf};
 
-/// What the guard tells the request handler, shared per connection.
+/// Per-connection state shared by the guard (what it read), the request handler
+/// (responses in flight, framing verdicts) and the listener (parking).
 #[derive(Default)]
 pub struct Verdicts {
     /// Request heads completed so far.
