@@ -290,6 +290,7 @@ async fn serve_conn(
     let info = Arc::new(ConnInfo::new(peer, kind == Kind::Tls));
     // The framing guard reads along with hyper's HTTP/1 parser (see security::guard).
     let verdicts = info.verdicts.clone();
+    let refusals = verdicts.clone();
     let svc_shared = shared.clone();
     let svc = service_fn(move |req| proxy::handle(svc_shared.clone(), info.clone(), req));
     let b = builder(&shared, kind);
@@ -311,6 +312,8 @@ async fn serve_conn(
         }
         // The TLS state is large: boxed, so plain connections do not carry room for it.
         (Kind::Tls, b) => {
+            // The handshake task takes its own handle; the refusal log below needs one.
+            let shared = shared.clone();
             let snap = shared.snapshot.load();
             let Some(cfg) = snap.tls.clone() else { return };
             drop(snap);
@@ -333,6 +336,9 @@ async fn serve_conn(
             })
             .await;
         }
+    }
+    if let Some(r) = refusals.take_refusal() {
+        proxy::log_refusal(&shared, peer, &r);
     }
 }
 

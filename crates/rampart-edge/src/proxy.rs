@@ -350,6 +350,36 @@ pub async fn handle(
     Ok(resp.map(|b| b.in_flight(in_flight)))
 }
 
+/// A head hyper could not parse, answered by the framing guard: counted and logged
+/// like every other answer (with what is known: no host, method or path).
+pub fn log_refusal(shared: &Shared, peer: std::net::SocketAddr, r: &crate::security::guard::Refusal) {
+    let snap = shared.snapshot.load();
+    snap.unmatched.count_status(r.status);
+    snap.unmatched.bytes_out.inc_by(r.bytes as u64);
+    let log = &shared.access_log;
+    if log.enabled() {
+        log.log(&Entry {
+            time: std::time::SystemTime::now(),
+            request_id: r.request_id.to_str().unwrap_or("-"),
+            client_ip: peer.ip(),
+            host: "-",
+            method: "-",
+            path: "-",
+            protocol: "HTTP/1.1",
+            status: r.status,
+            bytes_in: 0,
+            bytes_out: r.bytes as u64,
+            duration_us: 0,
+            site: "-",
+            route: "-",
+            upstream: "-",
+            attempts: 0,
+            reason: r.reason,
+            detail: None,
+        });
+    }
+}
+
 static RATELIMIT_POLICY: header::HeaderName = header::HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: header::HeaderName = header::HeaderName::from_static("ratelimit");
 

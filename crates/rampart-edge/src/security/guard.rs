@@ -39,6 +39,17 @@ pub struct Verdicts {
     mid_message: AtomicBool,
     /// Responses the service made whose bodies are still being sent.
     in_flight: AtomicUsize,
+    /// A head hyper refused, answered by the guard, for the access log.
+    refused: std::sync::Mutex<Option<Box<Refusal>>>,
+}
+
+/// A request head hyper could not parse, and Rampart's answer to it.
+pub struct Refusal {
+    pub status: u16,
+    pub reason: &'static str,
+    pub request_id: http::HeaderValue,
+    /// The answer's length.
+    pub bytes: usize,
 }
 
 /// A response in flight on its connection, until dropped (with the response body).
@@ -71,6 +82,11 @@ impl Verdicts {
     /// Whether everything read so far ends exactly at the end of a message.
     pub fn at_boundary(&self) -> bool {
         !self.mid_message.load(Ordering::Relaxed)
+    }
+
+    /// The head hyper refused on this connection, if any (taken once).
+    pub fn take_refusal(&self) -> Option<Box<Refusal>> {
+        self.refused.lock().ok().and_then(|mut r| r.take())
     }
 
     pub fn set_parking(&self, on: bool) {
@@ -615,7 +631,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
 /// `date`, nothing else. Every answer the service makes carries `x-request-id`, so
 /// this exact form is hyper's alone. Returned rewritten as Rampart answers: with a
 /// request id, a reason code and the JSON body.
-fn rewrite_hyper_answer(buf: &[u8]) -> Option<Vec<u8>> {
+fn rewrite_hyper_answer(buf: &[u8]) -> Option<(Vec<u8>, Refusal)> {
     let rest = buf.strip_prefix(b"HTTP/1.1 ")?;
     let line_end = memchr::memchr(b'\r', rest)?;
     let (status_line, tail) = rest.split_at(line_end);
@@ -634,8 +650,8 @@ fn rewrite_hyper_answer(buf: &[u8]) -> Option<Vec<u8>> {
         _ => crate::reason::Reason::BadRequest,
     }
     .as_str();
-    let id = crate::headers::new_request_id();
-    let id = id.to_str().unwrap_or("-");
+    let request_id = crate::headers::new_request_id();
+    let id = request_id.to_str().unwrap_or("-");
     let body = format!("{{\"reason\":\"{reason}\",\"request_id\":\"{id}\",\"status\":{code}}}\n");
     let mut out = Vec::with_capacity(256 + body.len());
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -650,7 +666,13 @@ fn rewrite_hyper_answer(buf: &[u8]) -> Option<Vec<u8>> {
     out.extend_from_slice(date);
     out.extend_from_slice(b"\r\n\r\n");
     out.extend_from_slice(body.as_bytes());
-    Some(out)
+    let refusal = Refusal {
+        status: code,
+        reason,
+        request_id,
+        bytes: out.len(),
+    };
+    Some((out, refusal))
 }
 
 impl<T: tokio::io::AsyncWrite + Unpin> Guarded<T> {
@@ -663,7 +685,10 @@ impl<T: tokio::io::AsyncWrite + Unpin> Guarded<T> {
     /// Take `bytes` as hyper's write: if they are hyper's own error answer, queue
     /// the rewritten answer instead and report them written.
     fn intercept(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> Option<Poll<io::Result<usize>>> {
-        let answer = rewrite_hyper_answer(bytes)?;
+        let (answer, refusal) = rewrite_hyper_answer(bytes)?;
+        if let Ok(mut r) = self.tracker.verdicts.refused.lock() {
+            *r = Some(Box::new(refusal));
+        }
         self.answer = Some((answer, 0));
         Some(match self.poll_answer(cx) {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
@@ -799,7 +824,12 @@ mod tests {
         let hyper = format!(
             "HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: {date}\r\n\r\n"
         );
-        let out = String::from_utf8(rewrite_hyper_answer(hyper.as_bytes()).unwrap()).unwrap();
+        let (out, refusal) = rewrite_hyper_answer(hyper.as_bytes()).unwrap();
+        assert_eq!(
+            (refusal.status, refusal.reason, refusal.bytes),
+            (431, "REQUEST_HEADERS_TOO_LARGE", out.len())
+        );
+        let out = String::from_utf8(out).unwrap();
         let (head, body) = out.split_once("\r\n\r\n").unwrap();
         assert!(
             head.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
@@ -817,9 +847,10 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(json["status"], 431);
         assert!(head.contains(&format!("x-request-id: {}", json["request_id"].as_str().unwrap())));
+        assert_eq!(refusal.request_id, json["request_id"].as_str().unwrap());
         let bad = format!("HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: {date}\r\n\r\n");
         assert!(
-            String::from_utf8(rewrite_hyper_answer(bad.as_bytes()).unwrap())
+            String::from_utf8(rewrite_hyper_answer(bad.as_bytes()).unwrap().0)
                 .unwrap()
                 .contains("BAD_REQUEST")
         );

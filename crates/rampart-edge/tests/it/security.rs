@@ -121,7 +121,9 @@ async fn ambiguous_framing_is_refused_and_the_connection_closed() {
 #[tokio::test]
 async fn heads_hyper_refuses_are_answered_with_a_request_id() {
     let o = Origin::start("o").await.unwrap();
-    let e = TestEdge::start(&simple(&o.url(), "")).await;
+    let cfg = simple(&o.url(), "").replace("access = \"off\"", "access = \"access.log\"");
+    let e = TestEdge::start(&cfg).await;
+    let mut ids = Vec::new();
     // Too many fields (hyper's 431) in a small head: all of it is read before the
     // answer, so closing does not reset the connection under the reply.
     let mut huge = b"GET / HTTP/1.1\r\nHost: a\r\n".to_vec();
@@ -167,8 +169,33 @@ async fn heads_hyper_refuses_are_answered_with_a_request_id() {
             .parse()
             .unwrap();
         assert_eq!(len, body.len(), "{name}");
+        ids.push((id.to_string(), code, reason, len));
     }
     assert_eq!(o.requests(), 0);
+    // Each is in the access log, under its request id, like every other answer.
+    let path = e.dir.join("access.log");
+    let logged = eventually(
+        || {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            ids.iter().all(|(id, ..)| text.contains(id.as_str()))
+        },
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(logged, "not in the access log");
+    let text = std::fs::read_to_string(&path).unwrap();
+    for (id, code, reason, len) in &ids {
+        let line: serde_json::Value = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|l| l["request_id"] == id.as_str())
+            .unwrap();
+        assert_eq!(line["status"], *code);
+        assert_eq!(line["reason"], *reason);
+        assert_eq!(line["client_ip"], "127.0.0.1");
+        assert_eq!(line["method"], "-");
+        assert!(line["bytes_out"].as_u64().unwrap() > *len as u64);
+    }
 }
 
 /// Chunked bodies the parser cannot frame: 400, connection closed.
