@@ -208,7 +208,9 @@ pub fn new_request_id() -> HeaderValue {
         out[2 * i] = HEX[usize::from(byte >> 4)];
         out[2 * i + 1] = HEX[usize::from(byte & 0xf)];
     }
-    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
+    // Owned by the value's one allocation: the clones for the upstream request and
+    // the response share it (a copied slice would allocate again on first clone).
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out)).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// An incoming request id is honoured only from a trusted proxy and only if it is sane.
