@@ -109,6 +109,7 @@ explain = true
     let path = dir.join("rampart.toml");
     std::fs::write(&path, &config)?;
     let validated = rampart_config::load_file(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let signals = crate::Signals::install()?;
     let edge = rampart_edge::Edge::start(validated, Some(path.clone())).await?;
     let edge_addr = edge
         .http_addrs()
@@ -149,7 +150,7 @@ Try:
         o = origin.url(),
         p = path.display(),
     );
-    let r = crate::serve_until_signal(edge).await;
+    let r = signals.serve(edge).await;
     let _ = std::fs::remove_dir_all(&dir);
     drop((origin, slow, blocking, healthy));
     r

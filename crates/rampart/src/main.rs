@@ -155,29 +155,46 @@ fn check(path: &std::path::Path) -> ExitCode {
 
 async fn run_edge(validated: rampart_config::Validated, path: PathBuf) -> anyhow::Result<()> {
     let path = std::fs::canonicalize(&path).unwrap_or(path);
+    let signals = Signals::install()?;
     let edge = rampart_edge::Edge::start(validated, Some(path)).await?;
-    serve_until_signal(edge).await
+    signals.serve(edge).await
 }
 
-/// Reload on SIGHUP; drain and exit on SIGTERM or SIGINT.
-pub async fn serve_until_signal(edge: rampart_edge::Edge) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    loop {
-        tokio::select! {
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading configuration");
-                let _ = edge.reload().await;
-            }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-        }
+/// The signals the edge obeys. Installed before the edge starts: a SIGHUP sent as
+/// soon as the edge says it is listening must reload it, not end the process
+/// (the default action), which a test saw once under load.
+pub struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    let grace = edge.shutdown_timeout();
-    tracing::info!(grace = ?grace, "shutting down: draining in-flight requests");
-    let report = edge.shutdown(grace).await;
-    tracing::info!(abandoned = report.abandoned, "stopped");
-    Ok(())
+
+    /// Reload on SIGHUP; drain and exit on SIGTERM or SIGINT.
+    pub async fn serve(mut self, edge: rampart_edge::Edge) -> anyhow::Result<()> {
+        loop {
+            tokio::select! {
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP: reloading configuration");
+                    let _ = edge.reload().await;
+                }
+                _ = self.term.recv() => break,
+                _ = self.int.recv() => break,
+            }
+        }
+        let grace = edge.shutdown_timeout();
+        tracing::info!(grace = ?grace, "shutting down: draining in-flight requests");
+        let report = edge.shutdown(grace).await;
+        tracing::info!(abandoned = report.abandoned, "stopped");
+        Ok(())
+    }
 }

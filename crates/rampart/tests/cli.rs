@@ -223,6 +223,11 @@ async fn edge_reloads_on_sighup_and_drains_on_sigterm() {
     std::fs::write(&path, config(&a.url())).unwrap();
     let mut p = Proc::spawn(&["edge", "--config", "rampart.toml"], &dir);
     let line = p.wait_for("listening", Duration::from_secs(20));
+    // A SIGHUP as soon as the edge says it listens reloads it (the handlers are
+    // installed before the listeners bind; the default action would end it).
+    p.signal("HUP");
+    p.wait_for("configuration reloaded", Duration::from_secs(10));
+    p.seen.clear();
     let addr = after(&line, "address=").to_string();
     let url = format!("http://{addr}/");
     assert_eq!(get(&url).await.headers()["x-origin-name"], "a");
