@@ -86,10 +86,18 @@ struct Record {
     attempts: Option<String>,
     /// What exactly a refusal objected to (JSON `detail`, access log `detail`).
     detail: Option<Arc<str>>,
+    /// The HTTP/1 upstream connection, returned to its pool when the response body
+    /// was read to the end.
+    checkin: Option<crate::h1pool::Checkin>,
 }
 
 impl Completion for Record {
-    fn finish(self: Box<Self>, outcome: BodyOutcome, bytes_out: u64) {
+    fn finish(mut self: Box<Self>, outcome: BodyOutcome, bytes_out: u64) {
+        if let Some(c) = self.checkin.take()
+            && outcome == BodyOutcome::Complete
+        {
+            c.give_back();
+        }
         let mut reason = self.reason;
         match outcome {
             BodyOutcome::IdleTimeout => reason = Reason::UpstreamBodyIdleTimeout,
@@ -435,6 +443,7 @@ async fn handle_request(
         reason_text: None,
         attempts: None,
         detail: None,
+        checkin: None,
     };
 
     // Limits.
@@ -809,12 +818,18 @@ async fn handle_request(
         tried.push(index);
         rec.upstream = Some(backend.label.clone());
         rec.in_flight = Some(backend.state.start());
-        let uri = match Uri::builder()
-            .scheme(backend.scheme.clone())
-            .authority(backend.authority.clone())
-            .path_and_query(pq.as_str())
-            .build()
-        {
+        // The HTTP/1 pool sends origin-form and connects to the backend's target;
+        // hyper-util's client takes the absolute form.
+        let uri = if pool.h1.is_some() {
+            Uri::builder().path_and_query(pq.as_str()).build()
+        } else {
+            Uri::builder()
+                .scheme(backend.scheme.clone())
+                .authority(backend.authority.clone())
+                .path_and_query(pq.as_str())
+                .build()
+        };
+        let uri = match uri {
             Ok(u) => u,
             Err(_) => return Ok(local_response(Reason::BadRequest, rec, None)),
         };
@@ -856,11 +871,14 @@ async fn handle_request(
             }
         };
         let result = tokio::select! {
-            r = pool.client.request(up) => match r {
-                Ok(resp) => Ok(resp),
-                Err(e) => Err(client_body_fault(rec.body_state.as_deref()).unwrap_or_else(|| {
-                    let r = classify(&e);
-                    tracing::debug!(error = ?e, reason = r.as_str(), upstream = %backend.label, "upstream request failed");
+            // Boxed, as hyper-util's response future is: the pipeline's future stays small.
+            r = Box::pin(send_upstream(pool, index, backend, up)) => match r {
+                Ok((resp, checkin)) => {
+                    rec.checkin = checkin;
+                    Ok(resp)
+                }
+                Err((r, e)) => Err(client_body_fault(rec.body_state.as_deref()).unwrap_or_else(|| {
+                    tracing::debug!(error = %e, reason = r.as_str(), upstream = %backend.label, "upstream request failed");
                     r
                 })),
             },
@@ -922,6 +940,8 @@ async fn handle_request(
     }
 
     if rparts.status == StatusCode::SWITCHING_PROTOCOLS {
+        // The upstream connection becomes the tunnel's: never back to the pool.
+        rec.checkin = None;
         let (Some(client_upgrade), Some(_)) = (client_upgrade, upgrade) else {
             // A 101 nobody asked for cannot be relayed.
             pool.metrics.upstream_error(Reason::UpstreamInvalidResponse);
@@ -982,6 +1002,26 @@ async fn handle_request(
         body = body.fill(f);
     }
     Ok(Response::from_parts(rparts, body.on_complete(Box::new(rec))))
+}
+
+/// Send one attempt to backend `index`: through the pool's HTTP/1 connections, or
+/// hyper-util's client for HTTP/2. An error comes with its reason code and text.
+async fn send_upstream(
+    pool: &Arc<crate::upstream::Pool>,
+    index: usize,
+    backend: &Backend,
+    up: Request<UpstreamBody>,
+) -> Result<(Response<Incoming>, Option<crate::h1pool::Checkin>), (Reason, String)> {
+    match &pool.h1 {
+        Some(h1) => match h1.send(pool, index, &backend.target, up).await {
+            Ok((resp, checkin)) => Ok((resp, Some(checkin))),
+            Err(e) => Err((crate::upstream::classify_send(&e), format!("{e:?}"))),
+        },
+        None => match pool.client.request(up).await {
+            Ok(resp) => Ok((resp, None)),
+            Err(e) => Err((classify(&e), format!("{e:?}"))),
+        },
+    }
 }
 
 /// The request headers sent upstream: hop-by-hop removed (an upgrade's kept),

@@ -40,6 +40,8 @@ pub struct Backend {
     pub host_value: HeaderValue,
     /// The URL as configured, for logs and the admin API.
     pub label: Arc<str>,
+    /// `scheme://authority/`: where the HTTP/1 pool connects.
+    pub target: http::Uri,
 }
 
 impl Candidate for Backend {
@@ -220,6 +222,8 @@ pub struct Pool {
     /// TLS settings towards the backends (also used by active checks).
     pub tls: Arc<rustls::ClientConfig>,
     pub client: UpstreamClient,
+    /// HTTP/1.1 connections per backend, for `protocol = "http1"` pools.
+    pub h1: Option<crate::h1pool::H1Pool>,
     pub timeouts: Timeouts,
     pub protocol: Protocol,
     pub metrics: PoolMetrics,
@@ -244,6 +248,12 @@ impl Pool {
                 .cloned()
                 .ok_or_else(|| format!("`{}` has no host", b.url))?;
             let host_value = HeaderValue::from_str(authority.as_str()).map_err(|e| format!("`{}`: {e}", b.url))?;
+            let target = http::Uri::builder()
+                .scheme(scheme.clone())
+                .authority(authority.clone())
+                .path_and_query("/")
+                .build()
+                .map_err(|e| format!("`{}`: {e}", b.url))?;
             backends.push(Backend {
                 weight: b.weight,
                 affinity_id: crate::affinity::backend_id(&cfg.name, &b.url),
@@ -253,9 +263,22 @@ impl Pool {
                 authority,
                 host_value,
                 label: Arc::from(b.url.as_str()),
+                target,
             });
         }
-        let (client, tls) = build_client(cfg, base_dir)?;
+        let settings = client_settings(cfg);
+        let (client, tls) = build_client_with(&settings, base_dir)?;
+        // HTTP/1.1 requests through the pool's own per-backend connections (see
+        // h1pool); hyper-util's client stays for HTTP/2 and cache refreshes.
+        let h1 = match cfg.protocol {
+            Protocol::Http1 => Some(crate::h1pool::H1Pool::new(
+                build_connector(&settings, base_dir)?.0,
+                backends.len(),
+                settings.max_idle,
+                settings.idle_timeout,
+            )),
+            Protocol::Http2 => None,
+        };
         let balancer = match cfg.balance {
             Balance::RoundRobin => Balancer::round_robin(backends.len()),
             Balance::Random => Balancer::Random,
@@ -290,6 +313,7 @@ impl Pool {
             in_panic: AtomicBool::new(false),
             tls,
             client,
+            h1,
             timeouts: cfg.timeouts.clone(),
             protocol: cfg.protocol,
             metrics,
@@ -496,17 +520,14 @@ pub struct ClientSettings<'a> {
     pub idle_timeout: std::time::Duration,
 }
 
-fn build_client(cfg: &PoolConfig, base_dir: &Path) -> Result<(UpstreamClient, Arc<rustls::ClientConfig>), String> {
-    build_client_with(
-        &ClientSettings {
-            tls: &cfg.tls,
-            connect: cfg.timeouts.connect.get(),
-            protocol: cfg.protocol,
-            max_idle: cfg.max_idle_per_backend,
-            idle_timeout: cfg.idle_timeout.get(),
-        },
-        base_dir,
-    )
+fn client_settings(cfg: &PoolConfig) -> ClientSettings<'_> {
+    ClientSettings {
+        tls: &cfg.tls,
+        connect: cfg.timeouts.connect.get(),
+        protocol: cfg.protocol,
+        max_idle: cfg.max_idle_per_backend,
+        idle_timeout: cfg.idle_timeout.get(),
+    }
 }
 
 /// Build a pooled HTTP client with TLS towards upstreams.
@@ -514,6 +535,23 @@ pub fn build_client_with(
     cfg: &ClientSettings<'_>,
     base_dir: &Path,
 ) -> Result<(UpstreamClient, Arc<rustls::ClientConfig>), String> {
+    let (connector, tls) = build_connector(cfg, base_dir)?;
+    let mut cb = Client::builder(TokioExecutor::new());
+    cb.pool_max_idle_per_host(cfg.max_idle)
+        .pool_idle_timeout(cfg.idle_timeout)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .http2_only(cfg.protocol == Protocol::Http2);
+    Ok((cb.build(connector), tls))
+}
+
+pub type Connector = HttpsConnector<HttpConnector<Resolver>>;
+
+/// The connector towards upstreams: DNS, TCP, TLS as configured.
+fn build_connector(
+    cfg: &ClientSettings<'_>,
+    base_dir: &Path,
+) -> Result<(Connector, Arc<rustls::ClientConfig>), String> {
     let provider = provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -568,13 +606,7 @@ pub fn build_client_with(
         Protocol::Http1 => b.enable_http1().wrap_connector(http),
         Protocol::Http2 => b.enable_http2().wrap_connector(http),
     };
-    let mut cb = Client::builder(TokioExecutor::new());
-    cb.pool_max_idle_per_host(cfg.max_idle)
-        .pool_idle_timeout(cfg.idle_timeout)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .http2_only(cfg.protocol == Protocol::Http2);
-    Ok((cb.build(connector), tls))
+    Ok((connector, tls))
 }
 
 /// Certificate verification turned off (`tls.insecure = true`): the chain is not
@@ -616,8 +648,17 @@ impl ServerCertVerifier for NoVerify {
 
 /// Map a client error to a reason code by walking its source chain.
 pub fn classify(err: &hyper_util::client::legacy::Error) -> Reason {
+    classify_error(err, err.is_connect())
+}
+
+/// The same for an error of the HTTP/1 pool.
+pub fn classify_send(err: &crate::h1pool::SendError) -> Reason {
+    classify_error(err.as_error(), err.is_connect())
+}
+
+fn classify_error(err: &(dyn std::error::Error + 'static), connect: bool) -> Reason {
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    let mut fallback = if err.is_connect() {
+    let mut fallback = if connect {
         Reason::UpstreamConnectError
     } else {
         Reason::UpstreamReset
@@ -633,7 +674,7 @@ pub fn classify(err: &hyper_util::client::legacy::Error) -> Reason {
             }
             match io.kind() {
                 ConnectionRefused => return Reason::UpstreamConnectRefused,
-                TimedOut if err.is_connect() => return Reason::UpstreamConnectTimeout,
+                TimedOut if connect => return Reason::UpstreamConnectTimeout,
                 TimedOut => return Reason::UpstreamHeaderTimeout,
                 ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof => {
                     return Reason::UpstreamReset;
@@ -650,7 +691,7 @@ pub fn classify(err: &hyper_util::client::legacy::Error) -> Reason {
             }
         }
         let text = e.to_string();
-        if err.is_connect() && text.contains("dns error") {
+        if connect && text.contains("dns error") {
             return Reason::UpstreamDnsError;
         }
         src = e.source();

@@ -17,4 +17,5 @@ mod retry;
 mod security;
 mod shutdown;
 mod tls;
+mod upstream_pool;
 mod websocket;

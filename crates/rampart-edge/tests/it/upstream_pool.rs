@@ -1,0 +1,94 @@
+//! The HTTP/1 upstream pool: connections reused per backend, given back only after
+//! a whole response, and upstream-closed connections replaced without an error.
+
+use crate::common::*;
+use rampart_testkit::Origin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn sequential_requests_reuse_one_upstream_connection() {
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&simple(&origin.url(), "")).await;
+    let c = client();
+    for _ in 0..20 {
+        let r = c.get(e.url("/status/200")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    assert_eq!(origin.requests(), 20);
+    assert_eq!(origin.connections(), 1, "one pooled connection served all");
+}
+
+#[tokio::test]
+async fn a_connection_whose_response_was_cut_short_is_not_reused() {
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&simple(&origin.url(), "")).await;
+    let r = client().get(e.url("/status/200")).send().await.unwrap();
+    r.bytes().await.unwrap();
+    assert_eq!(origin.connections(), 1);
+    // The client leaves in the middle of a slow body: that upstream connection
+    // still has bytes of it coming, so it must not serve another request.
+    {
+        let mut s = tokio::net::TcpStream::connect(e.http).await.unwrap();
+        s.write_all(b"GET /slow?chunks=20&interval=50ms HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+    }
+    let r = client().get(e.url("/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["path"], "/echo", "a whole, right answer on a clean connection");
+    assert_eq!(origin.connections(), 2, "the cut connection was dropped");
+}
+
+/// An origin that answers one request per connection and then closes it (without
+/// saying so): the pooled connection goes stale while idle.
+async fn closing_origin() -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Dropped: closed while the edge holds the connection as idle.
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_closed_is_replaced_without_an_error() {
+    let (addr, accepted) = closing_origin().await;
+    let e = TestEdge::start(&simple(&format!("http://{addr}"), "")).await;
+    let c = client();
+    for i in 1..=3u64 {
+        let r = c.get(e.url("/")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        // One attempt: the stale connection was never tried, not failed and retried.
+        let attempts = header_str(&r, "x-rampart-attempts");
+        assert_eq!(attempts, "app#0:SUCCESS", "request {i}");
+        assert_eq!(r.text().await.unwrap(), "ok");
+        // Let the origin close the connection the edge just pooled.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), i);
+    }
+}
