@@ -54,26 +54,18 @@ impl Entry<'_> {
         out.extend_from_slice(b"{\"time\":\"");
         write_rfc3339(out, self.time);
         out.push(b'"');
-        str_field(out, "request_id", self.request_id);
+        str_field(out, b",\"request_id\":", self.request_id);
         out.extend_from_slice(b",\"client_ip\":\"");
         write_ip(out, self.client_ip);
         out.push(b'"');
-        for (name, value) in [
-            ("host", self.host),
-            ("method", self.method),
-            ("path", self.path),
-            ("protocol", self.protocol),
-        ] {
-            str_field(out, name, value);
-        }
-        for (name, value) in [
-            ("status", u64::from(self.status)),
-            ("bytes_in", self.bytes_in),
-            ("bytes_out", self.bytes_out),
-        ] {
-            int_field(out, name, value);
-        }
-        int_field(out, "duration_ms", self.duration_us / 1000);
+        str_field(out, b",\"host\":", self.host);
+        str_field(out, b",\"method\":", self.method);
+        str_field(out, b",\"path\":", self.path);
+        str_field(out, b",\"protocol\":", self.protocol);
+        int_field(out, b",\"status\":", u64::from(self.status));
+        int_field(out, b",\"bytes_in\":", self.bytes_in);
+        int_field(out, b",\"bytes_out\":", self.bytes_out);
+        int_field(out, b",\"duration_ms\":", self.duration_us / 1000);
         let frac = self.duration_us % 1000;
         out.extend_from_slice(&[
             b'.',
@@ -81,32 +73,28 @@ impl Entry<'_> {
             b'0' + (frac / 10 % 10) as u8,
             b'0' + (frac % 10) as u8,
         ]);
-        for (name, value) in [("site", self.site), ("route", self.route), ("upstream", self.upstream)] {
-            str_field(out, name, value);
-        }
-        int_field(out, "attempts", u64::from(self.attempts));
-        str_field(out, "reason", self.reason);
+        str_field(out, b",\"site\":", self.site);
+        str_field(out, b",\"route\":", self.route);
+        str_field(out, b",\"upstream\":", self.upstream);
+        int_field(out, b",\"attempts\":", u64::from(self.attempts));
+        str_field(out, b",\"reason\":", self.reason);
         if let Some(d) = self.detail {
-            str_field(out, "detail", d);
+            str_field(out, b",\"detail\":", d);
         }
         out.push(b'}');
     }
 }
 
-/// `,"name":` (names are plain ASCII, never escaped).
-fn key(out: &mut Vec<u8>, name: &str) {
-    out.extend_from_slice(b",\"");
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\":");
-}
-
-fn str_field(out: &mut Vec<u8>, name: &str, value: &str) {
-    key(out, name);
+/// `key` is the whole `,"name":` literal: one copy, nothing to escape.
+#[inline]
+fn str_field(out: &mut Vec<u8>, key: &[u8], value: &str) {
+    out.extend_from_slice(key);
     json_str(out, value);
 }
 
-fn int_field(out: &mut Vec<u8>, name: &str, value: u64) {
-    key(out, name);
+#[inline]
+fn int_field(out: &mut Vec<u8>, key: &[u8], value: u64) {
+    out.extend_from_slice(key);
     int(out, value);
 }
 
@@ -121,6 +109,7 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
     let plain = !bytes
         .iter()
         .fold(false, |any, &b| any | (b < 0x20) | (b == b'"') | (b == b'\\'));
+    out.reserve(bytes.len() + 2);
     out.push(b'"');
     if plain {
         out.extend_from_slice(bytes);

@@ -192,15 +192,33 @@ impl Record {
         }
     }
 
-    /// Note one attempt and its outcome (a status, a reason code, or SUCCESS).
-    fn note_attempt(&mut self, pool: &str, backend: usize, outcome: &str, explain: bool) {
+    /// Note one attempt and its outcome; the text is written only when explaining.
+    fn note_attempt(&mut self, pool: &str, backend: usize, outcome: Outcome, explain: bool) {
+        use std::fmt::Write;
         self.tries += 1;
         if explain {
             let a = self.attempts.get_or_insert_with(String::new);
             if !a.is_empty() {
                 a.push(',');
             }
-            a.push_str(&format!("{pool}#{backend}:{outcome}"));
+            let _ = write!(a, "{pool}#{backend}:{outcome}");
+        }
+    }
+}
+
+/// How an attempt ended, as `x-rampart-attempts` shows it.
+enum Outcome {
+    Success,
+    Status(u16),
+    Failed(Reason),
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Success => f.write_str("SUCCESS"),
+            Outcome::Status(s) => write!(f, "{s}"),
+            Outcome::Failed(r) => f.write_str(r.as_str()),
         }
     }
 }
@@ -890,8 +908,8 @@ async fn handle_request(
             Err(reason) => policy.retries_reason(*reason),
         };
         let outcome = match &result {
-            Ok(resp) => format!("{}", resp.status().as_u16()),
-            Err(reason) => reason.as_str().to_string(),
+            Ok(resp) => Outcome::Status(resp.status().as_u16()),
+            Err(reason) => Outcome::Failed(*reason),
         };
         if retry && can_retry_after(tried.len(), &body) && policy.take_retry() {
             // This attempt failed and another may succeed: count it against the backend
@@ -902,11 +920,16 @@ async fn handle_request(
             }
             pool.metrics.retries.inc();
             rec.report_backend_result(false);
-            rec.note_attempt(&pool.name, index, &outcome, explain);
+            rec.note_attempt(&pool.name, index, outcome, explain);
             continue;
         }
         let success = result.as_ref().is_ok_and(|r| r.status().as_u16() < 500);
-        rec.note_attempt(&pool.name, index, if success { "SUCCESS" } else { &outcome }, explain);
+        rec.note_attempt(
+            &pool.name,
+            index,
+            if success { Outcome::Success } else { outcome },
+            explain,
+        );
         match result {
             Ok(resp) => break (backend, resp),
             Err(reason) => {
