@@ -823,6 +823,12 @@ async fn handle_request(
         parts.method.clone()
     };
 
+    // The upstream target: the client's own bytes when normalisation and rewriting
+    // changed nothing (shared, not copied or parsed again), else the new text.
+    let upstream_pq = match parts.uri.path_and_query() {
+        Some(orig) if orig.as_str() == pq => Some(orig.clone()),
+        _ => http::uri::PathAndQuery::try_from(pq.as_str()).ok(),
+    };
     let (pinned, repin) = pool.pinned(&h, rec.client_ip);
     let mut tried: Vec<usize> = Vec::new();
     let (backend, resp) = loop {
@@ -838,18 +844,15 @@ async fn handle_request(
         rec.in_flight = Some(backend.state.start());
         // The HTTP/1 pool sends origin-form and connects to the backend's target;
         // hyper-util's client takes the absolute form.
-        let uri = if pool.h1.is_some() {
-            Uri::builder().path_and_query(pq.as_str()).build()
-        } else {
-            Uri::builder()
-                .scheme(backend.scheme.clone())
-                .authority(backend.authority.clone())
-                .path_and_query(pq.as_str())
-                .build()
-        };
-        let uri = match uri {
-            Ok(u) => u,
-            Err(_) => return Ok(local_response(Reason::BadRequest, rec, None)),
+        let mut target = http::uri::Parts::default();
+        target.path_and_query = upstream_pq.clone();
+        if pool.h1.is_none() {
+            target.scheme = Some(backend.scheme.clone());
+            target.authority = Some(backend.authority.clone());
+        }
+        let uri = match Uri::from_parts(target) {
+            Ok(u) if upstream_pq.is_some() => u,
+            _ => return Ok(local_response(Reason::BadRequest, rec, None)),
         };
         let can_retry_after = |tries: usize, body: &Option<UpstreamBody>| {
             may_retry
