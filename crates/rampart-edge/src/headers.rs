@@ -42,16 +42,24 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
         return;
     }
     if present & HOP_CONNECTION != 0 {
-        // `close` and `keep-alive` are the usual tokens; neither names a header to
-        // remove beyond the fixed set, so the common case allocates nothing.
-        let named: Vec<HeaderName> = list_elements(h, header::CONNECTION)
-            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
+        // Taken out in one lookup, then read. `close` and `keep-alive` are the usual
+        // tokens; neither names a header beyond the fixed set, so the common case
+        // allocates nothing.
+        let mut named: Vec<HeaderName> = Vec::new();
+        if let http::header::Entry::Occupied(e) = h.entry(header::CONNECTION) {
+            for v in e.remove_entry_mult().1 {
+                let tokens = v.to_str().unwrap_or("").split(',').map(str::trim);
+                named.extend(
+                    tokens
+                        .filter(|t| !t.is_empty())
+                        .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+                        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()),
+                );
+            }
+        }
         for n in named {
             h.remove(n);
         }
-        h.remove(header::CONNECTION);
     }
     for (bit, name) in [
         (HOP_KEEP_ALIVE, &KEEP_ALIVE),
