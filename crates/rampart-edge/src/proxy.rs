@@ -922,6 +922,8 @@ async fn handle_request(
                 pool.metrics.upstream_error(r);
             }
             pool.metrics.retries.inc();
+            // A retried response is dropped unread: its connection is not reusable.
+            rec.checkin = None;
             rec.report_backend_result(false);
             rec.note_attempt(&pool.name, index, outcome, explain);
             continue;
