@@ -14,8 +14,9 @@
 //! - a request that finds its pooled connection closed before anything was sent
 //!   is sent again on a new connection, as hyper-util does;
 //! - idle connections older than the pool's `idle_timeout` are dropped when the
-//!   list is next touched (the upstream usually closes them first, which ends their
-//!   task and marks them closed).
+//!   list is next touched, and by a reaper task that sweeps the lists every
+//!   `idle_timeout` (at least every second, at most every minute) for as long as the
+//!   pool exists.
 //!
 //! HTTP/2 upstreams keep hyper-util's client (one multiplexed connection).
 
@@ -36,7 +37,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct H1Pool {
     connector: Connector,
     /// Idle connections per backend, most recently used last.
-    idle: Vec<Mutex<Vec<Idle>>>,
+    idle: Arc<Vec<Mutex<Vec<Idle>>>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -94,17 +95,35 @@ impl Checkin {
 
 impl H1Pool {
     pub fn new(connector: Connector, backends: usize, max_idle: usize, idle_timeout: Duration) -> H1Pool {
+        let idle: Arc<Vec<Mutex<Vec<Idle>>>> = Arc::new((0..backends).map(|_| Mutex::new(Vec::new())).collect());
+        // The reaper holds the lists weakly: it ends with the pool. Built outside a
+        // runtime (config checks), there is nothing to reap.
+        if max_idle > 0
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let lists = Arc::downgrade(&idle);
+            let every = idle_timeout.clamp(Duration::from_secs(1), Duration::from_secs(60));
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                loop {
+                    tick.tick().await;
+                    let Some(lists) = lists.upgrade() else { return };
+                    for m in lists.iter() {
+                        sweep(&mut lock(m), idle_timeout);
+                    }
+                }
+            });
+        }
         H1Pool {
             connector,
-            idle: (0..backends).map(|_| Mutex::new(Vec::new())).collect(),
+            idle,
             max_idle,
             idle_timeout,
         }
     }
 
     fn list(&self, index: usize) -> Option<MutexGuard<'_, Vec<Idle>>> {
-        let m = self.idle.get(index)?;
-        Some(m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+        Some(lock(self.idle.get(index)?))
     }
 
     /// An idle connection to backend `index` that can take a request now.
@@ -130,8 +149,7 @@ impl H1Pool {
             return;
         }
         let Some(mut list) = self.list(index) else { return };
-        let timeout = self.idle_timeout;
-        list.retain(|i| !i.sender.is_closed() && i.since.elapsed() < timeout);
+        sweep(&mut list, self.idle_timeout);
         if list.len() < self.max_idle {
             list.push(Idle {
                 sender,
@@ -190,4 +208,13 @@ impl H1Pool {
             sender,
         }
     }
+}
+
+fn lock(m: &Mutex<Vec<Idle>>) -> MutexGuard<'_, Vec<Idle>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Drop the connections that closed or outlived `timeout`.
+fn sweep(list: &mut Vec<Idle>, timeout: Duration) {
+    list.retain(|i| !i.sender.is_closed() && i.since.elapsed() < timeout);
 }

@@ -92,3 +92,46 @@ async fn a_pooled_connection_the_upstream_closed_is_replaced_without_an_error() 
         assert_eq!(accepted.load(Ordering::SeqCst), i);
     }
 }
+
+#[tokio::test]
+async fn an_idle_upstream_connection_is_closed_after_the_pool_idle_timeout() {
+    // An origin that keeps connections open and reports when the edge closes one.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                loop {
+                    match s.read(&mut chunk).await {
+                        Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => {
+                            let _ = closed_tx.send(std::time::Instant::now());
+                            return;
+                        }
+                    }
+                    if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        buf.clear();
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                    }
+                }
+            });
+        }
+    });
+    let e = TestEdge::start(&simple(&format!("http://{addr}"), "idle_timeout = \"1s\"")).await;
+    let r = client().get(e.url("/")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "ok");
+    let idle_from = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(6), closed_rx.recv())
+        .await
+        .expect("the idle connection was closed")
+        .unwrap();
+    let idle = closed.duration_since(idle_from);
+    assert!(
+        idle >= Duration::from_millis(900) && idle < Duration::from_secs(4),
+        "closed after {idle:?} idle"
+    );
+}
