@@ -272,15 +272,12 @@ fn refuse(mut rec: Record, stage: &'static str, reason: Reason, detail: &str) ->
 
 fn local_response(reason: Reason, rec: Record, extra: Option<(header::HeaderName, HeaderValue)>) -> Response<EdgeBody> {
     let status = reason.status();
-    let mut body = serde_json::json!({
-        "status": status.as_u16(),
-        "reason": reason.as_str(),
-        "request_id": rec.request_id.to_str().unwrap_or("-"),
-    });
-    if let Some(d) = &rec.detail {
-        body["detail"] = serde_json::Value::from(d.as_ref());
-    }
-    respond(reason, status, bytes::Bytes::from(format!("{body}\n")), rec, extra)
+    let body = reason.json_body(
+        status.as_u16(),
+        rec.request_id.to_str().unwrap_or("-"),
+        rec.detail.as_deref(),
+    );
+    respond(reason, status, bytes::Bytes::from(body), rec, extra)
 }
 
 /// An answer the edge makes itself: status, JSON (or configured) body, request id,

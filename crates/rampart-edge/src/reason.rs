@@ -52,6 +52,20 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// The JSON body of an answer the edge makes itself, with its newline:
+    /// `{"detail":..,"reason":..,"request_id":..,"status":..}` (detail when given).
+    pub fn json_body(self, status: u16, request_id: &str, detail: Option<&str>) -> String {
+        let mut body = serde_json::json!({
+            "status": status,
+            "reason": self.as_str(),
+            "request_id": request_id,
+        });
+        if let Some(d) = detail {
+            body["detail"] = serde_json::Value::from(d);
+        }
+        format!("{body}\n")
+    }
+
     pub const ALL: [Reason; 33] = [
         Reason::Proxied,
         Reason::NoMatchingSite,

@@ -644,15 +644,15 @@ fn rewrite_hyper_answer(buf: &[u8]) -> Option<(Vec<u8>, Refusal)> {
     if date.len() != 29 || date.contains(&b'\r') {
         return None;
     }
-    let reason = match code {
+    let kind = match code {
         414 => crate::reason::Reason::UriTooLong,
         431 => crate::reason::Reason::HeadersTooLarge,
         _ => crate::reason::Reason::BadRequest,
-    }
-    .as_str();
+    };
+    let reason = kind.as_str();
     let request_id = crate::headers::new_request_id();
     let id = request_id.to_str().unwrap_or("-");
-    let body = format!("{{\"reason\":\"{reason}\",\"request_id\":\"{id}\",\"status\":{code}}}\n");
+    let body = kind.json_body(code, id, None);
     let mut out = Vec::with_capacity(256 + body.len());
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status_line);
