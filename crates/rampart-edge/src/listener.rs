@@ -427,7 +427,7 @@ impl Parkable {
             // Boxed: while parked, the connection task keeps no room for hyper's state.
             let mut conn = Box::new(self.builder.serve_connection(io, svc.clone()).with_upgrades());
             // Boxed too: only the parked state's room is kept for the connection's life.
-            if !Box::pin(self.drive(&mut conn, shutdown)).await {
+            if !Box::pin(self.drive(&mut conn, shutdown, |c| c.graceful_shutdown())).await {
                 return;
             }
             let Some(parts) = conn.into_parts() else { return };
@@ -445,10 +445,11 @@ impl Parkable {
         }
     }
 
-    /// Run hyper's connection until it ends (false) or is parked (true).
-    async fn drive<C>(&self, conn: &mut Box<C>, shutdown: &mut watch::Receiver<bool>) -> bool
+    /// Run hyper's connection until it ends (false) or is parked (true); `graceful`
+    /// asks it to finish, as for `drive` below.
+    async fn drive<C>(&self, conn: &mut Box<C>, shutdown: &mut watch::Receiver<bool>, graceful: fn(Pin<&mut C>)) -> bool
     where
-        C: Future<Output = hyper::Result<()>> + Unpin + GracefulShutdown,
+        C: Future<Output = hyper::Result<()>> + Unpin,
     {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PARK_AFTER, PARK_AFTER);
         let mut heads = self.verdicts.heads();
@@ -461,7 +462,7 @@ impl Parkable {
                     return false;
                 }
                 _ = shutdown.changed() => {
-                    Pin::new(&mut **conn).shutdown_gracefully();
+                    graceful(Pin::new(&mut **conn));
                     let _ = (&mut **conn).await;
                     return false;
                 }
@@ -470,7 +471,7 @@ impl Parkable {
                     let quiet = now == heads && self.verdicts.in_flight() == 0;
                     if quiet && self.verdicts.at_boundary() {
                         self.verdicts.set_parking(true);
-                        Pin::new(&mut **conn).shutdown_gracefully();
+                        graceful(Pin::new(&mut **conn));
                         let ended = (&mut **conn).await;
                         if ended.is_err() {
                             self.verdicts.set_parking(false);
@@ -481,23 +482,6 @@ impl Parkable {
                 }
             }
         }
-    }
-}
-
-/// hyper's graceful shutdown, named for the connection types `Parkable` drives.
-trait GracefulShutdown {
-    fn shutdown_gracefully(self: Pin<&mut Self>);
-}
-
-impl<I, S> GracefulShutdown for http1::UpgradeableConnection<I, S>
-where
-    S: hyper::service::HttpService<hyper::body::Incoming>,
-    S::ResBody: 'static,
-    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    fn shutdown_gracefully(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
     }
 }
 
