@@ -23,7 +23,7 @@ ACCESS_LOG=${ACCESS_LOG:-file}     # file: every proxy logs each request to a fi
 NGINX_LOG_BUFFER=${NGINX_LOG_BUFFER-64k}  # nginx access_log buffer= (Rampart batches too); empty = unbuffered
 IDLE_CONNS=${IDLE_CONNS:-10000}    # idle keep-alive connections per proxy; 0 skips the memory test
 IDLE_CONCURRENCY=${IDLE_CONCURRENCY:-200}  # connections being opened at once by idle_conns.py
-IDLE_SETTLE=${IDLE_SETTLE:-3}      # seconds to wait after the last connection is open before reading RSS (Rampart parks idle connections after 1-2 s)
+IDLE_SETTLE=${IDLE_SETTLE:-3}      # seconds to wait after the last connection is open before reading RSS (Rampart parks idle connections after 250-500 ms)
 BASE_PORT=${BASE_PORT:-18080}      # origin = BASE_PORT, proxies = +1 +2 +3, rampart admin = +4
 PROXIES=${PROXIES:-nginx haproxy rampart}  # run order within a round; nginx is the ratio baseline
 OUT_DIR=${OUT_DIR:-$BENCH_DIR/out}

@@ -18,6 +18,7 @@ pub mod health;
 mod io;
 pub mod listener;
 pub mod metrics;
+pub mod park;
 pub mod proxy;
 pub mod reason;
 pub mod routing;
@@ -38,6 +39,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+
+/// Lock a mutex, recovering the data if a thread panicked while holding it (every
+/// structure guarded this way stays consistent between its operations).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
 
 /// State shared by every connection and the admin API. What must survive a
 /// reload lives here; what a reload replaces lives in the snapshot.
@@ -61,6 +71,8 @@ pub struct Shared {
     pub started: Instant,
     pub ready: AtomicBool,
     pub conns: ConnTracker,
+    /// Idle plain HTTP/1 connections, kept as bare sockets.
+    pub lot: Arc<park::Lot>,
     config_path: Option<PathBuf>,
     shutdown: watch::Sender<bool>,
     listeners: Mutex<Vec<ListenerHandle>>,
@@ -331,6 +343,7 @@ impl Edge {
         let access = snap.validated.config.log.access.clone();
         let wanted = listener_specs(&snap.validated);
         let (shutdown, _) = watch::channel(false);
+        let (lot, lot_poll) = park::Lot::new(metrics.parked_connections.clone())?;
         let shared = Arc::new_cyclic(|me| Shared {
             snapshot: ArcSwap::from_pointee(snap),
             backends,
@@ -345,12 +358,15 @@ impl Edge {
             started: Instant::now(),
             ready: AtomicBool::new(false),
             conns: ConnTracker::default(),
+            lot,
             config_path,
             shutdown,
             listeners: Mutex::new(Vec::new()),
             reload_lock: tokio::sync::Mutex::new(()),
             me: me.clone(),
         });
+
+        park::spawn(&shared, lot_poll);
 
         let mut bound = Vec::new();
         for (_, spec, kind) in &wanted {

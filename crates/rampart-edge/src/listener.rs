@@ -3,6 +3,7 @@
 
 use crate::Shared;
 use crate::metrics::ListenerLabels;
+use crate::park::Parked;
 use crate::proxy::{self, ConnInfo};
 use crate::security::guard::Guarded;
 use crate::security::proxy_protocol::{self, Prefixed};
@@ -20,6 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -200,8 +202,8 @@ async fn accept_loop(
     }
 }
 
-/// How a connection is served: plain HTTP/1.1 (hyper's `http1` connection, the
-/// smallest per-connection state), or HTTP/1.1 and HTTP/2 chosen per connection.
+/// How a TLS or h2c connection is served: HTTP/1.1 alone, or HTTP/1.1 and HTTP/2
+/// chosen per connection. (Plain HTTP/1.1 connections are served by `serve_http1`.)
 enum Protocols {
     Http1(http1::Builder),
     /// Boxed: the HTTP/2 builder is large, and a plain HTTP/1 connection's task
@@ -214,6 +216,16 @@ fn head_budget(snap: &crate::snapshot::Snapshot) -> usize {
     (snap.limits.max_header_bytes + snap.limits.max_uri + 4096).max(8192)
 }
 
+/// The HTTP/1 connection settings of a snapshot.
+fn http1_builder(snap: &crate::snapshot::Snapshot) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(snap.validated.config.server.header_read_timeout.get())
+        .max_buf_size(head_budget(snap))
+        .max_headers(snap.limits.max_headers);
+    b
+}
+
 fn builder(shared: &Shared, kind: Kind) -> Protocols {
     let snap = shared.snapshot.load();
     let s = &snap.validated.config.server;
@@ -223,12 +235,7 @@ fn builder(shared: &Shared, kind: Kind) -> Protocols {
         Kind::Tls => s.tls.as_ref().is_some_and(|t| t.http2),
     };
     if !http2 {
-        let mut b = http1::Builder::new();
-        b.timer(TokioTimer::new())
-            .header_read_timeout(s.header_read_timeout.get())
-            .max_buf_size(head_budget)
-            .max_headers(snap.limits.max_headers);
-        return Protocols::Http1(b);
+        return Protocols::Http1(http1_builder(&snap));
     }
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
@@ -253,16 +260,16 @@ async fn serve_conn(
     socket_peer: SocketAddr,
     spec: Arc<str>,
     kind: Kind,
-    _guard: ConnGuard,
+    guard: ConnGuard,
 ) {
     let _ = stream.set_nodelay(true);
-    let mut shutdown = shared.shutdown_rx();
-    let (head_budget, proxy_protocol, timeout) = {
+    let (head_budget, proxy_protocol, timeout, h2c) = {
         let snap = shared.snapshot.load();
         let s = &snap.validated.config.server;
         let pp = s.proxy_protocol.iter().any(|l| **l == *spec);
-        (head_budget(&snap), pp, s.header_read_timeout.get())
+        (head_budget(&snap), pp, s.header_read_timeout.get(), s.h2c)
     };
+    let idle_deadline = Instant::now() + timeout;
     // PROXY protocol: the client's address comes from a trusted proxy's header.
     let mut stream = stream;
     let (peer, prefix) = if proxy_protocol {
@@ -288,30 +295,25 @@ async fn serve_conn(
     };
     let stream = Prefixed::new(stream, prefix);
     let info = Arc::new(ConnInfo::new(peer, kind == Kind::Tls));
+    if kind == Kind::Plain && !h2c {
+        return serve_http1(shared, stream, info, guard, idle_deadline).await;
+    }
+    let _guard = guard;
     // The framing guard reads along with hyper's HTTP/1 parser (see security::guard).
     let verdicts = info.verdicts.clone();
     let refusals = verdicts.clone();
     let svc_shared = shared.clone();
     let svc = service_fn(move |req| proxy::handle(svc_shared.clone(), info.clone(), req));
     let b = builder(&shared, kind);
-    match (kind, b) {
-        (Kind::Plain, Protocols::Http1(b)) => {
-            let conn = Parkable {
-                builder: b,
-                head_budget,
-                verdicts,
-                idle: timeout,
-                parked: shared.metrics.parked_connections.clone(),
-            };
-            conn.serve(stream, svc, &mut shutdown).await;
-        }
+    let mut shutdown = shared.shutdown_rx();
+    match kind {
         // h2c: HTTP/1 and HTTP/2 builders and state, boxed like TLS.
-        (Kind::Plain, b) => {
+        Kind::Plain => {
             let io = Guarded::new(stream, head_budget, verdicts);
             Box::pin(serve(&b, TokioIo::new(io), svc, &mut shutdown)).await;
         }
         // The TLS state is large: boxed, so plain connections do not carry room for it.
-        (Kind::Tls, b) => {
+        Kind::Tls => {
             // The handshake task takes its own handle; the refusal log below needs one.
             let shared = shared.clone();
             let snap = shared.snapshot.load();
@@ -354,8 +356,6 @@ where
     S::Future: Send + 'static,
 {
     match p {
-        // Boxed, so the connection task keeps no room for hyper's state while it
-        // serves plain HTTP/1 connections, which park (see `Parkable`).
         Protocols::Http1(b) => {
             let mut conn = Box::pin(b.serve_connection(io, svc).with_upgrades());
             drive(conn.as_mut(), shutdown, |c| c.graceful_shutdown()).await;
@@ -370,9 +370,20 @@ where
 /// How long an HTTP/1 connection must be quiet (no response in flight, no request
 /// started) before it is parked; checked on a tick of this period, so a connection
 /// is parked one to two periods after its last request.
-const PARK_AFTER: Duration = Duration::from_secs(1);
+const PARK_AFTER: Duration = Duration::from_millis(250);
 
-/// A plain HTTP/1 connection whose idle keep-alive time costs only the socket.
+/// A parked connection's client sent its next bytes (or closed): serve it again.
+pub(crate) async fn resume(shared: Arc<Shared>, stream: std::net::TcpStream, conn: Parked, deadline: Instant) {
+    match TcpStream::from_std(stream) {
+        Ok(tcp) => {
+            let (info, guard) = conn.resume();
+            serve_http1(shared, Prefixed::new(tcp, Vec::new()), info, guard, deadline).await;
+        }
+        Err(e) => tracing::debug!(error = %e, "a parked connection could not be resumed: closed"),
+    }
+}
+
+/// Serve a plain HTTP/1 connection whose idle keep-alive time costs only the socket.
 ///
 /// hyper keeps a connection's read buffer (8 KiB), write buffer and state for the
 /// connection's whole life, so an idle keep-alive connection cost about 15 KiB.
@@ -380,124 +391,128 @@ const PARK_AFTER: Duration = Duration::from_secs(1);
 /// hyper is asked to end it gracefully (an idle hyper connection ends at once,
 /// sending nothing), the guard keeps hyper's shutdown of the socket from reaching
 /// it, and what hyper had read of a next head goes back in front of the stream.
-/// Then only the socket is watched; the client's next bytes start a new hyper
+/// With nothing read ahead, the socket goes to the parking lot ([`crate::park`])
+/// and this task ends; the client's next bytes start a new task and a new hyper
 /// connection. A connection is parked only when the framing guard says the stream
-/// is exactly between messages; otherwise it is closed, as hyper would.
-struct Parkable {
-    builder: http1::Builder,
-    head_budget: usize,
-    verdicts: Arc<crate::security::guard::Verdicts>,
-    /// The longest wait for a request (`server.header_read_timeout`).
-    idle: Duration,
-    parked: Gauge,
-}
-
-impl Parkable {
-    async fn serve<S>(&self, mut stream: Prefixed<TcpStream>, svc: S, shutdown: &mut watch::Receiver<bool>)
-    where
-        S: hyper::service::Service<
-                http::Request<hyper::body::Incoming>,
-                Response = http::Response<crate::body::EdgeBody>,
-                Error = std::convert::Infallible,
-            > + Clone
-            + Unpin
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-    {
-        let mut wait = self.idle;
-        loop {
-            if *shutdown.borrow() {
-                return;
-            }
-            // Wait for the client's next bytes holding no HTTP state at all.
-            if !stream.has_prefix() {
-                let _parked = GaugeGuard::inc(&self.parked);
-                tokio::select! {
-                    r = stream.get_ref().readable() => {
-                        if r.is_err() {
-                            return;
-                        }
-                    }
-                    () = tokio::time::sleep(wait) => return,
-                    _ = shutdown.changed() => return,
-                }
-            }
-            let io = TokioIo::new(Guarded::new(stream, self.head_budget, self.verdicts.clone()));
-            // Boxed: while parked, the connection task keeps no room for hyper's state.
-            let mut conn = Box::new(self.builder.serve_connection(io, svc.clone()).with_upgrades());
-            // Boxed too: only the parked state's room is kept for the connection's life.
-            if !Box::pin(self.drive(&mut conn, shutdown, |c| c.graceful_shutdown())).await {
-                return;
-            }
-            let Some(parts) = conn.into_parts() else { return };
-            self.verdicts.set_parking(false);
-            let guarded = parts.io.into_inner();
-            if !guarded.between_messages(parts.read_buf.len()) {
-                return;
-            }
-            let (tcp, unread) = guarded.into_inner().into_parts();
-            let mut prefix = parts.read_buf.to_vec();
-            prefix.extend_from_slice(&unread);
-            stream = Prefixed::new(tcp, prefix);
-            // hyper's header timer had run since the connection went quiet.
-            wait = self.idle.saturating_sub(PARK_AFTER);
+/// is exactly between messages; otherwise it is closed, as hyper would. A
+/// connection that sends nothing before `deadline` is closed.
+async fn serve_http1(
+    shared: Arc<Shared>,
+    mut stream: Prefixed<TcpStream>,
+    info: Arc<ConnInfo>,
+    guard: ConnGuard,
+    mut deadline: Instant,
+) {
+    let mut shutdown = shared.shutdown_rx();
+    let verdicts = info.verdicts.clone();
+    loop {
+        if *shutdown.borrow() {
+            break;
         }
-    }
-
-    /// Run hyper's connection until it ends (false) or is parked (true); `graceful`
-    /// asks it to finish, as for `drive` below.
-    async fn drive<C>(&self, conn: &mut Box<C>, shutdown: &mut watch::Receiver<bool>, graceful: fn(Pin<&mut C>)) -> bool
-    where
-        C: Future<Output = hyper::Result<()>> + Unpin,
-    {
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PARK_AFTER, PARK_AFTER);
-        let mut heads = self.verdicts.heads();
-        loop {
+        if !stream.has_prefix() {
+            // The next bytes usually follow at once; a quiet connection is parked.
+            let wait = PARK_AFTER.min(deadline.saturating_duration_since(Instant::now()));
             tokio::select! {
-                r = &mut **conn => {
-                    if let Err(e) = r {
-                        tracing::trace!(error = %e, "connection ended with an error");
+                r = stream.get_ref().readable() => {
+                    if r.is_err() {
+                        break;
                     }
-                    return false;
                 }
-                _ = shutdown.changed() => {
-                    graceful(Pin::new(&mut **conn));
-                    let _ = (&mut **conn).await;
-                    return false;
-                }
-                _ = tick.tick() => {
-                    let now = self.verdicts.heads();
-                    let quiet = now == heads && self.verdicts.in_flight() == 0;
-                    if quiet && self.verdicts.at_boundary() {
-                        self.verdicts.set_parking(true);
-                        graceful(Pin::new(&mut **conn));
-                        let ended = (&mut **conn).await;
-                        if ended.is_err() {
-                            self.verdicts.set_parking(false);
-                        }
-                        return ended.is_ok();
+                () = tokio::time::sleep(wait) => {
+                    if Instant::now() >= deadline {
+                        break;
                     }
-                    heads = now;
+                    let (tcp, _) = stream.into_parts();
+                    shared.lot.park(tcp, Parked::new(&info, guard), deadline);
+                    return;
                 }
+                _ = shutdown.changed() => break,
             }
         }
+        let (http1, head_budget, idle) = {
+            let snap = shared.snapshot.load();
+            let s = &snap.validated.config.server;
+            (http1_builder(&snap), head_budget(&snap), s.header_read_timeout.get())
+        };
+        let svc = {
+            let shared = shared.clone();
+            let info = info.clone();
+            service_fn(move |req| proxy::handle(shared.clone(), info.clone(), req))
+        };
+        let io = TokioIo::new(Guarded::new(stream, head_budget, verdicts.clone()));
+        // Boxed: hyper's state is dropped when the connection is parked.
+        let mut hyper_conn = Box::new(http1.serve_connection(io, svc).with_upgrades());
+        if !Box::pin(drive_parkable(&verdicts, &mut hyper_conn, &mut shutdown, |c| {
+            c.graceful_shutdown()
+        }))
+        .await
+        {
+            break;
+        }
+        let Some(parts) = hyper_conn.into_parts() else { break };
+        verdicts.set_parking(false);
+        let guarded = parts.io.into_inner();
+        if !guarded.between_messages(parts.read_buf.len()) {
+            break;
+        }
+        let (tcp, unread) = guarded.into_inner().into_parts();
+        // hyper's header timer had run since the connection went quiet.
+        deadline = Instant::now() + idle.saturating_sub(PARK_AFTER);
+        if parts.read_buf.is_empty() && unread.is_empty() {
+            shared.lot.park(tcp, Parked::new(&info, guard), deadline);
+            return;
+        }
+        let mut prefix = parts.read_buf.to_vec();
+        prefix.extend_from_slice(&unread);
+        stream = Prefixed::new(tcp, prefix);
+    }
+    if let Some(r) = verdicts.take_refusal() {
+        proxy::log_refusal(&shared, info.peer, &r);
     }
 }
 
-/// A gauge raised for as long as the guard lives.
-struct GaugeGuard(Gauge);
-
-impl GaugeGuard {
-    fn inc(g: &Gauge) -> GaugeGuard {
-        g.inc();
-        GaugeGuard(g.clone())
-    }
-}
-
-impl Drop for GaugeGuard {
-    fn drop(&mut self) {
-        self.0.dec();
+/// Run hyper's connection until it ends (false) or is ready to park (true): quiet
+/// for a tick, nothing in flight, and the guard at a message boundary. `graceful`
+/// asks it to finish, as for `drive` below.
+async fn drive_parkable<C>(
+    verdicts: &crate::security::guard::Verdicts,
+    conn: &mut Box<C>,
+    shutdown: &mut watch::Receiver<bool>,
+    graceful: fn(Pin<&mut C>),
+) -> bool
+where
+    C: Future<Output = hyper::Result<()>> + Unpin,
+{
+    let mut tick = tokio::time::interval_at(Instant::now() + PARK_AFTER, PARK_AFTER);
+    let mut heads = verdicts.heads();
+    loop {
+        tokio::select! {
+            r = &mut **conn => {
+                if let Err(e) = r {
+                    tracing::trace!(error = %e, "connection ended with an error");
+                }
+                return false;
+            }
+            _ = shutdown.changed() => {
+                graceful(Pin::new(&mut **conn));
+                let _ = (&mut **conn).await;
+                return false;
+            }
+            _ = tick.tick() => {
+                let now = verdicts.heads();
+                let quiet = now == heads && verdicts.in_flight() == 0;
+                if quiet && verdicts.at_boundary() {
+                    verdicts.set_parking(true);
+                    graceful(Pin::new(&mut **conn));
+                    let ended = (&mut **conn).await;
+                    if ended.is_err() {
+                        verdicts.set_parking(false);
+                    }
+                    return ended.is_ok();
+                }
+                heads = now;
+            }
+        }
     }
 }
 
@@ -528,19 +543,19 @@ where
 mod tests {
     use super::*;
 
-    /// The task each connection runs; its future lives as long as the connection.
+    /// The task a resumed connection runs while it is served; a parked one has
+    /// no task at all.
     #[test]
     fn the_connection_task_size() {
         fn future_size<F, Fut>(_: F) -> usize
         where
-            F: FnOnce(Arc<Shared>, TcpStream, SocketAddr, Arc<str>, Kind, ConnGuard) -> Fut,
+            F: FnOnce(Arc<Shared>, std::net::TcpStream, Parked, Instant) -> Fut,
         {
             std::mem::size_of::<Fut>()
         }
-        let size = future_size(serve_conn);
-        println!("serve_conn's future is {size} bytes");
-        // A parked HTTP/1 connection keeps this and its socket; hyper's state and
-        // every rarer phase (PROXY header, TLS, h2c) are boxed.
-        assert!(size <= 1280, "serve_conn's future is {size} bytes");
+        let size = future_size(resume);
+        println!("a resumed connection's future is {size} bytes");
+        // hyper's state is boxed, and dropped when the connection parks.
+        assert!(size <= 832, "{size} bytes");
     }
 }

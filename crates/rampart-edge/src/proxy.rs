@@ -55,6 +55,20 @@ impl ConnInfo {
             verdicts: Arc::default(),
         }
     }
+
+    /// A parked plain connection served again, `requests` requests into its life.
+    pub fn resumed(peer: SocketAddr, requests: u64) -> ConnInfo {
+        ConnInfo {
+            requests: std::sync::atomic::AtomicU64::new(requests),
+            verdicts: Arc::new(crate::security::guard::Verdicts::resumed(requests)),
+            ..ConnInfo::new(peer, false)
+        }
+    }
+
+    /// Requests received on this connection so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Everything the access log and metrics need, finished when the response body ends.

@@ -69,6 +69,15 @@ impl Drop for InFlight {
 }
 
 impl Verdicts {
+    /// A parked connection's verdicts when it is served again: `heads` heads
+    /// read before, every one of them answered.
+    pub fn resumed(heads: u64) -> Verdicts {
+        Verdicts {
+            heads: AtomicU64::new(heads),
+            ..Verdicts::default()
+        }
+    }
+
     /// Request heads completed so far on this connection.
     pub fn heads(&self) -> u64 {
         self.heads.load(Ordering::Relaxed)

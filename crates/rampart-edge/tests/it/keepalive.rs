@@ -178,3 +178,42 @@ async fn shutdown_closes_parked_connections_at_once() {
     let n = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await;
     assert!(matches!(n, Ok(Ok(0))), "closed: {n:?}");
 }
+
+#[tokio::test]
+async fn many_parked_connections_wake_together_and_never_sending_ones_expire() {
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&config(&origin, "header_read_timeout = \"3s\"")).await;
+    let mut conns = Vec::new();
+    for _ in 0..40 {
+        let mut s = TcpStream::connect(e.http).await.unwrap();
+        s.write_all(GET).await.unwrap();
+        read_response(&mut s).await;
+        conns.push(s);
+    }
+    assert!(until_parked(&e, 40).await, "all 40 parked");
+    // All wake in the same moment: the lot hands each its own task again.
+    for s in &mut conns {
+        s.write_all(GET).await.unwrap();
+    }
+    for s in &mut conns {
+        let (head, _) = read_response(s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    assert_eq!(origin.requests(), 80);
+    assert!(until_parked(&e, 40).await, "parked again");
+    // Closing half leaves the other half parked.
+    conns.truncate(20);
+    assert!(until_parked(&e, 20).await, "the closed ones left the lot");
+    // A connection that never sends a request is closed at its deadline.
+    let mut silent = TcpStream::connect(e.http).await.unwrap();
+    let opened = Instant::now();
+    assert!(until_parked(&e, 21).await);
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(8), silent.read_to_end(&mut rest)).await;
+    assert!(matches!(n, Ok(Ok(0))), "closed without a word: {n:?}");
+    let waited = opened.elapsed();
+    assert!(
+        waited >= Duration::from_millis(2900) && waited < Duration::from_secs(6),
+        "closed after {waited:?}"
+    );
+}
