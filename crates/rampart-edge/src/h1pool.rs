@@ -13,8 +13,8 @@
 //!   waits behind another client's download;
 //! - a request that finds its pooled connection closed before anything was sent
 //!   is sent again on a new connection, as hyper-util does;
-//! - idle connections older than the pool's `idle_timeout` are dropped when the
-//!   list is next touched, and by a reaper task that sweeps the lists every
+//! - idle connections older than the pool's `idle_timeout` are dropped when a
+//!   checkout finds them (or a return finds the list full), and by a reaper task that sweeps the lists every
 //!   `idle_timeout` (at least every second, at most every minute) for as long as the
 //!   pool exists.
 //!
@@ -149,7 +149,11 @@ impl H1Pool {
             return;
         }
         let Some(mut list) = self.list(index) else { return };
-        sweep(&mut list, self.idle_timeout);
+        // Expired connections are dropped at checkout and by the reaper; a full list
+        // is swept first, so a stale one does not keep a fresh one out.
+        if list.len() >= self.max_idle {
+            sweep(&mut list, self.idle_timeout);
+        }
         if list.len() < self.max_idle {
             list.push(Idle {
                 sender,

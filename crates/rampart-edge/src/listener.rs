@@ -432,7 +432,10 @@ async fn serve_http1(
         let (http1, head_budget, idle) = {
             let snap = shared.snapshot.load();
             let s = &snap.validated.config.server;
-            (http1_builder(&snap), head_budget(&snap), s.header_read_timeout.get())
+            let mut b = http1_builder(&snap);
+            // The header timeout is drive_parkable's tick (see there).
+            b.header_read_timeout(None);
+            (b, head_budget(&snap), s.header_read_timeout.get())
         };
         let svc = {
             let shared = shared.clone();
@@ -442,11 +445,10 @@ async fn serve_http1(
         let io = TokioIo::new(Guarded::new(stream, head_budget, verdicts.clone()));
         // Boxed: hyper's state is dropped when the connection is parked.
         let mut hyper_conn = Box::new(http1.serve_connection(io, svc).with_upgrades());
-        if !Box::pin(drive_parkable(&verdicts, &mut hyper_conn, &mut shutdown, |c| {
+        let parkable = drive_parkable(&verdicts, &mut hyper_conn, &mut shutdown, idle, |c| {
             c.graceful_shutdown()
-        }))
-        .await
-        {
+        });
+        if !Box::pin(parkable).await {
             break;
         }
         let Some(parts) = hyper_conn.into_parts() else { break };
@@ -474,10 +476,17 @@ async fn serve_http1(
 /// Run hyper's connection until it ends (false) or is ready to park (true): quiet
 /// for a tick, nothing in flight, and the guard at a message boundary. `graceful`
 /// asks it to finish, as for `drive` below.
+///
+/// The same tick is the header timeout (`server.header_read_timeout`) for plain
+/// HTTP/1: a head that is still incomplete `header_timeout` after the tick first
+/// saw it started closes the connection, as hyper's header timer would. hyper's own
+/// timer is off here: it allocated and armed a timer for every request, and a
+/// waiting connection's deadline is the parking lot's.
 async fn drive_parkable<C>(
     verdicts: &crate::security::guard::Verdicts,
     conn: &mut Box<C>,
     shutdown: &mut watch::Receiver<bool>,
+    header_timeout: Duration,
     graceful: fn(Pin<&mut C>),
 ) -> bool
 where
@@ -485,6 +494,8 @@ where
 {
     let mut tick = tokio::time::interval_at(Instant::now() + PARK_AFTER, PARK_AFTER);
     let mut heads = verdicts.heads();
+    // The head in progress (by number) and when a tick first saw it.
+    let mut partial: Option<(u64, Instant)> = None;
     loop {
         tokio::select! {
             r = &mut **conn => {
@@ -498,8 +509,21 @@ where
                 let _ = (&mut **conn).await;
                 return false;
             }
-            _ = tick.tick() => {
+            now_at = tick.tick() => {
                 let now = verdicts.heads();
+                if verdicts.in_head() {
+                    match partial {
+                        Some((n, since)) if n == now => {
+                            if now_at.duration_since(since) >= header_timeout {
+                                tracing::debug!("request head not complete in time: closed");
+                                return false;
+                            }
+                        }
+                        _ => partial = Some((now, now_at)),
+                    }
+                } else {
+                    partial = None;
+                }
                 let quiet = now == heads && verdicts.in_flight() == 0;
                 if quiet && verdicts.at_boundary() {
                     verdicts.set_parking(true);

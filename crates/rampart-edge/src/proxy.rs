@@ -1077,6 +1077,9 @@ fn upstream_headers(
     request_id: &HeaderValue,
 ) -> http::HeaderMap {
     headers::remove_hop_by_hop(&mut h, keep_te_trailers);
+    // X-Forwarded-For, -Proto, -Host, Via and x-request-id: room for all five at
+    // once, rather than the map growing as they are added.
+    h.reserve(5);
     if let Some(proto) = upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, proto.clone());
@@ -1317,6 +1320,8 @@ fn finish_headers(
     route: &RouteEntry,
     backend: &Backend,
 ) {
+    // Via and x-request-id (and the explain headers): one growth of the map at most.
+    h.reserve(if explain { 7 } else { 2 });
     if via {
         headers::append_via(h, Version::HTTP_11);
     }

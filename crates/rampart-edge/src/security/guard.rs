@@ -18,7 +18,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, ReadBuf};
 
@@ -33,10 +33,11 @@ pub struct Verdicts {
     /// The connection is being parked: hyper's shutdown of the stream is not passed
     /// on (the socket stays open for the client's next request).
     parking: AtomicBool,
-    /// Not at a message boundary: part of a head read, a body still coming, or a
-    /// stream the guard stopped following. Such a connection is not parked (a
-    /// partial head stays under hyper's header timeout).
-    mid_message: AtomicBool,
+    /// Where the stream stands: [`AT_BOUNDARY`], [`IN_HEAD`] (part of a head read;
+    /// the listener's header timeout watches it), or [`MID_MESSAGE`] (a body still
+    /// coming, or a stream the guard stopped following). Only a connection at a
+    /// boundary is parked (a partial head keeps its header timer).
+    position: AtomicU8,
     /// Responses the service made whose bodies are still being sent.
     in_flight: AtomicUsize,
     /// A head hyper refused, answered by the guard, for the access log.
@@ -90,7 +91,12 @@ impl Verdicts {
 
     /// Whether everything read so far ends exactly at the end of a message.
     pub fn at_boundary(&self) -> bool {
-        !self.mid_message.load(Ordering::Relaxed)
+        self.position.load(Ordering::Relaxed) == AT_BOUNDARY
+    }
+
+    /// Whether part of a request head has been read, and not the rest.
+    pub fn in_head(&self) -> bool {
+        self.position.load(Ordering::Relaxed) == IN_HEAD
     }
 
     /// The head hyper refused on this connection, if any (taken once).
@@ -107,6 +113,11 @@ impl Verdicts {
         n != 0 && self.bad_head.load(Ordering::Relaxed) == n
     }
 }
+
+/// [`Verdicts`]' positions of the stream.
+const AT_BOUNDARY: u8 = 0;
+const IN_HEAD: u8 = 1;
+const MID_MESSAGE: u8 = 2;
 
 const MAX_CHUNK_LINE: u32 = 4096;
 const MAX_TRAILERS: u32 = 16 * 1024;
@@ -618,9 +629,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
             Poll::Ready(Ok(())) => {
                 let fed = this.tracker.feed(&buf.filled()[before..]);
                 let t = &this.tracker;
-                t.verdicts
-                    .mid_message
-                    .store(t.state != State::Head || t.head.total != 0, Ordering::Relaxed);
+                let position = match t.state {
+                    State::Head if t.head.total == 0 => AT_BOUNDARY,
+                    State::Head => IN_HEAD,
+                    _ => MID_MESSAGE,
+                };
+                t.verdicts.position.store(position, Ordering::Relaxed);
                 if let Err((good, Violation(what))) = fed {
                     this.failed = Some(what);
                     if good == 0 {

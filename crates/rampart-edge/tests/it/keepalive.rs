@@ -217,3 +217,37 @@ async fn many_parked_connections_wake_together_and_never_sending_ones_expire() {
         "closed after {waited:?}"
     );
 }
+
+#[tokio::test]
+async fn a_head_trickled_byte_by_byte_is_closed_at_the_header_timeout() {
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&config(&origin, "header_read_timeout = \"1500ms\"")).await;
+    let mut s = TcpStream::connect(e.http).await.unwrap();
+    let opened = Instant::now();
+    // A byte every 100 ms never lets the connection look quiet, and never ends the head.
+    let head =
+        b"GET /status/200 HTTP/1.1\r\nHost: t\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut closed = false;
+    for b in head {
+        if s.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut one = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(100), s.read(&mut one)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(_)) => panic!("an answer to half a head"),
+            Err(_) => {}
+        }
+    }
+    let waited = opened.elapsed();
+    assert!(closed, "still open after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(1400) && waited < Duration::from_millis(3500),
+        "closed after {waited:?}"
+    );
+    assert_eq!(origin.requests(), 0);
+}
