@@ -165,7 +165,7 @@ struct Pending {
 impl Pending {
     fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
         // A panic while holding the lock can only leave a partial line behind.
-        self.lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::lock(&self.lines)
     }
 }
 

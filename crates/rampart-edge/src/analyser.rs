@@ -121,10 +121,7 @@ impl Control {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Stored> {
-        match self.stored.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        crate::lock(&self.stored)
     }
 
     fn persist(&self, s: &Stored) {
@@ -169,10 +166,7 @@ impl Control {
         let now = Instant::now();
         let mut raised = Vec::new();
         {
-            let mut events = match self.events.lock() {
-                Ok(e) => e,
-                Err(p) => p.into_inner(),
-            };
+            let mut events = crate::lock(&self.events);
             if events.len() > 10_000 {
                 events.retain(|_, q| q.back().is_some_and(|e| now.saturating_duration_since(e.at) < WINDOW));
             }

@@ -147,10 +147,7 @@ impl BackendState {
 
     /// Close the circuit (the backend recovered); true if it was not closed.
     pub fn reset_circuit(&self) -> bool {
-        let mut guard = match self.circuit.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut guard = crate::lock(&self.circuit);
         let changed = guard.as_mut().is_some_and(|c| c.reset(Instant::now()));
         self.circuit_flag.store(0, Ordering::Relaxed);
         self.open_until_ms.store(0, Ordering::Relaxed);
@@ -160,10 +157,7 @@ impl BackendState {
     /// Record a proxied exchange for passive health.
     pub fn record_result(&self, ok: bool, cfg: &Outlier, may_eject: bool) -> Option<Transition> {
         let now = Instant::now();
-        let mut guard = match self.circuit.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut guard = crate::lock(&self.circuit);
         let circuit = guard.get_or_insert_with(|| Circuit::new(cfg, now));
         let t = circuit.record(ok, cfg, now, may_eject);
         let (flag, until) = match circuit.state {
@@ -260,10 +254,7 @@ impl Balancer {
 }
 
 fn smooth_wrr<C: Candidate>(cur: &Mutex<Vec<i64>>, backends: &[C], ok: &dyn Fn(&C) -> bool) -> Option<usize> {
-    let mut cur = match cur.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    };
+    let mut cur = crate::lock(cur);
     if cur.len() != backends.len() {
         cur.resize(backends.len(), 0);
     }

@@ -604,10 +604,7 @@ impl Store {
 
     /// Lead the origin fetch of `key`, or follow the request already leading it.
     pub fn fetch(&self, key: &str) -> Fetch {
-        let mut m = match self.inflight.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
+        let mut m = crate::lock(&self.inflight);
         if let Some(rx) = m.get(key) {
             return Fetch::Follow(rx.clone());
         }

@@ -248,10 +248,7 @@ impl HealthStore {
             }
             Err(_) => HashMap::new(),
         };
-        let stats = match self.stats.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
+        let stats = crate::lock(&self.stats);
         let mut keyed: Vec<(bool, u32, usize, RankEntry)> = chain
             .providers
             .iter()
@@ -299,10 +296,7 @@ impl HealthStore {
 
     fn record(&self, chain: &Chain, provider: &Arc<str>, w: &Scopes<'_>, ok: bool, took: Duration) {
         let now = Instant::now();
-        let mut stats = match self.stats.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
+        let mut stats = crate::lock(&self.stats);
         if stats.len() >= MAX_SCOPES {
             // Forget scopes not seen for a while (and not cooling down) to stay bounded.
             let cutoff = chain.cooldown.max(Duration::from_secs(60));
@@ -355,10 +349,7 @@ impl HealthStore {
     /// A snapshot for the admin API: per chain, provider and scope.
     pub fn report(&self) -> Vec<serde_json::Value> {
         let now = Instant::now();
-        let stats = match self.stats.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
+        let stats = crate::lock(&self.stats);
         let mut out: Vec<serde_json::Value> = stats
             .iter()
             .map(|((chain, provider, scope), s)| {
@@ -692,10 +683,7 @@ impl Default for TraceStore {
 
 impl TraceStore {
     pub fn push(&self, t: Trace) {
-        let mut q = match self.traces.lock() {
-            Ok(q) => q,
-            Err(p) => p.into_inner(),
-        };
+        let mut q = crate::lock(&self.traces);
         if q.len() >= self.cap {
             q.pop_front();
         }
@@ -704,10 +692,7 @@ impl TraceStore {
 
     /// Newest first, filtered by route key and/or provider (any attempt).
     pub fn query(&self, route: Option<&str>, provider: Option<&str>, limit: usize) -> Vec<Trace> {
-        let q = match self.traces.lock() {
-            Ok(q) => q,
-            Err(p) => p.into_inner(),
-        };
+        let q = crate::lock(&self.traces);
         q.iter()
             .rev()
             .filter(|t| route.is_none_or(|r| t.route_key == r))

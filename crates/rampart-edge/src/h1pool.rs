@@ -109,7 +109,7 @@ impl H1Pool {
                     tick.tick().await;
                     let Some(lists) = lists.upgrade() else { return };
                     for m in lists.iter() {
-                        sweep(&mut lock(m), idle_timeout);
+                        sweep(&mut crate::lock(m), idle_timeout);
                     }
                 }
             });
@@ -123,7 +123,7 @@ impl H1Pool {
     }
 
     fn list(&self, index: usize) -> Option<MutexGuard<'_, Vec<Idle>>> {
-        Some(lock(self.idle.get(index)?))
+        Some(crate::lock(self.idle.get(index)?))
     }
 
     /// An idle connection to backend `index` that can take a request now.
@@ -212,10 +212,6 @@ impl H1Pool {
             sender,
         }
     }
-}
-
-fn lock(m: &Mutex<Vec<Idle>>) -> MutexGuard<'_, Vec<Idle>> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Drop the connections that closed or outlived `timeout`.

@@ -222,10 +222,7 @@ impl Shared {
             health::spawn_checker(self.me.clone(), p);
         }
 
-        let mut handles = match self.listeners.lock() {
-            Ok(h) => h,
-            Err(p) => p.into_inner(),
-        };
+        let mut handles = crate::lock(&self.listeners);
         handles.retain(|h| {
             let keep = wanted.iter().any(|(_, s, k)| *s == h.spec && *k == h.kind);
             if !keep {

@@ -69,10 +69,7 @@ pub struct BackendRegistry {
 
 impl BackendRegistry {
     pub fn get(&self, pool: &str, url: &str) -> Arc<BackendState> {
-        let mut m = match self.states.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
+        let mut m = crate::lock(&self.states);
         m.entry((pool.to_string(), url.to_string())).or_default().clone()
     }
 
@@ -169,10 +166,7 @@ impl RetryBudget {
     }
 
     fn note(&self, retry: bool) {
-        let mut w = match self.window.lock() {
-            Ok(w) => w,
-            Err(p) => p.into_inner(),
-        };
+        let mut w = crate::lock(&self.window);
         let (_, i) = self.slot(&mut w);
         if retry {
             w[i].2 += 1;
@@ -182,10 +176,7 @@ impl RetryBudget {
     }
 
     fn take(&self) -> bool {
-        let mut w = match self.window.lock() {
-            Ok(w) => w,
-            Err(p) => p.into_inner(),
-        };
+        let mut w = crate::lock(&self.window);
         let (sec, i) = self.slot(&mut w);
         let (mut requests, mut retries) = (0u64, 0u64);
         for (s, req, ret) in w.iter() {

@@ -159,10 +159,7 @@ impl Store for LocalStore {
         let Some(shard) = self.shards.get(usize::try_from(hash % SHARDS as u64).unwrap_or(0)) else {
             return Decision::Allow { remaining: 0, reset: 0 };
         };
-        let mut s = match shard.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
+        let mut s = crate::lock(shard);
         if let Some(tat) = s.tats.get_mut(&hash) {
             return gcra(tat, now, q);
         }
@@ -175,10 +172,7 @@ impl Store for LocalStore {
         }
         if s.tats.len() >= self.per_shard {
             drop(s);
-            let mut tat = match self.overflow.lock() {
-                Ok(t) => t,
-                Err(p) => p.into_inner(),
-            };
+            let mut tat = crate::lock(&self.overflow);
             return gcra(&mut tat, now, q);
         }
         let mut tat = 0;
