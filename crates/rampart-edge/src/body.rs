@@ -281,6 +281,39 @@ impl Body for UpstreamBody {
     }
 }
 
+/// A response body from upstream: hyper's, or Rampart's own HTTP/1 client's
+/// ([`crate::h1client`]).
+pub enum UpBody {
+    Hyper(Incoming),
+    Own(crate::h1client::Body),
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpBody::Hyper(b) => Pin::new(b).poll_frame(cx).map(|o| o.map(|r| r.map_err(BoxError::from))),
+            UpBody::Own(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Hyper(b) => b.is_end_stream(),
+            UpBody::Own(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Hyper(b) => b.size_hint(),
+            UpBody::Own(b) => b.size_hint(),
+        }
+    }
+}
+
 /// What happened to a response body; reported to [`Completion::finish`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BodyOutcome {
@@ -298,7 +331,7 @@ pub trait Completion: Send + 'static {
 }
 
 enum Kind {
-    Upstream(Incoming),
+    Upstream(UpBody),
     Full(Option<Bytes>),
 }
 
@@ -363,7 +396,7 @@ impl EdgeBody {
     }
 
     /// Stream an upstream body with an idle timeout between frames and an optional deadline.
-    pub fn upstream(inner: Incoming, idle: Duration, deadline: Option<Instant>) -> EdgeBody {
+    pub fn upstream(inner: UpBody, idle: Duration, deadline: Option<Instant>) -> EdgeBody {
         EdgeBody {
             kind: Kind::Upstream(inner),
             fill: None,
@@ -444,9 +477,7 @@ impl Body for EdgeBody {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream(inner) => Pin::new(inner)
-                .poll_frame(cx)
-                .map(|o| o.map(|r| r.map_err(BoxError::from))),
+            Kind::Upstream(inner) => Pin::new(inner).poll_frame(cx),
         };
         match polled {
             Poll::Ready(Some(Ok(frame))) => {

@@ -20,10 +20,10 @@
 //!
 //! HTTP/2 upstreams keep hyper-util's client (one multiplexed connection).
 
-use crate::body::UpstreamBody;
+use crate::body::{UpBody, UpstreamBody};
 use crate::dns::Resolver;
+use crate::h1client;
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -37,7 +37,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct H1Pool {
     connector: Connector,
     /// Idle connections per backend, most recently used last.
-    idle: Arc<Vec<Mutex<Vec<Idle>>>>,
+    idle: Arc<Vec<Mutex<Lists>>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -47,12 +47,24 @@ struct Idle {
     since: Instant,
 }
 
+/// A backend's idle connections: hyper's, and Rampart's own client's
+/// ([`crate::h1client`], for body-less GET and HEAD to plain-HTTP backends).
+#[derive(Default)]
+struct Lists {
+    hyper: Vec<Idle>,
+    own: Vec<h1client::Conn>,
+}
+
 /// Why a request got no response.
 pub enum SendError {
     /// No connection could be made (connector error: DNS, refused, timeout, TLS).
     Connect(BoxError),
     /// The connection failed with the request (reset, invalid response, ...).
     Request(hyper::Error),
+    /// Rampart's own client: the connection failed.
+    Io(std::io::Error),
+    /// Rampart's own client: the response broke HTTP/1.1.
+    Invalid(h1client::InvalidResponse),
 }
 
 impl SendError {
@@ -60,6 +72,8 @@ impl SendError {
         match self {
             SendError::Connect(e) => e.as_ref(),
             SendError::Request(e) => e,
+            SendError::Io(e) => e,
+            SendError::Invalid(e) => e,
         }
     }
 
@@ -73,6 +87,8 @@ impl std::fmt::Debug for SendError {
         match self {
             SendError::Connect(e) => write!(f, "connect: {e:?}"),
             SendError::Request(e) => write!(f, "request: {e:?}"),
+            SendError::Io(e) => write!(f, "request: {e}"),
+            SendError::Invalid(e) => write!(f, "request: {e}"),
         }
     }
 }
@@ -95,7 +111,7 @@ impl Checkin {
 
 impl H1Pool {
     pub fn new(connector: Connector, backends: usize, max_idle: usize, idle_timeout: Duration) -> H1Pool {
-        let idle: Arc<Vec<Mutex<Vec<Idle>>>> = Arc::new((0..backends).map(|_| Mutex::new(Vec::new())).collect());
+        let idle: Arc<Vec<Mutex<Lists>>> = Arc::new((0..backends).map(|_| Mutex::new(Lists::default())).collect());
         // The reaper holds the lists weakly: it ends with the pool. Built outside a
         // runtime (config checks), there is nothing to reap.
         if max_idle > 0
@@ -109,7 +125,9 @@ impl H1Pool {
                     tick.tick().await;
                     let Some(lists) = lists.upgrade() else { return };
                     for m in lists.iter() {
-                        sweep(&mut crate::lock(m), idle_timeout);
+                        let mut l = crate::lock(m);
+                        sweep(&mut l.hyper, idle_timeout);
+                        l.own.retain(|c| c.since.elapsed() < idle_timeout);
                     }
                 }
             });
@@ -122,14 +140,14 @@ impl H1Pool {
         }
     }
 
-    fn list(&self, index: usize) -> Option<MutexGuard<'_, Vec<Idle>>> {
+    fn list(&self, index: usize) -> Option<MutexGuard<'_, Lists>> {
         Some(crate::lock(self.idle.get(index)?))
     }
 
     /// An idle connection to backend `index` that can take a request now.
     async fn checkout(&self, index: usize) -> Option<SendRequest<UpstreamBody>> {
         loop {
-            let Idle { mut sender, since } = self.list(index)?.pop()?;
+            let Idle { mut sender, since } = self.list(index)?.hyper.pop()?;
             if sender.is_closed() || since.elapsed() >= self.idle_timeout {
                 continue;
             }
@@ -148,11 +166,12 @@ impl H1Pool {
         if sender.is_closed() || self.max_idle == 0 {
             return;
         }
-        let Some(mut list) = self.list(index) else { return };
+        let Some(mut lists) = self.list(index) else { return };
+        let list = &mut lists.hyper;
         // Expired connections are dropped at checkout and by the reaper; a full list
         // is swept first, so a stale one does not keep a fresh one out.
         if list.len() >= self.max_idle {
-            sweep(&mut list, self.idle_timeout);
+            sweep(list, self.idle_timeout);
         }
         if list.len() < self.max_idle {
             list.push(Idle {
@@ -160,6 +179,81 @@ impl H1Pool {
                 since: Instant::now(),
             });
         }
+    }
+
+    /// Give back a connection of the own client whose response was read whole.
+    pub(crate) fn put_own(&self, index: usize, conn: h1client::Conn) {
+        if self.max_idle == 0 {
+            return;
+        }
+        let Some(mut lists) = self.list(index) else { return };
+        let list = &mut lists.own;
+        if list.len() >= self.max_idle {
+            let timeout = self.idle_timeout;
+            list.retain(|c| c.since.elapsed() < timeout);
+        }
+        if list.len() < self.max_idle {
+            list.push(conn);
+        }
+    }
+
+    /// An idle connection of the own client to backend `index` that can take a request.
+    fn checkout_own(&self, index: usize) -> Option<h1client::Conn> {
+        loop {
+            let mut conn = self.list(index)?.own.pop()?;
+            if conn.since.elapsed() < self.idle_timeout && conn.usable() {
+                return Some(conn);
+            }
+        }
+    }
+
+    async fn connect_own(&self, target: &Uri) -> Result<h1client::Conn, SendError> {
+        let io = self
+            .connector
+            .clone()
+            .call(target.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        match io {
+            hyper_rustls::MaybeHttpsStream::Http(tcp) => Ok(h1client::Conn::new(tcp.into_inner())),
+            hyper_rustls::MaybeHttpsStream::Https(_) => Err(SendError::Connect(
+                "a TLS connection where plain HTTP was asked for".into(),
+            )),
+        }
+    }
+
+    /// A body-less GET or HEAD to a plain-HTTP backend, through the own client.
+    async fn send_own(
+        &self,
+        pool: &Arc<crate::upstream::Pool>,
+        index: usize,
+        target: &Uri,
+        req: &Request<UpstreamBody>,
+    ) -> Result<Response<UpBody>, SendError> {
+        let wire = h1client::encode(req);
+        let head_request = req.method() == http::Method::HEAD;
+        let failed = |f: h1client::Failure| match f {
+            h1client::Failure::Io(e) => SendError::Io(e),
+            h1client::Failure::Invalid(e) => SendError::Invalid(e),
+            h1client::Failure::Stale => SendError::Io(std::io::ErrorKind::ConnectionReset.into()),
+        };
+        // A pooled connection the upstream had closed gets the request again, once,
+        // on a new connection (GET and HEAD are idempotent).
+        if let Some(conn) = self.checkout_own(index) {
+            match h1client::exchange(conn, &wire, head_request).await {
+                Ok((parts, body)) => {
+                    let body = body.returning_to((pool.clone(), index));
+                    return Ok(Response::from_parts(parts, UpBody::Own(body)));
+                }
+                Err(h1client::Failure::Stale) => {}
+                Err(f) => return Err(failed(f)),
+            }
+        }
+        // Boxed: connecting (DNS, TCP, handshake) is the rare path.
+        let conn = Box::pin(self.connect_own(target)).await?;
+        let (parts, body) = h1client::exchange(conn, &wire, head_request).await.map_err(failed)?;
+        let body = body.returning_to((pool.clone(), index));
+        Ok(Response::from_parts(parts, UpBody::Own(body)))
     }
 
     async fn connect(&self, target: &Uri) -> Result<SendRequest<UpstreamBody>, SendError> {
@@ -186,13 +280,17 @@ impl H1Pool {
         index: usize,
         target: &Uri,
         req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, Checkin), SendError> {
+    ) -> Result<(Response<UpBody>, Option<Checkin>), SendError> {
+        use http_body::Body as _;
+        if target.scheme() == Some(&http::uri::Scheme::HTTP) && h1client::eligible(&req, !req.body().is_end_stream()) {
+            return self.send_own(pool, index, target, &req).await.map(|r| (r, None));
+        }
         let mut req = req;
         // A pooled connection the upstream closed before our request went out gets
         // the request back; it is sent again, once, on a new connection.
         if let Some(mut sender) = self.checkout(index).await {
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, self.checkin(pool, index, sender))),
+                Ok(resp) => return Ok((resp.map(UpBody::Hyper), Some(self.checkin(pool, index, sender)))),
                 Err(mut e) => match e.take_message() {
                     Some(back) => req = back,
                     None => return Err(SendError::Request(e.into_error())),
@@ -202,7 +300,7 @@ impl H1Pool {
         // Boxed: connecting (DNS, TCP, TLS, handshake) is the rare path.
         let mut sender = Box::pin(self.connect(target)).await?;
         let resp = sender.send_request(req).await.map_err(SendError::Request)?;
-        Ok((resp, self.checkin(pool, index, sender)))
+        Ok((resp.map(UpBody::Hyper), Some(self.checkin(pool, index, sender))))
     }
 
     fn checkin(&self, pool: &Arc<crate::upstream::Pool>, index: usize, sender: SendRequest<UpstreamBody>) -> Checkin {

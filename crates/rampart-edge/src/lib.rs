@@ -12,6 +12,7 @@ pub mod body;
 pub mod cache;
 pub mod chain;
 pub mod dns;
+pub mod h1client;
 pub mod h1pool;
 pub mod headers;
 pub mod health;

@@ -1050,14 +1050,14 @@ async fn send_upstream(
     index: usize,
     backend: &Backend,
     up: Request<UpstreamBody>,
-) -> Result<(Response<Incoming>, Option<crate::h1pool::Checkin>), (Reason, String)> {
+) -> Result<(Response<crate::body::UpBody>, Option<crate::h1pool::Checkin>), (Reason, String)> {
     match &pool.h1 {
         Some(h1) => match h1.send(pool, index, &backend.target, up).await {
-            Ok((resp, checkin)) => Ok((resp, Some(checkin))),
+            Ok((resp, checkin)) => Ok((resp, checkin)),
             Err(e) => Err((crate::upstream::classify_send(&e), format!("{e:?}"))),
         },
         None => match pool.client.request(up).await {
-            Ok(resp) => Ok((resp, None)),
+            Ok(resp) => Ok((resp.map(crate::body::UpBody::Hyper), None)),
             Err(e) => Err((classify(&e), format!("{e:?}"))),
         },
     }
@@ -1241,7 +1241,8 @@ async fn serve_chain(
         *resp.body_mut() = body.on_complete(Box::new(rec));
         return resp;
     };
-    let (mut rparts, mut rbody) = resp.into_parts();
+    let (mut rparts, rbody) = resp.into_parts();
+    let mut rbody = crate::body::UpBody::Hyper(rbody);
     if let Err(detail) = crate::security::framing::check_response(&rparts.headers) {
         let mut answer = refuse(rec, "framing", Reason::UpstreamBadFraming, detail);
         explain_headers(answer.headers_mut());

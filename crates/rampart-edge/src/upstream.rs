@@ -673,6 +673,9 @@ fn classify_error(err: &(dyn std::error::Error + 'static), connect: bool) -> Rea
                 _ => {}
             }
         }
+        if e.downcast_ref::<crate::h1client::InvalidResponse>().is_some() {
+            return Reason::UpstreamInvalidResponse;
+        }
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
             if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() {
                 return Reason::UpstreamInvalidResponse;

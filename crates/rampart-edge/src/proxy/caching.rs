@@ -5,6 +5,7 @@
 
 use super::{Record, X_REQUEST_ID, headers, local_response};
 use crate::Shared;
+use crate::body::UpBody;
 use crate::body::{EdgeBody, UpstreamBody};
 use crate::reason::Reason;
 use crate::snapshot::Snapshot;
@@ -210,9 +211,9 @@ pub(super) async fn after(
     f: Fetched<'_>,
     mut ctx: CacheCtx,
     rparts: &mut http::response::Parts,
-    rbody: Incoming,
+    rbody: UpBody,
     mut rec: Record,
-) -> Result<(Incoming, Option<crate::body::Fill>, Record), Response<EdgeBody>> {
+) -> Result<(UpBody, Option<crate::body::Fill>, Record), Response<EdgeBody>> {
     let mut fill = None;
     let response_time = crate::cache::now_secs();
     // A 304 to our validation: refresh the stored response and serve it (§4.3.4).
@@ -439,12 +440,15 @@ fn store_response(
 
 /// Read a whole upstream body into memory: at most `limit` bytes, each frame within
 /// `idle`, all of it before `deadline`.
-async fn read_whole(
-    mut body: hyper::body::Incoming,
+async fn read_whole<B>(
+    mut body: B,
     limit: usize,
     idle: Duration,
     deadline: Option<Instant>,
-) -> Result<bytes::Bytes, Reason> {
+) -> Result<bytes::Bytes, Reason>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+{
     use http_body_util::BodyExt;
     let mut buf = bytes::BytesMut::new();
     loop {
