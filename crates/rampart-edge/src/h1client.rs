@@ -223,9 +223,11 @@ fn parse_head(
     head_request: bool,
 ) -> Result<Option<(http::response::Parts, Framing, bool)>, InvalidResponse> {
     loop {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut res = httparse::Response::new(&mut slots);
-        let len = match res.parse(buf) {
+        // Uninitialised slots: parsing writes only the ones it fills.
+        let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut []);
+        let config = httparse::ParserConfig::default();
+        let len = match config.parse_response_with_uninit_headers(&mut res, buf, &mut slots) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => return Err(InvalidResponse("too many header fields")),
@@ -245,24 +247,34 @@ fn parse_head(
         }
         // Field values are views into the head's one buffer, not copies.
         let n = res.headers.len();
-        let spans: Vec<(usize, usize, usize, usize)> = {
+        // Where each name and value lies in the head, to slice them out of it once
+        // it is split off the buffer (a stack array: no allocation per response).
+        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        {
             let base = buf.as_ptr() as usize;
-            res.headers
-                .iter()
-                .map(|h| {
-                    let name_at = h.name.as_ptr() as usize - base;
-                    let value_at = h.value.as_ptr() as usize - base;
-                    (name_at, h.name.len(), value_at, h.value.len())
-                })
-                .collect()
-        };
+            for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
+                // Offsets within a head of at most MAX_HEADERS bytes fit in u32.
+                let at = |p: *const u8| u32::try_from(p as usize - base).unwrap_or(u32::MAX);
+                *span = (
+                    at(h.name.as_ptr()),
+                    h.name.len() as u32,
+                    at(h.value.as_ptr()),
+                    h.value.len() as u32,
+                );
+            }
+        }
         let head = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(n);
-        for (name_at, name_len, value_at, value_len) in spans {
-            let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
-                .map_err(|_| InvalidResponse("bad header name"))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
-                .map_err(|_| InvalidResponse("bad header value"))?;
+        for &(name_at, name_len, value_at, value_len) in &spans[..n] {
+            let (name_at, value_at) = (name_at as usize, value_at as usize);
+            let name = head
+                .get(name_at..name_at + name_len as usize)
+                .and_then(|b| HeaderName::from_bytes(b).ok())
+                .ok_or(InvalidResponse("bad header name"))?;
+            let value = head
+                .get(value_at..value_at + value_len as usize)
+                .and_then(|_| HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len as usize)).ok())
+                .ok_or(InvalidResponse("bad header value"))?;
             headers.append(name, value);
         }
         let (framing, keep_alive) = framing(status, version, &headers, head_request)?;

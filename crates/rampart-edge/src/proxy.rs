@@ -1494,6 +1494,7 @@ mod tests {
         // Allocated once per request; rarely taken stages (cache, chain, WAF body
         // reads, replay buffering) are boxed inside it so this stays small.
         let size = future_size(handle_request);
+        println!("handle_request's future is {size} bytes");
         assert!(size <= 4096, "handle_request's future is {size} bytes");
     }
 
