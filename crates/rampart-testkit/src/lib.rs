@@ -71,7 +71,9 @@ impl Origin {
     }
 
     /// Start an origin on a given address (the demo uses this).
+    /// An origin on a given address; one from [`closed_port`] is given up to it.
     pub async fn start_at(addr: SocketAddr, name: &str) -> std::io::Result<Origin> {
+        held_ports().retain(|s| s.local_addr().ok().and_then(|a| a.as_socket()) != Some(addr));
         Self::start_on(addr, name, Mode::Http { h2: false }).await
     }
 
@@ -174,11 +176,26 @@ impl Drop for Origin {
 }
 
 /// An address on loopback with nothing listening (connections are refused).
+///
+/// The port stays bound (a socket that never listens) for the rest of the test
+/// process: a port merely closed could be handed out again to the next listener a
+/// test binds, such as its origin, and then it would not be closed at all.
 pub async fn closed_port() -> std::io::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    let a = l.local_addr()?;
-    drop(l);
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    let a = s
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("not an IP socket"))?;
+    held_ports().push(s);
     Ok(a)
+}
+
+/// The sockets holding [`closed_port`]'s ports (until [`Origin::start_at`] takes one).
+fn held_ports() -> std::sync::MutexGuard<'static, Vec<socket2::Socket>> {
+    static HELD: std::sync::Mutex<Vec<socket2::Socket>> = std::sync::Mutex::new(Vec::new());
+    HELD.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// An address where TCP connects hang: a listener whose accept queue is full and
