@@ -229,8 +229,9 @@ impl H1Pool {
         index: usize,
         target: &Uri,
         req: &Request<UpstreamBody>,
+        headers: &http::HeaderMap,
     ) -> Result<Response<UpBody>, SendError> {
-        let wire = h1client::encode(req);
+        let wire = h1client::encode(req.method(), req.uri(), headers);
         let head_request = req.method() == http::Method::HEAD;
         let failed = |f: h1client::Failure| match f {
             h1client::Failure::Io(e) => SendError::Io(e),
@@ -273,17 +274,22 @@ impl H1Pool {
     }
 
     /// Send `req` (origin-form URI, Host set) to backend `index` at `target`
-    /// (scheme and authority, for connecting).
+    /// (scheme and authority, for connecting). With `own_headers`, the request is
+    /// one [`h1client::eligible`] takes, to a plain-HTTP target, and goes through
+    /// the own client with those headers (`req`'s are not used).
     pub async fn send(
         &self,
         pool: &Arc<crate::upstream::Pool>,
         index: usize,
         target: &Uri,
         req: Request<UpstreamBody>,
+        own_headers: Option<&http::HeaderMap>,
     ) -> Result<(Response<UpBody>, Option<Checkin>), SendError> {
-        use http_body::Body as _;
-        if target.scheme() == Some(&http::uri::Scheme::HTTP) && h1client::eligible(&req, !req.body().is_end_stream()) {
-            return self.send_own(pool, index, target, &req).await.map(|r| (r, None));
+        if let Some(headers) = own_headers {
+            return self
+                .send_own(pool, index, target, &req, headers)
+                .await
+                .map(|r| (r, None));
         }
         let mut req = req;
         // A pooled connection the upstream closed before our request went out gets

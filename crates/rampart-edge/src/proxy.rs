@@ -879,17 +879,24 @@ async fn handle_request(
         let mut up = Request::new(this_body);
         *up.method_mut() = request_method.clone();
         *up.uri_mut() = uri;
-        *up.headers_mut() = if can_retry_after(tried.len(), &body) {
-            h.clone()
-        } else {
-            std::mem::take(&mut h)
-        };
-        up.headers_mut()
-            .insert(header::HOST, upstream_host(&route.host, &host_value, backend));
         *up.version_mut() = match pool.protocol {
             Protocol::Http1 => Version::HTTP_11,
             Protocol::Http2 => Version::HTTP_2,
         };
+        h.insert(header::HOST, upstream_host(&route.host, &host_value, backend));
+        // Rampart's own HTTP/1 client (body-less GET and HEAD to plain HTTP) encodes
+        // the headers where they are; hyper's client takes them, so a request that may
+        // be retried gives it a copy.
+        let own = pool.h1.is_some()
+            && backend.target.scheme() == Some(&http::uri::Scheme::HTTP)
+            && crate::h1client::eligible(up.method(), up.version(), &h, !up.body().is_end_stream());
+        if !own {
+            *up.headers_mut() = if can_retry_after(tried.len(), &body) {
+                h.clone()
+            } else {
+                std::mem::take(&mut h)
+            };
+        }
 
         // The response-header timeout runs from the last progress of the request body
         // (a long, steady upload is not a timeout; an upstream that stops reading it
@@ -904,7 +911,7 @@ async fn handle_request(
         };
         let result = tokio::select! {
             // Boxed, as hyper-util's response future is: the pipeline's future stays small.
-            r = Box::pin(send_upstream(pool, index, backend, up)) => match r {
+            r = Box::pin(send_upstream(pool, index, backend, up, own.then_some(&h))) => match r {
                 Ok((resp, checkin)) => {
                     rec.checkin = checkin;
                     Ok(resp)
@@ -1050,9 +1057,10 @@ async fn send_upstream(
     index: usize,
     backend: &Backend,
     up: Request<UpstreamBody>,
+    own_headers: Option<&http::HeaderMap>,
 ) -> Result<(Response<crate::body::UpBody>, Option<crate::h1pool::Checkin>), (Reason, String)> {
     match &pool.h1 {
-        Some(h1) => match h1.send(pool, index, &backend.target, up).await {
+        Some(h1) => match h1.send(pool, index, &backend.target, up, own_headers).await {
             Ok((resp, checkin)) => Ok((resp, checkin)),
             Err(e) => Err((crate::upstream::classify_send(&e), format!("{e:?}"))),
         },
