@@ -14,9 +14,11 @@
 //! - a request that finds its pooled connection closed before anything was sent
 //!   is sent again on a new connection, as hyper-util does;
 //! - idle connections older than the pool's `idle_timeout` are dropped when a
-//!   checkout finds them (or a return finds the list full), and by a reaper task that sweeps the lists every
-//!   `idle_timeout` (at least every second, at most every minute) for as long as the
-//!   pool exists.
+//!   checkout finds them (or a return finds the list full), and by a reaper task
+//!   that sweeps the lists every `idle_timeout` (at least every second, at most
+//!   every minute) for as long as the pool exists;
+//! - body-less GET and HEAD requests to plain-HTTP backends go through Rampart's
+//!   own client ([`crate::h1client`]), whose connections have a list of their own.
 //!
 //! HTTP/2 upstreams keep hyper-util's client (one multiplexed connection).
 

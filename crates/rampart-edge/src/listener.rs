@@ -511,7 +511,9 @@ where
             }
             now_at = tick.tick() => {
                 let now = verdicts.heads();
-                if verdicts.in_head() {
+                // A pipelined head waiting behind a response in flight is not late:
+                // hyper reads it only after the response, as its timer would start then.
+                if verdicts.in_head() && verdicts.in_flight() == 0 {
                     match partial {
                         Some((n, since)) if n == now => {
                             if now_at.duration_since(since) >= header_timeout {

@@ -251,3 +251,22 @@ async fn a_head_trickled_byte_by_byte_is_closed_at_the_header_timeout() {
     );
     assert_eq!(origin.requests(), 0);
 }
+
+#[tokio::test]
+async fn a_pipelined_partial_head_behind_a_slow_response_is_not_timed_out() {
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&config(&origin, "header_read_timeout = \"1s\"")).await;
+    let mut s = TcpStream::connect(e.http).await.unwrap();
+    // The response takes longer than the header timeout; the next head waits
+    // behind it, incomplete. Its time starts when the response is done.
+    s.write_all(b"GET /status/200?delay=1800ms HTTP/1.1\r\nHost: t\r\n\r\nGET /status/200 HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // The rest of the second head, in time: answered on the same connection.
+    s.write_all(b"st: t\r\n\r\n").await.unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(origin.requests(), 2);
+}
