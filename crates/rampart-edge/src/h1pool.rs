@@ -209,14 +209,17 @@ impl H1Pool {
         }
     }
 
-    async fn connect_own(&self, target: &Uri) -> Result<h1client::Conn, SendError> {
-        let io = self
-            .connector
+    /// A new connection to `target`: DNS, TCP and, for `https`, TLS.
+    async fn dial(&self, target: &Uri) -> Result<<Connector as Service<Uri>>::Response, SendError> {
+        self.connector
             .clone()
             .call(target.clone())
             .await
-            .map_err(SendError::Connect)?;
-        match io {
+            .map_err(SendError::Connect)
+    }
+
+    async fn connect_own(&self, target: &Uri) -> Result<h1client::Conn, SendError> {
+        match self.dial(target).await? {
             hyper_rustls::MaybeHttpsStream::Http(tcp) => Ok(h1client::Conn::new(tcp.into_inner())),
             hyper_rustls::MaybeHttpsStream::Https(_) => Err(SendError::Connect(
                 "a TLS connection where plain HTTP was asked for".into(),
@@ -242,30 +245,28 @@ impl H1Pool {
         };
         // A pooled connection the upstream had closed gets the request again, once,
         // on a new connection (GET and HEAD are idempotent).
-        if let Some(conn) = self.checkout_own(index) {
-            match h1client::exchange(conn, &wire, head_request).await {
-                Ok((parts, body)) => {
-                    let body = body.returning_to((pool.clone(), index));
-                    return Ok(Response::from_parts(parts, UpBody::Own(body)));
-                }
-                Err(h1client::Failure::Stale) => {}
-                Err(f) => return Err(failed(f)),
+        let pooled = match self.checkout_own(index) {
+            Some(conn) => match h1client::exchange(conn, &wire, head_request).await {
+                Err(h1client::Failure::Stale) => None,
+                other => Some(other),
+            },
+            None => None,
+        };
+        let exchanged = match pooled {
+            Some(r) => r,
+            // Boxed: connecting (DNS, TCP, handshake) is the rare path.
+            None => {
+                let conn = Box::pin(self.connect_own(target)).await?;
+                h1client::exchange(conn, &wire, head_request).await
             }
-        }
-        // Boxed: connecting (DNS, TCP, handshake) is the rare path.
-        let conn = Box::pin(self.connect_own(target)).await?;
-        let (parts, body) = h1client::exchange(conn, &wire, head_request).await.map_err(failed)?;
+        };
+        let (parts, body) = exchanged.map_err(failed)?;
         let body = body.returning_to((pool.clone(), index));
         Ok(Response::from_parts(parts, UpBody::Own(body)))
     }
 
     async fn connect(&self, target: &Uri) -> Result<SendRequest<UpstreamBody>, SendError> {
-        let io = self
-            .connector
-            .clone()
-            .call(target.clone())
-            .await
-            .map_err(SendError::Connect)?;
+        let io = self.dial(target).await?;
         let (sender, conn) = http1::Builder::new().handshake(io).await.map_err(SendError::Request)?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
