@@ -102,15 +102,6 @@ impl Lot {
         Ok((Arc::new(lot), poll))
     }
 
-    /// Parked connections now.
-    pub fn len(&self) -> usize {
-        crate::lock(&self.state).entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Park a connection until its client sends or closes, or until `deadline`.
     /// A connection that cannot be parked (the lot is closed, the socket cannot
     /// be registered) is closed.
