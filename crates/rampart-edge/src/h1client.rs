@@ -31,10 +31,10 @@ use tokio::net::TcpStream;
 const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// The most response header fields (hyper's default).
 const MAX_HEADERS: usize = 100;
-/// The longest chunk-size line, extensions included.
-const MAX_CHUNK_LINE: usize = 4096;
-/// The largest trailer section.
-const MAX_TRAILERS: usize = 16 * 1024;
+/// The longest chunk-size line and the largest trailer section: the framing
+/// guard's bounds for request bodies, the same for responses.
+const MAX_CHUNK_LINE: usize = crate::security::guard::MAX_CHUNK_LINE as usize;
+const MAX_TRAILERS: usize = crate::security::guard::MAX_TRAILERS as usize;
 /// How much room a read asks for.
 const READ_SIZE: usize = 16 * 1024;
 
@@ -296,7 +296,8 @@ fn framing(
     h: &HeaderMap,
     head_request: bool,
 ) -> Result<(Framing, bool), InvalidResponse> {
-    let close = version != Version::HTTP_11 || has_token(h, header::CONNECTION, "close");
+    let close = version != Version::HTTP_11
+        || crate::headers::list_elements(h, header::CONNECTION).any(|t| t.eq_ignore_ascii_case("close"));
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return Ok((Framing::Done, false));
     }
@@ -338,14 +339,6 @@ fn framing(
         Some(n) => (Framing::Length(n), !close),
         None => (Framing::Close, false),
     })
-}
-
-fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    h.get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// What the decoder found in the buffer.

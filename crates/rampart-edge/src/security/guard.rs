@@ -119,8 +119,11 @@ const AT_BOUNDARY: u8 = 0;
 const IN_HEAD: u8 = 1;
 const MID_MESSAGE: u8 = 2;
 
-const MAX_CHUNK_LINE: u32 = 4096;
-const MAX_TRAILERS: u32 = 16 * 1024;
+/// The longest chunk-size line (extensions included) and the largest trailer
+/// section a chunked body may have (Rampart's own HTTP/1 client holds upstream
+/// responses to the same bounds).
+pub(crate) const MAX_CHUNK_LINE: u32 = 4096;
+pub(crate) const MAX_TRAILERS: u32 = 16 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Field {
