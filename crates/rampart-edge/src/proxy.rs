@@ -46,22 +46,28 @@ pub struct ConnInfo {
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
+        ConnInfo::with_history(peer, tls, 0, Arc::default())
+    }
+
+    /// A parked plain connection served again, `requests` requests into its life.
+    pub fn resumed(peer: SocketAddr, requests: u64) -> ConnInfo {
+        let verdicts = Arc::new(crate::security::guard::Verdicts::resumed(requests));
+        ConnInfo::with_history(peer, false, requests, verdicts)
+    }
+
+    fn with_history(
+        peer: SocketAddr,
+        tls: bool,
+        requests: u64,
+        verdicts: Arc<crate::security::guard::Verdicts>,
+    ) -> ConnInfo {
         let peer_value = HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
         ConnInfo {
             peer,
             peer_value,
             tls,
-            requests: std::sync::atomic::AtomicU64::new(0),
-            verdicts: Arc::default(),
-        }
-    }
-
-    /// A parked plain connection served again, `requests` requests into its life.
-    pub fn resumed(peer: SocketAddr, requests: u64) -> ConnInfo {
-        ConnInfo {
             requests: std::sync::atomic::AtomicU64::new(requests),
-            verdicts: Arc::new(crate::security::guard::Verdicts::resumed(requests)),
-            ..ConnInfo::new(peer, false)
+            verdicts,
         }
     }
 
