@@ -216,11 +216,13 @@ fn head_budget(snap: &crate::snapshot::Snapshot) -> usize {
     (snap.limits.max_header_bytes + snap.limits.max_uri + 4096).max(8192)
 }
 
-/// The HTTP/1 connection settings of a snapshot.
-fn http1_builder(snap: &crate::snapshot::Snapshot) -> http1::Builder {
+/// The HTTP/1 connection settings of a snapshot, with hyper's header timer or
+/// without it (plain HTTP/1 times heads on its parking tick, see `drive_parkable`).
+fn http1_builder(snap: &crate::snapshot::Snapshot, header_timer: bool) -> http1::Builder {
     let mut b = http1::Builder::new();
+    let timeout = header_timer.then(|| snap.validated.config.server.header_read_timeout.get());
     b.timer(TokioTimer::new())
-        .header_read_timeout(snap.validated.config.server.header_read_timeout.get())
+        .header_read_timeout(timeout)
         .max_buf_size(head_budget(snap))
         .max_headers(snap.limits.max_headers);
     b
@@ -235,7 +237,7 @@ fn builder(shared: &Shared, kind: Kind) -> Protocols {
         Kind::Tls => s.tls.as_ref().is_some_and(|t| t.http2),
     };
     if !http2 {
-        return Protocols::Http1(http1_builder(&snap));
+        return Protocols::Http1(http1_builder(&snap, true));
     }
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
@@ -432,10 +434,11 @@ async fn serve_http1(
         let (http1, head_budget, idle) = {
             let snap = shared.snapshot.load();
             let s = &snap.validated.config.server;
-            let mut b = http1_builder(&snap);
-            // The header timeout is drive_parkable's tick (see there).
-            b.header_read_timeout(None);
-            (b, head_budget(&snap), s.header_read_timeout.get())
+            (
+                http1_builder(&snap, false),
+                head_budget(&snap),
+                s.header_read_timeout.get(),
+            )
         };
         let svc = {
             let shared = shared.clone();
