@@ -20,6 +20,39 @@ use tokio::time::{Instant, Sleep};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A client's request body as the pipeline receives it: hyper's, or none at all
+/// (a body-less request read by the lean HTTP/1 server, [`crate::h1server`]).
+pub enum ClientIn {
+    Hyper(Incoming),
+    Empty,
+}
+
+impl Body for ClientIn {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ClientIn::Hyper(b) => Pin::new(b).poll_frame(cx),
+            ClientIn::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientIn::Hyper(b) => b.is_end_stream(),
+            ClientIn::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientIn::Hyper(b) => b.size_hint(),
+            ClientIn::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// Shared between a request body in flight and the handler that sent it.
 pub struct RequestBodyState {
     pub bytes: AtomicU64,
@@ -74,7 +107,7 @@ pub struct Streaming {
     /// Bytes already read from `inner` (while deciding whether to keep the body
     /// for replay), sent first.
     prefix: Option<Bytes>,
-    inner: Incoming,
+    inner: ClientIn,
     limit: u64,
     state: Arc<RequestBodyState>,
     /// Longest wait for the client's next chunk (`server.client_body_timeout`).
@@ -84,14 +117,14 @@ pub struct Streaming {
 }
 
 impl UpstreamBody {
-    pub fn stream(inner: Incoming, limit: u64, state: Arc<RequestBodyState>, idle: Duration) -> UpstreamBody {
+    pub fn stream(inner: ClientIn, limit: u64, state: Arc<RequestBodyState>, idle: Duration) -> UpstreamBody {
         Self::stream_after(None, inner, limit, state, idle)
     }
 
     /// Stream `inner`, sending `prefix` (bytes already read from it) first.
     fn stream_after(
         prefix: Option<Bytes>,
-        inner: Incoming,
+        inner: ClientIn,
         limit: u64,
         state: Arc<RequestBodyState>,
         idle: Duration,
@@ -122,7 +155,7 @@ impl UpstreamBody {
 /// The client's request body as the pipeline holds it: not touched yet, or already
 /// (partly) read by a stage that needed to see it (WAF body inspection).
 pub enum ClientBody {
-    Unread(Incoming),
+    Unread(ClientIn),
     Read(UpstreamBody),
 }
 
@@ -131,7 +164,7 @@ pub enum ClientBody {
 /// Returns the whole body, or, when it is longer than `keep`, a body that sends the
 /// bytes read so far and then streams the rest (and cannot be replayed).
 pub async fn buffer_for_replay(
-    mut inner: Incoming,
+    mut inner: ClientIn,
     keep: usize,
     limit: u64,
     state: Arc<RequestBodyState>,

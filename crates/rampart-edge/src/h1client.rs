@@ -35,6 +35,9 @@ const MAX_HEADERS: usize = 100;
 /// guard's bounds for request bodies, the same for responses.
 const MAX_CHUNK_LINE: usize = crate::security::guard::MAX_CHUNK_LINE as usize;
 const MAX_TRAILERS: usize = crate::security::guard::MAX_TRAILERS as usize;
+/// Room for the fields the pipeline adds to a response (`Via`, `x-request-id`, the
+/// explanation headers).
+const ADDED_FIELDS: usize = 4;
 /// How much room a read asks for.
 const READ_SIZE: usize = 16 * 1024;
 
@@ -246,40 +249,11 @@ fn parse_head(
         }
         // Field values are views into the head's one buffer, not copies.
         let n = res.headers.len();
-        // Where each name and value lies in the head, to slice them out of it once
-        // it is split off the buffer (a stack array: no allocation per response).
         let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-        {
-            let base = buf.as_ptr() as usize;
-            for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
-                // Offsets within a head of at most MAX_HEADERS bytes fit in u32.
-                let at = |p: *const u8| u32::try_from(p as usize - base).unwrap_or(u32::MAX);
-                *span = (
-                    at(h.name.as_ptr()),
-                    h.name.len() as u32,
-                    at(h.value.as_ptr()),
-                    h.value.len() as u32,
-                );
-            }
-        }
+        crate::headers::spans(buf, res.headers, &mut spans);
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(n);
-        for &(name_at, name_len, value_at, value_len) in &spans[..n] {
-            let (name_at, value_at) = (name_at as usize, value_at as usize);
-            let name = head
-                .get(name_at..name_at + name_len as usize)
-                .and_then(|b| HeaderName::from_bytes(b).ok())
-                .ok_or(InvalidResponse("bad header name"))?;
-            if head.get(value_at..value_at + value_len as usize).is_none() {
-                return Err(InvalidResponse("bad header value"));
-            }
-            let bytes = head.slice(value_at..value_at + value_len as usize);
-            // SAFETY: httparse accepted these bytes as a field value, and its value
-            // byte set (HTAB, 0x20-0x7E, 0x80-0xFF) is exactly what HeaderValue allows;
-            // checking every byte again cost about 700 instructions per response.
-            let value = unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) };
-            headers.append(name, value);
-        }
+        let headers =
+            crate::headers::header_map(&head, &spans[..n], ADDED_FIELDS).ok_or(InvalidResponse("bad header field"))?;
         let (framing, keep_alive) = framing(status, version, &headers, head_request)?;
         let mut parts = http::Response::new(()).into_parts().0;
         parts.status = status;

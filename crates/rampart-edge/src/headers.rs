@@ -243,6 +243,49 @@ pub fn header_bytes(h: &HeaderMap) -> usize {
     h.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum()
 }
 
+/// Where one field of a parsed message head lies in it: the name's offset and
+/// length, then the value's.
+pub(crate) type Span = (u32, u32, u32, u32);
+
+/// Record where httparse found each of `fields` in `head` (the buffer it parsed),
+/// so the fields can be sliced out once the head is split off that buffer (a
+/// stack array of spans: no allocation per message).
+pub(crate) fn spans(head: &[u8], fields: &[httparse::Header<'_>], out: &mut [Span]) {
+    let base = head.as_ptr() as usize;
+    // Offsets within a head (bounded far below 4 GiB) fit in u32; a field outside
+    // `head` gets an offset `header_map` refuses.
+    let at = |p: *const u8| u32::try_from((p as usize).wrapping_sub(base)).unwrap_or(u32::MAX);
+    for (span, h) in out.iter_mut().zip(fields) {
+        let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        *span = (
+            at(h.name.as_ptr()),
+            len(h.name.len()),
+            at(h.value.as_ptr()),
+            len(h.value.len()),
+        );
+    }
+}
+
+/// The header map of a head split off its buffer, from the fields' `spans`: names
+/// checked, values sharing `head`'s memory, and room for `room` more fields (the
+/// ones the pipeline adds: growing the map rehashes it). `None` if a name is not
+/// a valid one.
+pub(crate) fn header_map(head: &bytes::Bytes, spans: &[Span], room: usize) -> Option<HeaderMap> {
+    let mut headers = HeaderMap::with_capacity(spans.len() + room);
+    for &(name_at, name_len, value_at, value_len) in spans {
+        let (name_at, value_at) = (name_at as usize, value_at as usize);
+        let name = HeaderName::from_bytes(head.get(name_at..name_at + name_len as usize)?).ok()?;
+        let value_end = value_at + value_len as usize;
+        head.get(value_at..value_end)?;
+        // SAFETY: httparse accepted these bytes as a field value, and its value
+        // byte set (HTAB, 0x20-0x7E, 0x80-0xFF) is exactly what HeaderValue allows;
+        // checking every byte again cost about 700 instructions per message.
+        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(head.slice(value_at..value_end)) };
+        headers.append(name, value);
+    }
+    Some(headers)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

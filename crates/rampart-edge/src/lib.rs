@@ -14,6 +14,7 @@ pub mod chain;
 pub mod dns;
 pub mod h1client;
 pub mod h1pool;
+mod h1server;
 pub mod headers;
 pub mod health;
 mod io;

@@ -2,6 +2,7 @@
 //! each connection until it closes or graceful shutdown asks it to finish.
 
 use crate::Shared;
+use crate::body::ClientIn;
 use crate::metrics::ListenerLabels;
 use crate::park::Parked;
 use crate::proxy::{self, ConnInfo};
@@ -212,7 +213,7 @@ enum Protocols {
 }
 
 /// The most a request head may take: hyper's read buffer and the guard's bound.
-fn head_budget(snap: &crate::snapshot::Snapshot) -> usize {
+pub(crate) fn head_budget(snap: &crate::snapshot::Snapshot) -> usize {
     (snap.limits.max_header_bytes + snap.limits.max_uri + 4096).max(8192)
 }
 
@@ -305,7 +306,7 @@ async fn serve_conn(
     let verdicts = info.verdicts.clone();
     let refusals = verdicts.clone();
     let svc_shared = shared.clone();
-    let svc = service_fn(move |req| proxy::handle(svc_shared.clone(), info.clone(), req));
+    let svc = service_fn(move |req| proxy::handle(svc_shared.clone(), info.clone(), req.map(ClientIn::Hyper)));
     let b = builder(&shared, kind);
     let mut shutdown = shared.shutdown_rx();
     match kind {
@@ -385,52 +386,41 @@ pub(crate) async fn resume(shared: Arc<Shared>, stream: std::net::TcpStream, con
     }
 }
 
-/// Serve a plain HTTP/1 connection whose idle keep-alive time costs only the socket.
+/// Serve a plain HTTP/1 connection: its common requests on the lean path
+/// ([`crate::h1server`]), the rest with hyper, and its idle keep-alive time costing
+/// only the socket.
 ///
 /// hyper keeps a connection's read buffer (8 KiB), write buffer and state for the
 /// connection's whole life, so an idle keep-alive connection cost about 15 KiB.
-/// Here, once the connection has been quiet for [`PARK_AFTER`], it is *parked*:
-/// hyper is asked to end it gracefully (an idle hyper connection ends at once,
+/// Both paths *park* a connection once it has been quiet for [`PARK_AFTER`]: the
+/// socket goes to the parking lot ([`crate::park`]) and this task ends; the
+/// client's next bytes start a new task. The lean path parks between requests.
+/// hyper is asked to end gracefully (an idle hyper connection ends at once,
 /// sending nothing), the guard keeps hyper's shutdown of the socket from reaching
-/// it, and what hyper had read of a next head goes back in front of the stream.
-/// With nothing read ahead, the socket goes to the parking lot ([`crate::park`])
-/// and this task ends; the client's next bytes start a new task and a new hyper
-/// connection. A connection is parked only when the framing guard says the stream
-/// is exactly between messages; otherwise it is closed, as hyper would. A
-/// connection that sends nothing before `deadline` is closed.
+/// it, and what hyper had read of a next head goes back in front of the stream, to
+/// the lean path again. A connection is parked only when the framing guard says
+/// the stream is exactly between messages; otherwise it is closed, as hyper would.
+/// A connection that sends nothing before `deadline` is closed.
 async fn serve_http1(
     shared: Arc<Shared>,
-    mut stream: Prefixed<TcpStream>,
+    stream: Prefixed<TcpStream>,
     info: Arc<ConnInfo>,
     guard: ConnGuard,
     mut deadline: Instant,
 ) {
     let mut shutdown = shared.shutdown_rx();
     let verdicts = info.verdicts.clone();
+    let (mut tcp, mut read) = stream.into_parts();
     loop {
-        if *shutdown.borrow() {
-            break;
-        }
-        if !stream.has_prefix() {
-            // The next bytes usually follow at once; a quiet connection is parked.
-            let wait = PARK_AFTER.min(deadline.saturating_duration_since(Instant::now()));
-            tokio::select! {
-                r = stream.get_ref().readable() => {
-                    if r.is_err() {
-                        break;
-                    }
-                }
-                () = tokio::time::sleep(wait) => {
-                    if Instant::now() >= deadline {
-                        break;
-                    }
-                    let (tcp, _) = stream.into_parts();
-                    shared.lot.park(tcp, Parked::new(&info, guard), deadline);
-                    return;
-                }
-                _ = shutdown.changed() => break,
+        let lean = crate::h1server::serve(&shared, &info, tcp, read, &mut shutdown, PARK_AFTER, deadline);
+        let stream = match Box::pin(lean).await {
+            crate::h1server::Ended::Park(tcp, deadline) => {
+                shared.lot.park(tcp, Parked::new(&info, guard), deadline);
+                return;
             }
-        }
+            crate::h1server::Ended::Close => break,
+            crate::h1server::Ended::Handoff(tcp, read) => Prefixed::new(tcp, read),
+        };
         let (http1, head_budget, idle) = {
             let snap = shared.snapshot.load();
             let s = &snap.validated.config.server;
@@ -443,7 +433,7 @@ async fn serve_http1(
         let svc = {
             let shared = shared.clone();
             let info = info.clone();
-            service_fn(move |req| proxy::handle(shared.clone(), info.clone(), req))
+            service_fn(move |req| proxy::handle(shared.clone(), info.clone(), req.map(ClientIn::Hyper)))
         };
         let io = TokioIo::new(Guarded::new(stream, head_budget, verdicts.clone()));
         // Boxed: hyper's state is dropped when the connection is parked.
@@ -460,16 +450,16 @@ async fn serve_http1(
         if !guarded.between_messages(parts.read_buf.len()) {
             break;
         }
-        let (tcp, unread) = guarded.into_inner().into_parts();
-        // hyper's header timer had run since the connection went quiet.
+        let (t, unread) = guarded.into_inner().into_parts();
+        // hyper's connection had been quiet for a tick.
         deadline = Instant::now() + idle.saturating_sub(PARK_AFTER);
         if parts.read_buf.is_empty() && unread.is_empty() {
-            shared.lot.park(tcp, Parked::new(&info, guard), deadline);
+            shared.lot.park(t, Parked::new(&info, guard), deadline);
             return;
         }
-        let mut prefix = parts.read_buf.to_vec();
-        prefix.extend_from_slice(&unread);
-        stream = Prefixed::new(tcp, prefix);
+        read = parts.read_buf.to_vec();
+        read.extend_from_slice(&unread);
+        tcp = t;
     }
     if let Some(r) = verdicts.take_refusal() {
         proxy::log_refusal(&shared, info.peer, &r);

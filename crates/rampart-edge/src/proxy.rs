@@ -8,7 +8,7 @@
 
 use crate::Shared;
 use crate::access_log::Entry;
-use crate::body::{BodyOutcome, ClientBody, Completion, EdgeBody, RequestBodyState, UpstreamBody};
+use crate::body::{BodyOutcome, ClientBody, ClientIn, Completion, EdgeBody, RequestBodyState, UpstreamBody};
 use crate::headers::{self, X_RAMPART_ATTEMPTS, X_RAMPART_REASON, X_RAMPART_ROUTE, X_RAMPART_UPSTREAM, X_REQUEST_ID};
 use crate::reason::Reason;
 use crate::routing::Matched;
@@ -17,7 +17,6 @@ use crate::upstream::{Backend, classify};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rampart_config::Protocol;
 use std::convert::Infallible;
@@ -376,7 +375,7 @@ macro_rules! cache_stage {
 pub async fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
-    req: Request<Incoming>,
+    req: Request<ClientIn>,
 ) -> Result<Response<EdgeBody>, Infallible> {
     let mut limit = None;
     let in_flight = crate::security::guard::InFlight::enter(&conn.verdicts);
@@ -439,7 +438,7 @@ fn ratelimit_value(rule: &crate::security::rate_limit::Rule, remaining: u32, res
 async fn handle_request(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientIn>,
     limit: &mut Option<(HeaderValue, HeaderValue)>,
 ) -> Result<Response<EdgeBody>, Infallible> {
     let start = Instant::now();
@@ -1484,7 +1483,7 @@ mod tests {
         // hyper keeps an allocation of this size per HTTP/1 connection, idle or not.
         fn future_size<F, Fut>(_: F) -> usize
         where
-            F: FnOnce(Arc<Shared>, Arc<ConnInfo>, Request<Incoming>) -> Fut,
+            F: FnOnce(Arc<Shared>, Arc<ConnInfo>, Request<ClientIn>) -> Fut,
         {
             std::mem::size_of::<Fut>()
         }
@@ -1499,7 +1498,7 @@ mod tests {
             F: FnOnce(
                 Arc<Shared>,
                 Arc<ConnInfo>,
-                Request<Incoming>,
+                Request<ClientIn>,
                 &'static mut Option<(HeaderValue, HeaderValue)>,
             ) -> Fut,
         {

@@ -84,6 +84,12 @@ impl Verdicts {
         self.heads.load(Ordering::Relaxed)
     }
 
+    /// A request head read by the lean server path (`crate::h1server`), which the
+    /// guard does not see: counted, so request numbers stay those of the heads.
+    pub fn note_head(&self) {
+        self.heads.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Responses in flight on this connection.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)

@@ -7,40 +7,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Read one response with a Content-Length body: (head, body).
-async fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
-            .await
-            .expect("a response in time")
-            .unwrap();
-        assert!(n > 0, "closed before a response: {:?}", String::from_utf8_lossy(&buf));
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().unwrap())
-        })
-        .expect("a content-length");
-    let mut body = buf[head_end..].to_vec();
-    while body.len() < len {
-        let n = s.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "closed inside a body");
-        body.extend_from_slice(&chunk[..n]);
-    }
-    assert_eq!(body.len(), len, "nothing beyond the body");
-    (head, body)
-}
-
 /// The `rampart_parked_connections` gauge.
 async fn parked(e: &TestEdge) -> u64 {
     let m = e.metrics().await;

@@ -11,6 +11,7 @@ mod balance;
 mod cache;
 mod chain;
 mod health;
+mod http1;
 mod keepalive;
 mod proxy;
 mod retry;

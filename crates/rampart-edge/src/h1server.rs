@@ -1,0 +1,983 @@
+//! Rampart's own HTTP/1.1 server path for the common request: a plain keep-alive
+//! request with no body and no upgrade (a GET, a HEAD, a DELETE without content).
+//!
+//! hyper's server runs a dispatcher per connection that parses every head into its
+//! own structures, polls the socket about nine times per request and encodes the
+//! response through a general writer: callgrind counted about 10k instructions per
+//! proxied GET outside the pipeline. Here the connection's own task reads the head
+//! with `httparse` (header values are views into one buffer), calls the pipeline,
+//! writes the response head and body itself, and loops.
+//!
+//! Everything else is hyper's: a head with `Content-Length` or `Transfer-Encoding`,
+//! `Upgrade`, `Expect`, `CONNECT`, a head httparse refuses or that outgrows the head
+//! budget. The connection is *handed off*: hyper gets the socket with the bytes read
+//! so far in front of it, serves that request and the framing guard watches it
+//! (see `listener::serve_http1`), and the connection comes back here once hyper
+//! has been quiet long enough to park it.
+//!
+//! The response follows hyper's server rules, so the path a request takes does not
+//! show: `Content-Length` from the body or its header, else chunked (HTTP/1.1) or
+//! until close (HTTP/1.0); no body for HEAD, 1xx, 204 and 304; `Date` added; an
+//! HTTP/1.0 client's keep-alive answered with `Connection: keep-alive`, a client's
+//! `Connection: close` with the same. Response trailers are not sent (hyper sends
+//! them only when a `Trailer` field declares them, which the pipeline removes).
+
+use crate::Shared;
+use crate::body::{ClientIn, EdgeBody};
+use crate::proxy::{self, ConnInfo};
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::Body as _;
+use std::future::poll_fn;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Header slots on the stack; a head with more fields (and a configured limit above
+/// this) goes to hyper.
+const MAX_HEADERS: usize = 128;
+/// Room for the fields the pipeline adds to a request on its way upstream
+/// (`X-Forwarded-For`, `-Proto`, `-Host`, `Via`, `x-request-id`, a cookie's pin).
+const ADDED_FIELDS: usize = 6;
+/// How much room a read asks for.
+const READ_SIZE: usize = 8 * 1024;
+/// Body chunks up to this size are copied behind the head or the chunk line, so a
+/// small response is one write; larger ones are written from where they are.
+const COPY_LIMIT: usize = 16 * 1024;
+
+/// How serving a connection here ended.
+pub(crate) enum Ended {
+    /// Quiet at a message boundary for a tick: park the socket until `deadline`.
+    Park(TcpStream, Instant),
+    /// Closed (by either side, a timeout, an error, or shutdown).
+    Close,
+    /// A request this path does not serve: hyper serves the connection from here,
+    /// these bytes first.
+    Handoff(TcpStream, Vec<u8>),
+}
+
+/// What the response needs to know about its request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Asked {
+    method: Method,
+    version: Version,
+    keep_alive: bool,
+}
+
+/// A request head read from the front of the buffer.
+// Returned once per request and unpacked at once, never stored: boxing the request
+// would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    /// Not all of the head is here yet.
+    Partial,
+    Request(Request<ClientIn>, Asked),
+    /// For hyper (see the module notes); the buffer is as it was.
+    Other,
+}
+
+/// Serve requests on `tcp` (with `read` already read from it) until it parks,
+/// closes or needs hyper. `deadline`: when a connection that sends nothing is closed.
+pub(crate) async fn serve(
+    shared: &Arc<Shared>,
+    info: &Arc<ConnInfo>,
+    mut tcp: TcpStream,
+    read: Vec<u8>,
+    shutdown: &mut watch::Receiver<bool>,
+    park_after: Duration,
+    mut deadline: Instant,
+) -> Ended {
+    let (budget, max_headers, idle) = {
+        let snap = shared.snapshot.load();
+        (
+            crate::listener::head_budget(&snap),
+            snap.limits.max_headers,
+            snap.validated.config.server.header_read_timeout.get(),
+        )
+    };
+    let mut buf = BytesMut::from(&read[..]);
+    let mut out: Vec<u8> = Vec::new();
+    // The parking tick: a connection that started no request for a whole tick,
+    // waiting for its next one, is parked.
+    let mut tick = Box::pin(tokio::time::sleep(park_after));
+    let mut served: u64 = 0;
+    let mut served_at_tick: u64 = 0;
+    // When the head being read began to arrive (for the header timeout).
+    let mut head_began: Option<Instant> = None;
+    loop {
+        if *shutdown.borrow() {
+            return Ended::Close;
+        }
+        let parsed = if buf.is_empty() {
+            Parsed::Partial
+        } else {
+            parse(&mut buf, max_headers.min(MAX_HEADERS))
+        };
+        let (req, asked) = match parsed {
+            Parsed::Request(req, asked) => (req, asked),
+            Parsed::Other => return Ended::Handoff(tcp, buf.to_vec()),
+            Parsed::Partial if buf.len() >= budget => return Ended::Handoff(tcp, buf.to_vec()),
+            Parsed::Partial if buf.is_empty() => {
+                // Between requests: wait for the next, park when quiet.
+                tokio::select! {
+                    biased;
+                    r = poll_fn(|cx| tcp.poll_read_ready(cx)) => {
+                        if r.is_err() {
+                            return Ended::Close;
+                        }
+                    }
+                    () = tick.as_mut() => {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            return Ended::Close;
+                        }
+                        if served == served_at_tick {
+                            return Ended::Park(tcp, deadline);
+                        }
+                        served_at_tick = served;
+                        tick.as_mut().reset(now + park_after);
+                        continue;
+                    }
+                    _ = shutdown.changed() => return Ended::Close,
+                }
+                if let Got::End = read_now(&mut tcp, &mut buf, budget) {
+                    return Ended::Close;
+                }
+                continue;
+            }
+            Parsed::Partial => {
+                // Part of a head: the rest within the header timeout.
+                let began = *head_began.get_or_insert_with(Instant::now);
+                tokio::select! {
+                    r = tokio::time::timeout_at(began + idle, poll_fn(|cx| tcp.poll_read_ready(cx))) => match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return Ended::Close,
+                        Err(_) => {
+                            tracing::debug!("request head not complete in time: closed");
+                            return Ended::Close;
+                        }
+                    },
+                    _ = shutdown.changed() => return Ended::Close,
+                }
+                if let Got::End = read_now(&mut tcp, &mut buf, budget) {
+                    return Ended::Close;
+                }
+                continue;
+            }
+        };
+        head_began = None;
+        served += 1;
+        info.verdicts.note_head();
+        // The pipeline, while watching the client: a client that closes its end
+        // abandons the request (as hyper does), and pipelined bytes are kept.
+        let handled = std::pin::pin!(proxy::handle(shared.clone(), info.clone(), req));
+        let resp = tokio::select! {
+            biased;
+            r = handled => match r {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            },
+            () = client_gone(&mut tcp, &mut buf, budget) => return Ended::Close,
+        };
+        let keep = match respond(&mut tcp, &mut buf, budget, &mut out, resp, &asked).await {
+            Ok(keep) => keep,
+            Err(e) => {
+                tracing::trace!(error = %e, "response not sent whole: closed");
+                return Ended::Close;
+            }
+        };
+        if !keep || *shutdown.borrow() {
+            let _ = tcp.shutdown().await;
+            return Ended::Close;
+        }
+        deadline = Instant::now() + idle;
+        // A large write buffer is not kept for the connection's life.
+        if out.capacity() > 4 * COPY_LIMIT {
+            out = Vec::new();
+        }
+    }
+}
+
+/// What one read found.
+enum Got {
+    Bytes,
+    /// Nothing yet (the socket's readiness was stale; it is cleared now).
+    Nothing,
+    /// The client closed its end, or the read failed.
+    End,
+}
+
+/// Read what the socket has now into `buf` (up to `budget` buffered), without
+/// waiting. tokio's read, not `try_read`: a short read clears the socket's
+/// readiness, so the next wait costs no system call.
+fn read_now(tcp: &mut TcpStream, buf: &mut BytesMut, budget: usize) -> Got {
+    use futures_util::FutureExt;
+    buf.reserve(READ_SIZE.min(budget.saturating_sub(buf.len()).max(1)));
+    match tcp.read_buf(buf).now_or_never() {
+        None => Got::Nothing,
+        Some(Ok(0) | Err(_)) => Got::End,
+        Some(Ok(_)) => Got::Bytes,
+    }
+}
+
+/// Resolves when the client closes its end while a response is being prepared.
+/// Bytes it sends meanwhile (a pipelined request) are kept in `buf`, up to
+/// `budget`; past that, the socket is left unread until the response is out.
+async fn client_gone(tcp: &mut TcpStream, buf: &mut BytesMut, budget: usize) {
+    loop {
+        // The socket's own read waker, not `readable()`'s list of waiters: this
+        // task is the socket's only reader.
+        if buf.len() >= budget || poll_fn(|cx| tcp.poll_read_ready(cx)).await.is_err() {
+            return std::future::pending().await;
+        }
+        if let Got::End = read_now(tcp, buf, budget) {
+            return;
+        }
+    }
+}
+
+/// Parse a request head at the front of `buf`; a request for this path is split
+/// off it (its header values share the head's memory).
+fn parse(buf: &mut BytesMut, max_headers: usize) -> Parsed {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let slots = &mut slots[..max_headers.min(MAX_HEADERS)];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, slots) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Other,
+    };
+    let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
+        return Parsed::Other;
+    };
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Parsed::Other;
+    };
+    if method == Method::CONNECT {
+        return Parsed::Other;
+    }
+    let http11 = version == 1;
+    let mut keep_alive = http11;
+    let mut close = false;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        if is("content-length") || is("transfer-encoding") || is("upgrade") || is("expect") {
+            return Parsed::Other;
+        }
+        if is("connection") {
+            // As hyper reads it: any `close` wins; HTTP/1.0 keeps alive on request.
+            if close || has_token(h.value, "close") {
+                close = true;
+                keep_alive = false;
+            } else if !keep_alive {
+                keep_alive = has_token(h.value, "keep-alive");
+            }
+        }
+    }
+    let n = req.headers.len();
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    crate::headers::spans(buf, req.headers, &mut spans);
+    let base = buf.as_ptr() as usize;
+    let path_at = path.as_ptr() as usize - base;
+    let path_range = path_at..path_at + path.len();
+    let head = buf.split_to(len).freeze();
+    let built = http::Uri::from_maybe_shared(head.slice(path_range))
+        .ok()
+        .zip(crate::headers::header_map(&head, &spans[..n], ADDED_FIELDS));
+    let Some((uri, headers)) = built else {
+        // hyper answers what it cannot read: the head goes back in front.
+        unsplit(buf, head);
+        return Parsed::Other;
+    };
+    let version = if http11 { Version::HTTP_11 } else { Version::HTTP_10 };
+    let asked = Asked {
+        method: method.clone(),
+        version,
+        keep_alive,
+    };
+    let mut r = Request::new(ClientIn::Empty);
+    *r.method_mut() = method;
+    *r.uri_mut() = uri;
+    *r.version_mut() = version;
+    *r.headers_mut() = headers;
+    Parsed::Request(r, asked)
+}
+
+/// Put `head` (split off the front of `buf`) back in front of it.
+fn unsplit(buf: &mut BytesMut, head: Bytes) {
+    let mut whole = head.try_into_mut().unwrap_or_else(|h| BytesMut::from(&h[..]));
+    whole.unsplit(std::mem::take(buf));
+    *buf = whole;
+}
+
+/// Whether a comma-separated field value has `token` (any case).
+fn has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// How the response body is framed on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (HTTP/1.0 and a body of unknown length).
+    Close,
+}
+
+/// What the body says of its length, as hyper asks it: none left, exactly this
+/// much, or not known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BodyLen {
+    None,
+    Known(u64),
+    Unknown,
+}
+
+/// A response the pipeline made that cannot be sent as it is.
+#[derive(Debug)]
+struct Unsendable(&'static str);
+
+impl std::fmt::Display for Unsendable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for Unsendable {}
+
+/// hyper's `can_have_body`: no body for HEAD, 1xx, 204 and 304.
+fn can_have_body(method: &Method, status: StatusCode) -> bool {
+    *method != Method::HEAD && can_have_length(status)
+}
+
+/// hyper's `can_have_content_length`: not 1xx, 204 or 304.
+fn can_have_length(status: StatusCode) -> bool {
+    !status.is_informational() && status != StatusCode::NO_CONTENT && status != StatusCode::NOT_MODIFIED
+}
+
+/// Write the response head into `out` as hyper's server would, and say how the body
+/// is framed and whether the connection stays open after it.
+fn encode_head(
+    out: &mut Vec<u8>,
+    parts: &mut http::response::Parts,
+    body: BodyLen,
+    asked: &Asked,
+) -> Result<(Framing, bool), Unsendable> {
+    if parts.status.is_informational() {
+        return Err(Unsendable("interim status as a final response"));
+    }
+    let (mut close, mut keep_alive) = (false, false);
+    for v in parts.headers.get_all(header::CONNECTION) {
+        close |= has_token(v.as_bytes(), "close");
+        keep_alive |= has_token(v.as_bytes(), "keep-alive");
+    }
+    let mut keep = asked.keep_alive && !close;
+    if asked.version == Version::HTTP_10 {
+        if keep && !keep_alive {
+            parts
+                .headers
+                .append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        }
+        out.extend_from_slice(b"HTTP/1.0 ");
+    } else {
+        if !keep && !close {
+            parts
+                .headers
+                .append(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        out.extend_from_slice(b"HTTP/1.1 ");
+    }
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    match parts.extensions.get::<hyper::ext::ReasonPhrase>() {
+        Some(r) => out.extend_from_slice(r.as_bytes()),
+        None => out.extend_from_slice(parts.status.canonical_reason().unwrap_or("<none>").as_bytes()),
+    }
+    out.extend_from_slice(b"\r\n");
+
+    let head = asked.method == Method::HEAD;
+    let mut framing = None;
+    let mut wrote_date = false;
+    for (name, value) in &parts.headers {
+        match *name {
+            header::CONTENT_LENGTH => {
+                if framing.is_some() {
+                    // hyper writes one Content-Length; copies must agree.
+                    if body == BodyLen::Unknown && content_length(value) != framing_len(framing) {
+                        return Err(Unsendable("Content-Length copies disagree"));
+                    }
+                    continue;
+                }
+                match body {
+                    BodyLen::Known(n) => framing = Some(Framing::Length(n)),
+                    BodyLen::Unknown => match content_length(value) {
+                        Some(n) => framing = Some(Framing::Length(n)),
+                        None => return Err(Unsendable("bad Content-Length")),
+                    },
+                    // A HEAD answer keeps its length; an empty body's is written below.
+                    BodyLen::None if head => framing = Some(Framing::Length(0)),
+                    BodyLen::None => continue,
+                }
+            }
+            // The body's framing is decided here, not by a field the pipeline left.
+            header::TRANSFER_ENCODING => continue,
+            header::DATE => wrote_date = true,
+            _ => {}
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let status = parts.status;
+    let framing = match (framing, body) {
+        (Some(f), _) => f,
+        (None, BodyLen::Unknown) => {
+            if asked.version == Version::HTTP_10 || !can_have_body(&asked.method, status) {
+                Framing::Close
+            } else {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                Framing::Chunked
+            }
+        }
+        (None, BodyLen::None | BodyLen::Known(0)) => {
+            if can_have_length(status) && !head {
+                out.extend_from_slice(b"content-length: 0\r\n");
+            }
+            Framing::Length(0)
+        }
+        (None, BodyLen::Known(n)) => {
+            if can_have_length(status) {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                out.extend_from_slice(b"\r\n");
+                Framing::Length(n)
+            } else {
+                Framing::Length(0)
+            }
+        }
+    };
+    let framing = if can_have_body(&asked.method, status) {
+        framing
+    } else {
+        Framing::Length(0)
+    };
+    if framing == Framing::Close {
+        keep = false;
+    }
+    if !wrote_date {
+        out.extend_from_slice(b"date: ");
+        date::extend(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok((framing, keep))
+}
+
+/// A `Content-Length` value: digits, or a list of the same digits (as hyper reads it).
+fn content_length(v: &HeaderValue) -> Option<u64> {
+    let mut len = None;
+    for part in v.as_bytes().split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = std::str::from_utf8(part).ok()?.parse::<u64>().ok()?;
+        if len.is_some_and(|l| l != n) {
+            return None;
+        }
+        len = Some(n);
+    }
+    len
+}
+
+fn framing_len(f: Option<Framing>) -> Option<u64> {
+    match f {
+        Some(Framing::Length(n)) => Some(n),
+        _ => None,
+    }
+}
+
+/// Send the response; true when the connection may carry another request.
+async fn respond(
+    tcp: &mut TcpStream,
+    buf: &mut BytesMut,
+    budget: usize,
+    out: &mut Vec<u8>,
+    resp: Response<EdgeBody>,
+    asked: &Asked,
+) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+    let (mut parts, mut body) = resp.into_parts();
+    let len = if body.is_end_stream() {
+        BodyLen::None
+    } else {
+        body.size_hint().exact().map_or(BodyLen::Unknown, BodyLen::Known)
+    };
+    out.clear();
+    let (framing, keep) = encode_head(out, &mut parts, len, asked)?;
+    drop(parts);
+    // What a Content-Length still promises.
+    let mut left = match framing {
+        Framing::Length(n) => Some(n),
+        _ => None,
+    };
+    // A body with nothing to send on the wire is not read (hyper drops it too).
+    let mut ended = framing == Framing::Length(0);
+    while !ended {
+        // The next frame if it is ready; else send what is waiting and wait for it,
+        // watching for the client going away (as hyper does).
+        let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+            Poll::Ready(f) => f,
+            Poll::Pending => {
+                if !out.is_empty() {
+                    tcp.write_all(out).await?;
+                    out.clear();
+                }
+                tokio::select! {
+                    biased;
+                    f = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => f,
+                    () = client_gone(tcp, buf, budget) => return Err(Box::new(Unsendable("client went away"))),
+                }
+            }
+        };
+        let data = match frame {
+            None => break,
+            Some(Err(e)) => return Err(e),
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) => d,
+                // Trailers: not sent (see the module notes).
+                Err(_) => {
+                    ended = body.is_end_stream();
+                    continue;
+                }
+            },
+        };
+        ended = body.is_end_stream();
+        if data.is_empty() {
+            continue;
+        }
+        let n = data.len() as u64;
+        if let Some(l) = &mut left {
+            *l = l
+                .checked_sub(n)
+                .ok_or(Unsendable("body longer than its Content-Length"))?;
+        }
+        if framing == Framing::Chunked {
+            let mut hex = [0u8; 16];
+            out.extend_from_slice(hex_len(data.len(), &mut hex));
+            out.extend_from_slice(b"\r\n");
+        }
+        if data.len() <= COPY_LIMIT {
+            out.extend_from_slice(&data);
+        } else {
+            if !out.is_empty() {
+                tcp.write_all(out).await?;
+                out.clear();
+            }
+            tcp.write_all(&data).await?;
+        }
+        if framing == Framing::Chunked {
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    drop(body);
+    if left.is_some_and(|l| l != 0) {
+        // Cut short: the client sees the connection close before the length is
+        // reached, and cannot take what follows for a next response.
+        if !out.is_empty() {
+            tcp.write_all(out).await?;
+        }
+        return Err(Box::new(Unsendable("body shorter than its Content-Length")));
+    }
+    if framing == Framing::Chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    if !out.is_empty() {
+        tcp.write_all(out).await?;
+        out.clear();
+    }
+    Ok(keep)
+}
+
+/// `n` in hexadecimal, as a chunk-size line starts.
+fn hex_len(mut n: usize, buf: &mut [u8; 16]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b"0123456789abcdef"[n & 15];
+        n >>= 4;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// The `Date` field's value, formatted once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+    }
+
+    pub(super) fn extend(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHED.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.0 != secs {
+                let text = httpdate::fmt_http_date(now);
+                if let Some(b) = text.as_bytes().get(..29) {
+                    c.1.copy_from_slice(b);
+                }
+                c.0 = secs;
+            }
+            out.extend_from_slice(&c.1);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_text(text: &str) -> (Parsed, BytesMut) {
+        let mut buf = BytesMut::from(text.as_bytes());
+        let p = parse(&mut buf, 100);
+        (p, buf)
+    }
+
+    #[test]
+    fn simple_requests_are_read_and_the_rest_left_alone() {
+        let (p, rest) = parse_text("GET /a?b=1 HTTP/1.1\r\nHost: t\r\nX-A: 1\r\nX-A: 2\r\n\r\nGET /next");
+        let Parsed::Request(req, asked) = p else {
+            panic!("a request")
+        };
+        assert_eq!(req.method(), Method::GET);
+        assert_eq!(req.uri(), "/a?b=1");
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert_eq!(req.headers().get_all("x-a").iter().count(), 2);
+        assert!(asked.keep_alive);
+        assert_eq!(&rest[..], b"GET /next", "a pipelined request stays in the buffer");
+
+        for text in [
+            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "PUT / HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n\r\n",
+            "CONNECT t:443 HTTP/1.1\r\nHost: t:443\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: t\r\n folded\r\n\r\n",
+        ] {
+            let (p, rest) = parse_text(text);
+            assert!(matches!(p, Parsed::Other), "{text:?} is hyper's");
+            assert_eq!(&rest[..], text.as_bytes(), "{text:?}: the buffer is as it was");
+        }
+        assert!(matches!(parse_text("GET / HTTP/1.1\r\nHost: t\r\n").0, Parsed::Partial));
+    }
+
+    #[test]
+    fn keep_alive_is_read_as_hyper_reads_it() {
+        for (text, keep) in [
+            ("GET / HTTP/1.1\r\n\r\n", true),
+            ("GET / HTTP/1.1\r\nConnection: close\r\n\r\n", false),
+            ("GET / HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n", false),
+            (
+                "GET / HTTP/1.1\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n",
+                false,
+            ),
+            ("GET / HTTP/1.0\r\n\r\n", false),
+            ("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", true),
+            (
+                "GET / HTTP/1.0\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n",
+                false,
+            ),
+        ] {
+            let (Parsed::Request(_, asked), _) = parse_text(text) else {
+                panic!("{text:?}")
+            };
+            assert_eq!(asked.keep_alive, keep, "{text:?}");
+        }
+    }
+
+    /// The head without its `date` line, the framing and whether the connection stays.
+    fn encode(
+        method: Method,
+        version: Version,
+        keep_alive: bool,
+        status: u16,
+        fields: &[(&'static str, &'static str)],
+        body: BodyLen,
+    ) -> (String, Framing, bool) {
+        let mut resp = Response::new(());
+        *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+        for (k, v) in fields {
+            resp.headers_mut().append(*k, HeaderValue::from_static(v));
+        }
+        let (mut parts, ()) = resp.into_parts();
+        let asked = Asked {
+            method,
+            version,
+            keep_alive,
+        };
+        let mut out = Vec::new();
+        let (framing, keep) = encode_head(&mut out, &mut parts, body, &asked).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let text: Vec<&str> = text.split("\r\n").filter(|l| !l.starts_with("date: ")).collect();
+        (text.join("\r\n"), framing, keep)
+    }
+
+    #[test]
+    fn response_heads_follow_hyper() {
+        use BodyLen::{Known, None as Empty, Unknown};
+        let (get, head, v11, v10) = (Method::GET, Method::HEAD, Version::HTTP_11, Version::HTTP_10);
+        let cases = [
+            // A known length is written from the body.
+            (
+                get.clone(),
+                v11,
+                true,
+                200,
+                vec![],
+                Known(5),
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                Framing::Length(5),
+                true,
+            ),
+            // The header's value is kept when the body agrees.
+            (
+                get.clone(),
+                v11,
+                true,
+                200,
+                vec![("content-length", "5")],
+                Known(5),
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                Framing::Length(5),
+                true,
+            ),
+            // Unknown length: chunked for HTTP/1.1, until close for HTTP/1.0.
+            (
+                get.clone(),
+                v11,
+                true,
+                200,
+                vec![],
+                Unknown,
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                Framing::Chunked,
+                true,
+            ),
+            (
+                get.clone(),
+                v10,
+                true,
+                200,
+                vec![],
+                Unknown,
+                "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\n\r\n",
+                Framing::Close,
+                false,
+            ),
+            // A length header with a streaming body frames it.
+            (
+                get.clone(),
+                v11,
+                true,
+                200,
+                vec![("content-length", "7")],
+                Unknown,
+                "HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n",
+                Framing::Length(7),
+                true,
+            ),
+            // An empty body: length zero, except where no length may be sent.
+            (
+                get.clone(),
+                v11,
+                true,
+                404,
+                vec![],
+                Empty,
+                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+                Framing::Length(0),
+                true,
+            ),
+            (
+                get.clone(),
+                v11,
+                true,
+                204,
+                vec![("content-length", "0")],
+                Empty,
+                "HTTP/1.1 204 No Content\r\n\r\n",
+                Framing::Length(0),
+                true,
+            ),
+            (
+                get.clone(),
+                v11,
+                true,
+                304,
+                vec![("etag", "\"x\"")],
+                Empty,
+                "HTTP/1.1 304 Not Modified\r\netag: \"x\"\r\n\r\n",
+                Framing::Length(0),
+                true,
+            ),
+            // HEAD keeps the length it was given and sends no body.
+            (
+                head.clone(),
+                v11,
+                true,
+                200,
+                vec![("content-length", "18")],
+                Empty,
+                "HTTP/1.1 200 OK\r\ncontent-length: 18\r\n\r\n",
+                Framing::Length(0),
+                true,
+            ),
+            (
+                head.clone(),
+                v11,
+                true,
+                200,
+                vec![],
+                Unknown,
+                "HTTP/1.1 200 OK\r\n\r\n",
+                Framing::Length(0),
+                true,
+            ),
+            // Closing: the client's close is answered; the pipeline's close is kept.
+            (
+                get.clone(),
+                v11,
+                false,
+                200,
+                vec![],
+                Known(1),
+                "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n",
+                Framing::Length(1),
+                false,
+            ),
+            (
+                get.clone(),
+                v11,
+                true,
+                400,
+                vec![("connection", "close")],
+                Known(1),
+                "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 1\r\n\r\n",
+                Framing::Length(1),
+                false,
+            ),
+            (
+                get.clone(),
+                v10,
+                true,
+                400,
+                vec![("connection", "close")],
+                Known(1),
+                "HTTP/1.0 400 Bad Request\r\nconnection: close\r\ncontent-length: 1\r\n\r\n",
+                Framing::Length(1),
+                false,
+            ),
+            (
+                get.clone(),
+                v10,
+                false,
+                200,
+                vec![],
+                Known(1),
+                "HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n",
+                Framing::Length(1),
+                false,
+            ),
+            // A transfer coding the pipeline left is not trusted for the framing.
+            (
+                get.clone(),
+                v11,
+                true,
+                200,
+                vec![("transfer-encoding", "gzip")],
+                Known(3),
+                "HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n",
+                Framing::Length(3),
+                true,
+            ),
+            (
+                get.clone(),
+                v11,
+                true,
+                599,
+                vec![],
+                Empty,
+                "HTTP/1.1 599 <none>\r\ncontent-length: 0\r\n\r\n",
+                Framing::Length(0),
+                true,
+            ),
+        ];
+        for (method, version, keep_alive, status, fields, body, text, framing, keep) in cases {
+            let got = encode(method.clone(), version, keep_alive, status, &fields, body);
+            assert_eq!(
+                got,
+                (text.to_string(), framing, keep),
+                "{method} {version:?} {status} {fields:?} {body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unsendable_responses_are_refused() {
+        let asked = Asked {
+            method: Method::GET,
+            version: Version::HTTP_11,
+            keep_alive: true,
+        };
+        for (status, fields) in [
+            (100, vec![]),
+            (200, vec![("content-length", "x")]),
+            (200, vec![("content-length", "1"), ("content-length", "2")]),
+        ] {
+            let mut resp = Response::new(());
+            *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+            for (k, v) in &fields {
+                resp.headers_mut().append(*k, HeaderValue::from_static(v));
+            }
+            let (mut parts, ()) = resp.into_parts();
+            let r = encode_head(&mut Vec::new(), &mut parts, BodyLen::Unknown, &asked);
+            assert!(r.is_err(), "{status} {fields:?}");
+        }
+    }
+
+    #[test]
+    fn chunk_sizes_are_lowercase_hex() {
+        let mut b = [0u8; 16];
+        assert_eq!(hex_len(0, &mut b), b"0");
+        assert_eq!(hex_len(255, &mut b), b"ff");
+        assert_eq!(hex_len(4096, &mut b), b"1000");
+        assert_eq!(hex_len(usize::MAX, &mut b), b"ffffffffffffffff");
+    }
+
+    #[test]
+    fn the_date_is_an_imf_fixdate() {
+        let mut out = Vec::new();
+        date::extend(&mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.len(), 29);
+        assert!(text.ends_with(" GMT"), "{text}");
+        assert!(httpdate::parse_http_date(&text).is_ok(), "{text}");
+    }
+}
