@@ -92,7 +92,7 @@ pub(crate) async fn serve(
     read: Vec<u8>,
     shutdown: &mut watch::Receiver<bool>,
     park_after: Duration,
-    mut deadline: Instant,
+    deadline: Instant,
 ) -> Ended {
     let (budget, max_headers, idle) = {
         let snap = shared.snapshot.load();
@@ -107,6 +107,10 @@ pub(crate) async fn serve(
     // The parking tick: a connection that started no request for a whole tick,
     // waiting for its next one, is parked.
     let mut tick = Box::pin(tokio::time::sleep(park_after));
+    // When the connection is closed if it sends nothing: the given deadline until a
+    // request is served; after that, `idle` from the end of the last response, which
+    // the tick works out when it finds the connection quiet (no clock read per request).
+    let mut deadline = Some(deadline);
     let mut served: u64 = 0;
     let mut served_at_tick: u64 = 0;
     // When the head being read began to arrive (for the header timeout).
@@ -135,10 +139,12 @@ pub(crate) async fn serve(
                     }
                     () = tick.as_mut() => {
                         let now = Instant::now();
-                        if now >= deadline {
-                            return Ended::Close;
-                        }
                         if served == served_at_tick {
+                            // Quiet for a whole tick: the last response ended before it.
+                            let deadline = deadline.unwrap_or(now.checked_sub(park_after).unwrap_or(now) + idle);
+                            if now >= deadline {
+                                return Ended::Close;
+                            }
                             return Ended::Park(tcp, deadline);
                         }
                         served_at_tick = served;
@@ -197,7 +203,7 @@ pub(crate) async fn serve(
             let _ = tcp.shutdown().await;
             return Ended::Close;
         }
-        deadline = Instant::now() + idle;
+        deadline = None;
         // A large write buffer is not kept for the connection's life.
         if out.capacity() > 4 * COPY_LIMIT {
             out = Vec::new();
