@@ -390,17 +390,17 @@ pub(crate) async fn resume(shared: Arc<Shared>, stream: std::net::TcpStream, con
 /// ([`crate::h1server`]), the rest with hyper, and its idle keep-alive time costing
 /// only the socket.
 ///
+/// A connection quiet for [`PARK_AFTER`] is *parked*: the socket goes to the
+/// parking lot ([`crate::park`]) and this task ends; the client's next bytes start
+/// a new task, on the lean path first. The lean path parks between requests.
 /// hyper keeps a connection's read buffer (8 KiB), write buffer and state for the
-/// connection's whole life, so an idle keep-alive connection cost about 15 KiB.
-/// Both paths *park* a connection once it has been quiet for [`PARK_AFTER`]: the
-/// socket goes to the parking lot ([`crate::park`]) and this task ends; the
-/// client's next bytes start a new task. The lean path parks between requests.
-/// hyper is asked to end gracefully (an idle hyper connection ends at once,
-/// sending nothing), the guard keeps hyper's shutdown of the socket from reaching
-/// it, and what hyper had read of a next head goes back in front of the stream, to
-/// the lean path again. A connection is parked only when the framing guard says
-/// the stream is exactly between messages; otherwise it is closed, as hyper would.
-/// A connection that sends nothing before `deadline` is closed.
+/// connection's whole life, so a handed-off connection is parked by asking hyper to
+/// end gracefully (an idle hyper connection ends at once, sending nothing); the
+/// guard keeps hyper's shutdown of the socket from reaching it, and what hyper had
+/// read of a next head goes back in front of the stream, to the lean path again.
+/// It is parked only when the framing guard says the stream is exactly between
+/// messages; otherwise it is closed, as hyper would. A connection that sends
+/// nothing before `deadline` is closed.
 async fn serve_http1(
     shared: Arc<Shared>,
     stream: Prefixed<TcpStream>,
