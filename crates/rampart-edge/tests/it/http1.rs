@@ -130,20 +130,10 @@ async fn bodies_of_unknown_length_are_chunked_and_the_connection_goes_on() {
         s.write_all(b"GET /slow?chunks=3&interval=10ms HTTP/1.1\r\nHost: t\r\n\r\n")
             .await
             .unwrap();
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        let head_end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            let n = s.read(&mut chunk).await.unwrap();
-            assert!(n > 0);
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let (head, rest) = read_head(&mut s).await;
         assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
         assert!(has_field(&head, "transfer-encoding: chunked"), "{head}");
-        let body = read_chunked(&mut s, buf[head_end..].to_vec()).await;
+        let body = read_chunked(&mut s, rest).await;
         assert_eq!(body, b"chunk 0\nchunk 1\nchunk 2\n");
     }
 }
@@ -163,14 +153,8 @@ async fn head_204_and_304_answers_carry_no_body() {
         s.write_all(format!("{request} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
             .await
             .unwrap();
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while !buf.ends_with(b"\r\n\r\n") {
-            let n = s.read(&mut chunk).await.unwrap();
-            assert!(n > 0);
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        let head = String::from_utf8_lossy(&buf).into_owned();
+        let (head, rest) = read_head(&mut s).await;
+        assert!(rest.is_empty(), "no body after {request}: {rest:?}");
         assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
         if status == "200" {
             assert!(has_field(&head, "content-length: 18"), "HEAD keeps the length: {head}");

@@ -230,6 +230,28 @@ pub fn header_str(r: &reqwest::Response, name: &str) -> String {
 /// Read one response with a Content-Length body: (head, body).
 pub async fn read_response(s: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
     use tokio::io::AsyncReadExt;
+    let (head, mut body) = read_head(s).await;
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .expect("a content-length");
+    let mut chunk = [0u8; 4096];
+    while body.len() < len {
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed inside a body");
+        body.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(body.len(), len, "nothing beyond the body");
+    (head, body)
+}
+
+/// Read one response head: (head, the bytes read after it).
+pub async fn read_head(s: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -244,20 +266,5 @@ pub async fn read_response(s: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
         buf.extend_from_slice(&chunk[..n]);
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().unwrap())
-        })
-        .expect("a content-length");
-    let mut body = buf[head_end..].to_vec();
-    while body.len() < len {
-        let n = s.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "closed inside a body");
-        body.extend_from_slice(&chunk[..n]);
-    }
-    assert_eq!(body.len(), len, "nothing beyond the body");
-    (head, body)
+    (head, buf[head_end..].to_vec())
 }
