@@ -294,20 +294,7 @@ fn framing(
             (Framing::Close, false)
         });
     }
-    let mut length: Option<u64> = None;
-    for v in h.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|b| *b == b',') {
-            let part = part.trim_ascii();
-            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                return Err(InvalidResponse("bad content-length"));
-            }
-            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            if length.is_some_and(|l| l != n) {
-                return Err(InvalidResponse("conflicting content-length values"));
-            }
-            length = Some(n);
-        }
-    }
+    let length = crate::headers::content_length(h).map_err(InvalidResponse)?;
     Ok(match length {
         Some(0) => (Framing::Done, !close),
         Some(n) => (Framing::Length(n), !close),

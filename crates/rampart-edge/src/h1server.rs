@@ -383,9 +383,9 @@ fn encode_head(
         return Err(Unsendable("interim status as a final response"));
     }
     let (mut close, mut keep_alive) = (false, false);
-    for v in parts.headers.get_all(header::CONNECTION) {
-        close |= has_token(v.as_bytes(), "close");
-        keep_alive |= has_token(v.as_bytes(), "keep-alive");
+    for t in crate::headers::list_elements(&parts.headers, header::CONNECTION) {
+        close |= t.eq_ignore_ascii_case("close");
+        keep_alive |= t.eq_ignore_ascii_case("keep-alive");
     }
     let mut keep = asked.keep_alive && !close;
     if asked.version == Version::HTTP_10 {
@@ -417,18 +417,16 @@ fn encode_head(
     for (name, value) in &parts.headers {
         match *name {
             header::CONTENT_LENGTH => {
+                // hyper writes one Content-Length line.
                 if framing.is_some() {
-                    // hyper writes one Content-Length; copies must agree.
-                    if body == BodyLen::Unknown && content_length(value) != framing_len(framing) {
-                        return Err(Unsendable("Content-Length copies disagree"));
-                    }
                     continue;
                 }
                 match body {
                     BodyLen::Known(n) => framing = Some(Framing::Length(n)),
-                    BodyLen::Unknown => match content_length(value) {
-                        Some(n) => framing = Some(Framing::Length(n)),
-                        None => return Err(Unsendable("bad Content-Length")),
+                    // The field frames a streaming body: every copy must agree.
+                    BodyLen::Unknown => match crate::headers::content_length(&parts.headers) {
+                        Ok(Some(n)) => framing = Some(Framing::Length(n)),
+                        Ok(None) | Err(_) => return Err(Unsendable("bad or conflicting Content-Length")),
                     },
                     // A HEAD answer keeps its length; an empty body's is written below.
                     BodyLen::None if head => framing = Some(Framing::Length(0)),
@@ -488,30 +486,6 @@ fn encode_head(
     }
     out.extend_from_slice(b"\r\n");
     Ok((framing, keep))
-}
-
-/// A `Content-Length` value: digits, or a list of the same digits (as hyper reads it).
-fn content_length(v: &HeaderValue) -> Option<u64> {
-    let mut len = None;
-    for part in v.as_bytes().split(|&b| b == b',') {
-        let part = part.trim_ascii();
-        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        let n = std::str::from_utf8(part).ok()?.parse::<u64>().ok()?;
-        if len.is_some_and(|l| l != n) {
-            return None;
-        }
-        len = Some(n);
-    }
-    len
-}
-
-fn framing_len(f: Option<Framing>) -> Option<u64> {
-    match f {
-        Some(Framing::Length(n)) => Some(n),
-        _ => None,
-    }
 }
 
 /// Send the response; true when the connection may carry another request.

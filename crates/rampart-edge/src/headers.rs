@@ -243,6 +243,29 @@ pub fn header_bytes(h: &HeaderMap) -> usize {
     h.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum()
 }
 
+/// The length `Content-Length` gives over all its lines, read strictly (RFC 9110
+/// §8.6): digits only, and a list of the same number is one length. `Ok(None)`
+/// without the field; `Err` with a value that is not a length, or copies that
+/// disagree.
+pub(crate) fn content_length(h: &HeaderMap) -> Result<Option<u64>, &'static str> {
+    let mut length: Option<u64> = None;
+    for v in h.get_all(header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|b| *b == b',') {
+            let part = part.trim_ascii();
+            // 19 digits always fit in a u64.
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                return Err("bad content-length");
+            }
+            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            if length.is_some_and(|l| l != n) {
+                return Err("conflicting content-length values");
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
+
 /// Where one field of a parsed message head lies in it: the name's offset and
 /// length, then the value's.
 pub(crate) type Span = (u32, u32, u32, u32);
