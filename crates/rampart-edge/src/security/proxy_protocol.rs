@@ -76,15 +76,6 @@ impl<T> Prefixed<T> {
         Prefixed { prefix, pos: 0, inner }
     }
 
-    /// Whether bytes given at construction are still to be read.
-    pub fn has_prefix(&self) -> bool {
-        self.pos < self.prefix.len()
-    }
-
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
     /// The stream and the prefix bytes not yet read.
     pub fn into_parts(mut self) -> (T, Vec<u8>) {
         let rest = self.prefix.split_off(self.pos.min(self.prefix.len()));
