@@ -248,13 +248,37 @@ fn parse_head(
             continue;
         }
         // Field values are views into the head's one buffer, not copies.
-        let n = res.headers.len();
         let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
         crate::headers::spans(buf, res.headers, &mut spans);
+        // `Connection` fields that say only `close` or `keep-alive`, and `Keep-Alive`
+        // fields, are read here and left out of the map: they concern this connection
+        // alone (RFC 9112 §9.6), and the proxy would remove them again. A `Connection`
+        // naming other fields stays, for the hop-by-hop removal to read.
+        let mut close = false;
+        let mut n = 0;
+        for (i, field) in res.headers.iter().enumerate() {
+            let this_hop_only = if field.name.eq_ignore_ascii_case("connection") {
+                let mut only = true;
+                for token in field.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                        only = false;
+                    }
+                }
+                only
+            } else {
+                field.name.eq_ignore_ascii_case("keep-alive")
+            };
+            if !this_hop_only {
+                spans[n] = spans[i];
+                n += 1;
+            }
+        }
         let head = buf.split_to(len).freeze();
         let headers =
             crate::headers::header_map(&head, &spans[..n], ADDED_FIELDS).ok_or(InvalidResponse("bad header field"))?;
-        let (framing, keep_alive) = framing(status, version, &headers, head_request)?;
+        let (framing, keep_alive) = framing(status, version, close, &headers, head_request)?;
         let mut parts = http::Response::new(()).into_parts().0;
         parts.status = status;
         parts.version = version;
@@ -264,14 +288,15 @@ fn parse_head(
 }
 
 /// The body's framing and whether the connection may carry another request.
+/// `close`: a `Connection` field of the response said `close`.
 fn framing(
     status: StatusCode,
     version: Version,
+    close: bool,
     h: &HeaderMap,
     head_request: bool,
 ) -> Result<(Framing, bool), InvalidResponse> {
-    let close = version != Version::HTTP_11
-        || crate::headers::list_elements(h, header::CONNECTION).any(|t| t.eq_ignore_ascii_case("close"));
+    let close = close || version != Version::HTTP_11;
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return Ok((Framing::Done, false));
     }
@@ -602,6 +627,27 @@ mod tests {
             false,
         );
         assert_eq!((f, k), (Framing::Length(3), false));
+        let (p, f, k, _) = head(
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n",
+            false,
+        );
+        assert_eq!((f, k), (Framing::Length(3), true));
+        assert!(!p.headers.contains_key(header::CONNECTION) && !p.headers.contains_key("keep-alive"));
+        assert_eq!(p.headers.len(), 1, "this connection's own fields are left out");
+        let (p, f, k, _) = head(
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: x-a\r\nconnection: CLOSE\r\nX-A: 1\r\n\r\n",
+            false,
+        );
+        assert_eq!(
+            (f, k),
+            (Framing::Length(3), false),
+            "close read from any Connection line"
+        );
+        assert_eq!(
+            p.headers.get_all(header::CONNECTION).iter().count(),
+            1,
+            "the one naming a field stays"
+        );
         let (p, f, k, _) = head("HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\n", false);
         assert_eq!((p.version, f, k), (Version::HTTP_10, Framing::Length(3), false));
         let (_, f, _, _) = head("HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n", false);
