@@ -183,13 +183,10 @@ pub(crate) async fn serve(
         info.verdicts.note_head();
         // The pipeline, while watching the client: a client that closes its end
         // abandons the request (as hyper does), and pipelined bytes are kept.
-        let handled = std::pin::pin!(proxy::handle(shared.clone(), info.clone(), req));
+        let handled = std::pin::pin!(proxy::handle_in_place(shared.clone(), info.clone(), req));
         let resp = tokio::select! {
             biased;
-            r = handled => match r {
-                Ok(resp) => resp,
-                Err(never) => match never {},
-            },
+            resp = handled => resp,
             () = client_gone(&mut tcp, &mut buf, budget) => return Ended::Close,
         };
         let keep = match respond(&mut tcp, &mut buf, budget, &mut out, resp, &asked).await {

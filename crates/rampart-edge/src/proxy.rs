@@ -76,6 +76,10 @@ impl ConnInfo {
     }
 }
 
+/// The record moves through every stage and ends as the response body's completion:
+/// boxed once at the start, it moves as a pointer rather than 400 bytes at a time.
+type Rec = Box<Record>;
+
 /// Everything the access log and metrics need, finished when the response body ends.
 struct Record {
     shared: Arc<Shared>,
@@ -255,7 +259,7 @@ fn version_str(v: Version) -> &'static str {
 /// A response the edge makes itself, with a JSON body naming the reason.
 /// A WAF rule blocks: its status, and its body or the default JSON naming the rule
 /// and the request id.
-fn waf_block(mut rec: Record, block: crate::security::waf::Block) -> Response<EdgeBody> {
+fn waf_block(mut rec: Rec, block: crate::security::waf::Block) -> Response<EdgeBody> {
     rec.shared.metrics.security("waf", Reason::WafBlocked.as_str(), "block");
     rec.detail = Some(Arc::from(format!("rule:{}", block.rule)));
     let (body, extra) = match block.body {
@@ -283,13 +287,13 @@ fn waf_block(mut rec: Record, block: crate::security::waf::Block) -> Response<Ed
 }
 
 /// A security stage refuses the request: counted, logged with its detail, answered.
-fn refuse(mut rec: Record, stage: &'static str, reason: Reason, detail: &str) -> Response<EdgeBody> {
+fn refuse(mut rec: Rec, stage: &'static str, reason: Reason, detail: &str) -> Response<EdgeBody> {
     rec.shared.metrics.security(stage, reason.as_str(), "block");
     rec.detail = Some(Arc::from(detail));
     local_response(reason, rec, None)
 }
 
-fn local_response(reason: Reason, rec: Record, extra: Option<(header::HeaderName, HeaderValue)>) -> Response<EdgeBody> {
+fn local_response(reason: Reason, rec: Rec, extra: Option<(header::HeaderName, HeaderValue)>) -> Response<EdgeBody> {
     let status = reason.status();
     let body = reason.json_body(
         status.as_u16(),
@@ -305,7 +309,7 @@ fn respond(
     reason: Reason,
     status: StatusCode,
     body: bytes::Bytes,
-    rec: Record,
+    rec: Rec,
     extra: Option<(header::HeaderName, HeaderValue)>,
 ) -> Response<EdgeBody> {
     let mut resp = Response::new(EdgeBody::empty());
@@ -342,7 +346,7 @@ fn respond(
     } else {
         EdgeBody::full(body)
     };
-    *resp.body_mut() = body.on_complete(Box::new(rec));
+    *resp.body_mut() = body.on_complete(rec);
     resp
 }
 
@@ -372,24 +376,32 @@ macro_rules! cache_stage {
     };
 }
 
+/// The pipeline for hyper's server. hyper keeps one allocation the size of this
+/// future for each connection's whole life (HTTP/1's in-flight slot), idle or not,
+/// so the pipeline's state (about 3 KiB) lives in its own box, allocated per request
+/// instead: 15.6 against 18.2 KiB per idle connection, with no CPU difference
+/// measured (see docs/architecture.md).
 pub async fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
     req: Request<ClientIn>,
 ) -> Result<Response<EdgeBody>, Infallible> {
+    Ok(Box::pin(handle_in_place(shared, conn, req)).await)
+}
+
+/// The pipeline, its state in the caller's future. The lean HTTP/1 server holds it
+/// in the connection's task, which ends when the connection is parked: no box to
+/// allocate and copy the state into per request.
+pub async fn handle_in_place(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<ClientIn>) -> Response<EdgeBody> {
     let mut limit = None;
     let in_flight = crate::security::guard::InFlight::enter(&conn.verdicts);
-    // hyper keeps one allocation the size of this future for each connection's whole
-    // life (HTTP/1's in-flight slot), idle or not. The pipeline's state (about 3 KiB)
-    // lives in its own box, allocated per request instead: 15.6 against 18.2 KiB per
-    // idle connection, with no CPU difference measured (see docs/architecture.md).
-    let mut resp = Box::pin(handle_request(shared, conn, req, &mut limit)).await?;
+    let Ok(mut resp) = handle_request(shared, conn, req, &mut limit).await;
     // The tightest rate limit the request passed, for the client to pace itself.
     if let Some((policy, state)) = limit {
         resp.headers_mut().insert(RATELIMIT_POLICY.clone(), policy);
         resp.headers_mut().insert(RATELIMIT.clone(), state);
     }
-    Ok(resp.map(|b| b.in_flight(in_flight)))
+    resp.map(|b| b.in_flight(in_flight))
 }
 
 /// A head hyper could not parse, answered by the framing guard: counted and logged
@@ -456,7 +468,7 @@ async fn handle_request(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
 
-    let mut rec = Record {
+    let mut rec = Box::new(Record {
         shared: shared.clone(),
         snap: snap.clone(),
         start,
@@ -478,7 +490,7 @@ async fn handle_request(
         attempts: None,
         detail: None,
         checkin: None,
-    };
+    });
 
     // Limits.
     let target_len = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
@@ -1024,7 +1036,7 @@ async fn handle_request(
         finish_headers(&mut rparts.headers, &rec, snap.via, explain, &route, backend);
         return Ok(Response::from_parts(
             rparts,
-            EdgeBody::empty().on_complete(Box::new(rec)),
+            EdgeBody::empty().on_complete(rec),
         ));
     }
 
@@ -1052,7 +1064,7 @@ async fn handle_request(
     if let Some(f) = fill {
         body = body.fill(f);
     }
-    Ok(Response::from_parts(rparts, body.on_complete(Box::new(rec))))
+    Ok(Response::from_parts(rparts, body.on_complete(rec)))
 }
 
 /// Send one attempt to backend `index`: through the pool's HTTP/1 connections, or
@@ -1126,7 +1138,7 @@ struct ChainTarget<'a> {
 async fn serve_chain(
     shared: &Arc<Shared>,
     snap: &Snapshot,
-    mut rec: Record,
+    mut rec: Rec,
     target: ChainTarget<'_>,
     h: http::HeaderMap,
     body: ClientBody,
@@ -1251,7 +1263,7 @@ async fn serve_chain(
         } else {
             EdgeBody::full(format!("{body}\n"))
         };
-        *resp.body_mut() = body.on_complete(Box::new(rec));
+        *resp.body_mut() = body.on_complete(rec);
         return resp;
     };
     let (mut rparts, rbody) = resp.into_parts();
@@ -1292,7 +1304,7 @@ async fn serve_chain(
     if let Some(f) = fill {
         body = body.fill(f);
     }
-    Response::from_parts(rparts, body.on_complete(Box::new(rec)))
+    Response::from_parts(rparts, body.on_complete(rec))
 }
 
 /// Longest pause allowed in a provider's response body.

@@ -3,7 +3,7 @@
 //! [`after`] handles the origin's answer (304 refresh, stale-if-error, storing).
 //! Pool routes and provider chains both go through it.
 
-use super::{Record, X_REQUEST_ID, headers, local_response};
+use super::{Rec, X_REQUEST_ID, headers, local_response};
 use crate::Shared;
 use crate::body::UpBody;
 use crate::body::{EdgeBody, UpstreamBody};
@@ -43,8 +43,8 @@ pub(super) async fn stage(
     policy: Arc<rampart_config::RouteCache>,
     l: Lookup<'_>,
     h: &mut http::HeaderMap,
-    rec: Record,
-) -> Result<(CacheCtx, Record), Response<EdgeBody>> {
+    rec: Rec,
+) -> Result<(CacheCtx, Rec), Response<EdgeBody>> {
     // Boxed: most routes do not cache, and the pipeline's future stays small.
     Box::pin(before(l, policy, h, rec)).await
 }
@@ -56,8 +56,8 @@ async fn before(
     l: Lookup<'_>,
     rc: Arc<rampart_config::RouteCache>,
     h: &mut http::HeaderMap,
-    mut rec: Record,
-) -> Result<(CacheCtx, Record), Response<EdgeBody>> {
+    mut rec: Rec,
+) -> Result<(CacheCtx, Rec), Response<EdgeBody>> {
     let key = crate::cache::policy_key(
         &rc,
         l.view.tls,
@@ -82,7 +82,7 @@ async fn before(
         resp.headers_mut().insert(X_REQUEST_ID.clone(), rec.request_id.clone());
         rec.status = 200;
         rec.reason_text = Some("CACHE_PURGED");
-        *resp.body_mut() = EdgeBody::full(body).on_complete(Box::new(rec));
+        *resp.body_mut() = EdgeBody::full(body).on_complete(rec);
         return Err(resp);
     }
     let req_cc = crate::cache::cache_control(h);
@@ -212,8 +212,8 @@ pub(super) async fn after(
     mut ctx: CacheCtx,
     rparts: &mut http::response::Parts,
     rbody: UpBody,
-    mut rec: Record,
-) -> Result<(UpBody, Option<crate::body::Fill>, Record), Response<EdgeBody>> {
+    mut rec: Rec,
+) -> Result<(UpBody, Option<crate::body::Fill>, Rec), Response<EdgeBody>> {
     let mut fill = None;
     let response_time = crate::cache::now_secs();
     // A 304 to our validation: refresh the stored response and serve it (§4.3.4).
@@ -376,7 +376,7 @@ impl CacheCtx {
         &self,
         e: &crate::cache::Entry,
         method: &Method,
-        rec: Record,
+        rec: Rec,
         via: bool,
     ) -> Response<EdgeBody> {
         cached_response(e, &self.req_headers, method, "STALE", rec, via)
@@ -628,7 +628,7 @@ fn cached_response(
     req: &http::HeaderMap,
     method: &Method,
     status_text: &'static str,
-    mut rec: Record,
+    mut rec: Rec,
     via: bool,
 ) -> Response<EdgeBody> {
     let now = crate::cache::now_secs();
@@ -716,7 +716,7 @@ fn cached_response(
     } else {
         EdgeBody::full(body_bytes)
     };
-    *resp.body_mut() = body.on_complete(Box::new(rec));
+    *resp.body_mut() = body.on_complete(rec);
     resp
 }
 
