@@ -927,8 +927,7 @@ async fn handle_request(
             }
         };
         let result = tokio::select! {
-            // Boxed, as hyper-util's response future is: the pipeline's future stays small.
-            r = Box::pin(send_upstream(pool, index, backend, up, own.then_some(&h))) => match r {
+            r = send_upstream(pool, index, backend, up, own.then_some(&h)) => match r {
                 Ok((resp, checkin)) => {
                     rec.checkin = checkin;
                     Ok(resp)
@@ -1034,10 +1033,7 @@ async fn handle_request(
             }
         }
         finish_headers(&mut rparts.headers, &rec, snap.via, explain, &route, backend);
-        return Ok(Response::from_parts(
-            rparts,
-            EdgeBody::empty().on_complete(rec),
-        ));
+        return Ok(Response::from_parts(rparts, EdgeBody::empty().on_complete(rec)));
     }
 
     let mut fill = None;
@@ -1516,11 +1512,14 @@ mod tests {
         {
             std::mem::size_of::<Fut>()
         }
-        // Allocated once per request; rarely taken stages (cache, chain, WAF body
-        // reads, replay buffering) are boxed inside it so this stays small.
+        // Held in the connection's task while a request is served (the lean HTTP/1
+        // server) or boxed once per request (hyper's). Rarely taken stages (cache,
+        // chain, WAF body reads, replay buffering) are boxed inside it so this stays
+        // small; the upstream exchange, taken by every request, is not (boxing it
+        // copied its 1.5 KiB into the box per request).
         let size = future_size(handle_request);
         println!("handle_request's future is {size} bytes");
-        assert!(size <= 4096, "handle_request's future is {size} bytes");
+        assert!(size <= 5120, "handle_request's future is {size} bytes");
     }
 
     #[test]
