@@ -259,10 +259,10 @@ fn parse_head(
         for (i, field) in res.headers.iter().enumerate() {
             let this_hop_only = if field.name.eq_ignore_ascii_case("connection") {
                 let mut only = true;
-                for token in field.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                for token in crate::headers::value_elements(field.value) {
                     if token.eq_ignore_ascii_case(b"close") {
                         close = true;
-                    } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive") {
                         only = false;
                     }
                 }

@@ -323,9 +323,7 @@ fn unsplit(buf: &mut BytesMut, head: Bytes) {
 
 /// Whether a comma-separated field value has `token` (any case).
 fn has_token(value: &[u8], token: &str) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    crate::headers::value_elements(value).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// How the response body is framed on the wire.

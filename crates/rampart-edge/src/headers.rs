@@ -27,6 +27,15 @@ pub fn list_elements<K: AsHeaderName>(h: &HeaderMap, name: K) -> impl Iterator<I
         .filter(|e| !e.is_empty())
 }
 
+/// The elements of one comma-separated field value as raw bytes (as `httparse`
+/// gives it), trimmed, empty elements skipped.
+pub(crate) fn value_elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|e| !e.is_empty())
+}
+
 /// Remove hop-by-hop headers: the fixed set and every header named in `Connection`.
 /// `TE: trailers` is kept when `keep_te_trailers` (it is end-to-end in meaning for HTTP/2 and gRPC).
 ///
