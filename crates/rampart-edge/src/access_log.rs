@@ -105,13 +105,9 @@ fn int(out: &mut Vec<u8>, n: u64) {
 /// A JSON string literal: `"`, `\\` and control characters escaped; other UTF-8 as is.
 fn json_str(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
-    // Branch-free over the whole string (it vectorises); escaping is rare.
-    let plain = !bytes
-        .iter()
-        .fold(false, |any, &b| any | (b < 0x20) | (b == b'"') | (b == b'\\'));
     out.reserve(bytes.len() + 2);
     out.push(b'"');
-    if plain {
+    if !needs_escape(bytes) {
         out.extend_from_slice(bytes);
     } else {
         for &b in bytes {
@@ -132,6 +128,39 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
         }
     }
     out.push(b'"');
+}
+
+/// Whether `bytes` holds a `"`, a `\\` or a control character (below 0x20). Eight
+/// bytes at a time: with `L` = 0x01 in every byte and `H` = 0x80 in every byte,
+/// `(x - n*L) & !x & H` is non-zero exactly when some byte of `x` is below `n`
+/// (for `n` up to 0x80), and a byte equal to `c` is a zero byte of `x ^ c*L`.
+fn needs_escape(bytes: &[u8]) -> bool {
+    const L: u64 = 0x0101_0101_0101_0101;
+    const H: u64 = 0x8080_8080_8080_8080;
+    let flagged = |w: [u8; 8]| {
+        let x = u64::from_le_bytes(w);
+        let below = |x: u64, n: u64| x.wrapping_sub(n * L) & !x & H;
+        below(x, 0x20) | below(x ^ (u64::from(b'"') * L), 1) | below(x ^ (u64::from(b'\\') * L), 1)
+    };
+    let word = |c: &[u8]| {
+        // A short piece padded with a byte that needs no escaping.
+        let mut w = [b'a'; 8];
+        w[..c.len()].copy_from_slice(c);
+        w
+    };
+    if bytes.len() <= 8 {
+        return flagged(word(bytes)) != 0;
+    }
+    let mut any = 0;
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        any |= flagged(word(c));
+    }
+    if !chunks.remainder().is_empty() {
+        // The last eight bytes, overlapping the last whole chunk.
+        any |= flagged(word(&bytes[bytes.len() - 8..]));
+    }
+    any != 0
 }
 
 fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
@@ -388,6 +417,23 @@ mod tests {
             })
             .collect();
         assert_eq!(outs, (0..1000).collect::<Vec<u64>>());
+    }
+
+    #[test]
+    fn escape_check_matches_byte_by_byte() {
+        let naive = |b: &[u8]| b.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\');
+        for fill in [b'a', 0x7f, 0x80, 0xff, b'!', b'#', b'[', b']'] {
+            for len in 1..=24 {
+                for at in 0..len {
+                    for c in 0..=255u8 {
+                        let mut b = vec![fill; len];
+                        b[at] = c;
+                        assert_eq!(needs_escape(&b), naive(&b), "fill {fill} len {len} at {at} byte {c}");
+                    }
+                }
+            }
+        }
+        assert!(!needs_escape(b""));
     }
 
     #[test]

@@ -155,8 +155,8 @@ impl BackendState {
     }
 
     /// Record a proxied exchange for passive health.
-    pub fn record_result(&self, ok: bool, cfg: &Outlier, may_eject: bool) -> Option<Transition> {
-        let now = Instant::now();
+    /// `now` is when the exchange ended (the caller has read the clock already).
+    pub fn record_result(&self, ok: bool, cfg: &Outlier, may_eject: bool, now: Instant) -> Option<Transition> {
         let mut guard = crate::lock(&self.circuit);
         let circuit = guard.get_or_insert_with(|| Circuit::new(cfg, now));
         let t = circuit.record(ok, cfg, now, may_eject);

@@ -107,11 +107,8 @@ pub fn eligible(method: &Method, version: Version, headers: &HeaderMap, has_body
 /// The request head as it goes on the wire.
 pub fn encode(method: &Method, uri: &http::Uri, headers: &HeaderMap) -> Vec<u8> {
     let target = uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut size = method.as_str().len() + target.len() + 13;
-    for (k, v) in headers {
-        size += k.as_str().len() + v.len() + 4;
-    }
-    let mut out = Vec::with_capacity(size);
+    // Room for typical fields (one pass over the map; a head that needs more grows).
+    let mut out = Vec::with_capacity(method.as_str().len() + target.len() + 15 + headers.len() * 48);
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());

@@ -183,7 +183,7 @@ pub(crate) async fn serve(
         info.verdicts.note_head();
         // The pipeline, while watching the client: a client that closes its end
         // abandons the request (as hyper does), and pipelined bytes are kept.
-        let handled = std::pin::pin!(proxy::handle_in_place(shared.clone(), info.clone(), req));
+        let handled = std::pin::pin!(proxy::handle_in_place(shared, info, req));
         let resp = tokio::select! {
             biased;
             resp = handled => resp,

@@ -220,10 +220,9 @@ pub fn append_via(h: &mut HeaderMap, version: http::Version) {
 pub fn new_request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 32];
-    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
-    for (i, byte) in a.to_be_bytes().iter().chain(b.to_be_bytes().iter()).enumerate() {
-        out[2 * i] = HEX[usize::from(byte >> 4)];
-        out[2 * i + 1] = HEX[usize::from(byte & 0xf)];
+    let v = fastrand::u128(..);
+    for (i, digit) in out.iter_mut().enumerate() {
+        *digit = HEX[((v >> (124 - 4 * i)) & 0xf) as usize];
     }
     // Owned by the value's one allocation: the clones for the upstream request and
     // the response share it (a copied slice would allocate again on first clone).

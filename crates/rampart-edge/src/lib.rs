@@ -68,8 +68,6 @@ pub struct Shared {
     /// Failed admin authentications per client IP (lockouts).
     pub admin_throttle: admin::AuthThrottle,
     pub metrics: Arc<Metrics>,
-    access_log_slot: ArcSwap<(String, AccessLog)>,
-    pub access_log: AccessLogHandle,
     pub started: Instant,
     pub ready: AtomicBool,
     pub conns: ConnTracker,
@@ -80,24 +78,6 @@ pub struct Shared {
     listeners: Mutex<Vec<ListenerHandle>>,
     reload_lock: tokio::sync::Mutex<()>,
     me: std::sync::Weak<Shared>,
-}
-
-/// Cheap access to the current access log (it can change on reload).
-pub struct AccessLogHandle {
-    slot: std::sync::Weak<Shared>,
-}
-
-impl AccessLogHandle {
-    pub fn enabled(&self) -> bool {
-        self.slot
-            .upgrade()
-            .is_some_and(|s| s.access_log_slot.load().1.enabled())
-    }
-    pub fn log(&self, e: &access_log::Entry<'_>) {
-        if let Some(s) = self.slot.upgrade() {
-            s.access_log_slot.load().1.log(e);
-        }
-    }
 }
 
 /// What a successful reload reports.
@@ -153,7 +133,7 @@ impl Shared {
         let old = self.snapshot.load_full();
         // Reloads are serialised, so the next version follows the running one.
         let version = old.version + 1;
-        let snap = Snapshot::build(validated, version, &self.metrics, &self.backends, Some(&old))?;
+        let mut snap = Snapshot::build(validated, version, &self.metrics, &self.backends, Some(&old))?;
         let Some(me) = self.me.upgrade() else {
             return Err(ConfigErrors(vec![FieldError::new("", "edge is shutting down")]));
         };
@@ -198,12 +178,13 @@ impl Shared {
         }
         errs.into_result(())?;
 
-        let access = snap.validated.config.log.access.clone();
-        if access != self.access_log_slot.load().0 {
+        snap.log = if snap.validated.config.log.access == old.validated.config.log.access {
+            old.log.clone()
+        } else {
             let log = open_access_log(&snap.validated, &self.metrics)
                 .map_err(|e| ConfigErrors(vec![FieldError::new("log.access", e.to_string())]))?;
-            self.access_log_slot.store(Arc::new((access, log)));
-        }
+            Arc::new(log)
+        };
 
         let report = Reloaded {
             version,
@@ -306,8 +287,8 @@ impl Edge {
         }
         let admin_cfg = validated.config.admin.clone();
         let backends = upstream::BackendRegistry::default();
-        let snap = Snapshot::build(validated, 1, &metrics, &backends, None).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let log = open_access_log(&snap.validated, &metrics)?;
+        let mut snap = Snapshot::build(validated, 1, &metrics, &backends, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+        snap.log = Arc::new(open_access_log(&snap.validated, &metrics)?);
         let data_dir = snap
             .validated
             .config
@@ -339,7 +320,6 @@ impl Edge {
             },
         );
         control.restore(&chain_health);
-        let access = snap.validated.config.log.access.clone();
         let wanted = listener_specs(&snap.validated);
         let (shutdown, _) = watch::channel(false);
         let (lot, lot_poll) = park::Lot::new(metrics.parked_connections.clone())?;
@@ -352,8 +332,6 @@ impl Edge {
             cache,
             admin_throttle: admin::AuthThrottle::default(),
             metrics,
-            access_log_slot: ArcSwap::from_pointee((access, log)),
-            access_log: AccessLogHandle { slot: me.clone() },
             started: Instant::now(),
             ready: AtomicBool::new(false),
             conns: ConnTracker::default(),

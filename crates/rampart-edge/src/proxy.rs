@@ -128,20 +128,23 @@ impl Completion for Record {
             BodyOutcome::UpstreamError => reason = Reason::UpstreamBodyError,
             BodyOutcome::Complete | BodyOutcome::Aborted => {}
         }
-        let elapsed = self.start.elapsed();
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.start);
         let bytes_in = self.body_state.as_ref().map_or(0, |s| s.bytes.load(Ordering::Relaxed));
         let m = self.route.as_ref().map_or(&self.snap.unmatched, |r| &r.metrics);
         m.count_status(self.status);
         m.duration.observe(elapsed.as_secs_f64());
-        m.bytes_in.inc_by(bytes_in);
+        if bytes_in > 0 {
+            m.bytes_in.inc_by(bytes_in);
+        }
         m.bytes_out.inc_by(bytes_out);
         if reason != self.reason
             && let Some(p) = &self.pool
         {
             p.metrics.upstream_error(reason);
         }
-        self.record_passive_health(reason);
-        let log = &self.shared.access_log;
+        self.record_passive_health(reason, now);
+        let log = &self.snap.log;
         if log.enabled() {
             log.log(&Entry {
                 time: std::time::SystemTime::now(),
@@ -183,7 +186,7 @@ impl Record {
     /// Feed the exchange's outcome to the backend's circuit breaker. Upstream errors
     /// and 502/503/504 answers are failures; a response the upstream gave otherwise is
     /// a success; problems with the client's own request are neither.
-    fn record_passive_health(&self, reason: Reason) {
+    fn record_passive_health(&self, reason: Reason, now: Instant) {
         let ok = if reason.is_upstream_error() {
             false
         } else if reason == Reason::Proxied {
@@ -191,10 +194,10 @@ impl Record {
         } else {
             return;
         };
-        self.report_backend_result(ok);
+        self.report_backend_result(ok, now);
     }
 
-    fn report_backend_result(&self, ok: bool) {
+    fn report_backend_result(&self, ok: bool, now: Instant) {
         let (Some(pool), Some(inflight), Some(label)) = (&self.pool, &self.in_flight, &self.upstream) else {
             return;
         };
@@ -202,7 +205,7 @@ impl Record {
             return;
         }
         let state = inflight.state();
-        if let Some(t) = state.record_result(ok, &pool.outlier, pool.may_eject()) {
+        if let Some(t) = state.record_result(ok, &pool.outlier, pool.may_eject(), now.into_std()) {
             let to = match t {
                 crate::health::Transition::Ejected => "ejected",
                 crate::health::Transition::HalfOpen => "half_open",
@@ -386,22 +389,26 @@ pub async fn handle(
     conn: Arc<ConnInfo>,
     req: Request<ClientIn>,
 ) -> Result<Response<EdgeBody>, Infallible> {
-    Ok(Box::pin(handle_in_place(shared, conn, req)).await)
+    // Until the response body ends, the connection's framing guard knows a response
+    // of the service's is being written (hyper's own error answers are rewritten).
+    let in_flight = crate::security::guard::InFlight::enter(&conn.verdicts);
+    let resp = Box::pin(handle_in_place(&shared, &conn, req)).await;
+    Ok(resp.map(|b| b.in_flight(in_flight)))
 }
 
 /// The pipeline, its state in the caller's future. The lean HTTP/1 server holds it
 /// in the connection's task, which ends when the connection is parked: no box to
-/// allocate and copy the state into per request.
-pub async fn handle_in_place(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<ClientIn>) -> Response<EdgeBody> {
+/// allocate and copy the state into per request. It writes each response whole
+/// before reading on, so it needs no in-flight guard.
+pub async fn handle_in_place(shared: &Arc<Shared>, conn: &ConnInfo, req: Request<ClientIn>) -> Response<EdgeBody> {
     let mut limit = None;
-    let in_flight = crate::security::guard::InFlight::enter(&conn.verdicts);
     let Ok(mut resp) = handle_request(shared, conn, req, &mut limit).await;
     // The tightest rate limit the request passed, for the client to pace itself.
     if let Some((policy, state)) = limit {
         resp.headers_mut().insert(RATELIMIT_POLICY.clone(), policy);
         resp.headers_mut().insert(RATELIMIT.clone(), state);
     }
-    resp.map(|b| b.in_flight(in_flight))
+    resp
 }
 
 /// A head hyper could not parse, answered by the framing guard: counted and logged
@@ -410,7 +417,7 @@ pub fn log_refusal(shared: &Shared, peer: std::net::SocketAddr, r: &crate::secur
     let snap = shared.snapshot.load();
     snap.unmatched.count_status(r.status);
     snap.unmatched.bytes_out.inc_by(r.bytes as u64);
-    let log = &shared.access_log;
+    let log = &snap.log;
     if log.enabled() {
         log.log(&Entry {
             time: std::time::SystemTime::now(),
@@ -448,8 +455,8 @@ fn ratelimit_value(rule: &crate::security::rate_limit::Rule, remaining: u32, res
 }
 
 async fn handle_request(
-    shared: Arc<Shared>,
-    conn: Arc<ConnInfo>,
+    shared: &Arc<Shared>,
+    conn: &ConnInfo,
     mut req: Request<ClientIn>,
     limit: &mut Option<(HeaderValue, HeaderValue)>,
 ) -> Result<Response<EdgeBody>, Infallible> {
@@ -683,7 +690,7 @@ async fn handle_request(
 
     // Rate limits: the site's, then the route's. Every rule counts the request; the
     // first that refuses (outside shadow mode) answers 429.
-    let now = crate::security::rate_limit::now_nanos();
+    let now = crate::security::rate_limit::nanos_at(start.into_std());
     let mut tightest: Option<u32> = None;
     let rules = site.rate_limits.iter().chain(route.rate_limits.iter());
     for rule in rules.filter(|_| !skip_rate_limit) {
@@ -713,7 +720,7 @@ async fn handle_request(
     }
 
     let cache_view = caching::View {
-        shared: &shared,
+        shared,
         snap: &snap,
         tls: conn.tls,
         host: &host_value,
@@ -731,7 +738,7 @@ async fn handle_request(
             parts.headers,
             false,
             None,
-            &conn,
+            conn,
             trusted_peer,
             &host_value,
             snap.via.then_some(parts.version),
@@ -753,7 +760,7 @@ async fn handle_request(
             host: &host_value,
         };
         // Boxed, like the other rarely taken stages, to keep the pipeline's future small.
-        return Ok(Box::pin(serve_chain(&shared, &snap, rec, target, h, body, explain, cached)).await);
+        return Ok(Box::pin(serve_chain(shared, &snap, rec, target, h, body, explain, cached)).await);
     };
     // A pool with no healthy backend hands over to its fallback pool, if it has one.
     let pool = match &route.fallback {
@@ -769,14 +776,14 @@ async fn handle_request(
     // Never retry an upgrade (the tunnel cannot be replayed) or, unless the route
     // opts in, a non-idempotent method.
     let may_retry = policy.retries > 0 && upgrade.is_none() && (idempotent || route.retry_non_idempotent);
-    policy.note_request();
+    policy.note_request(start.into_std());
 
     let pq = rewrite_path(&path, parts.uri.query(), &route.rewrite, matched);
     let mut h = upstream_headers(
         parts.headers,
         pool.protocol == Protocol::Http2,
         upgrade.as_ref(),
-        &conn,
+        conn,
         trusted_peer,
         &host_value,
         snap.via.then_some(parts.version),
@@ -958,7 +965,7 @@ async fn handle_request(
             pool.metrics.retries.inc();
             // A retried response is dropped unread: its connection is not reusable.
             rec.checkin = None;
-            rec.report_backend_result(false);
+            rec.report_backend_result(false, Instant::now());
             rec.note_attempt(&pool.name, index, outcome, explain);
             continue;
         }
@@ -1013,7 +1020,7 @@ async fn handle_request(
         let mut upstream_resp = Response::from_parts(rparts.clone(), ());
         let upstream_upgrade = hyper::upgrade::on(&mut upstream_resp);
         // The tunnel outlives its HTTP connection: count it, so shutdown waits for it.
-        let guard = crate::listener::ConnTracker::enter(&shared, shared.metrics.open_tunnels.clone());
+        let guard = crate::listener::ConnTracker::enter(shared, shared.metrics.open_tunnels.clone());
         tokio::spawn(async move {
             tunnel(client_upgrade, upstream_upgrade, route_tunnel_idle).await;
             drop(guard);
@@ -1040,7 +1047,7 @@ async fn handle_request(
     let mut rbody = rbody;
     if let Some(ctx) = cached {
         let fetched = caching::Fetched {
-            shared: &shared,
+            shared,
             method: &request_method,
             tls: conn.tls,
             host: &host_value,
@@ -1504,8 +1511,8 @@ mod tests {
         fn future_size<F, Fut>(_: F) -> usize
         where
             F: FnOnce(
-                Arc<Shared>,
-                Arc<ConnInfo>,
+                &'static Arc<Shared>,
+                &'static ConnInfo,
                 Request<ClientIn>,
                 &'static mut Option<(HeaderValue, HeaderValue)>,
             ) -> Fut,

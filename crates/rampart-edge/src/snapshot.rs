@@ -98,6 +98,10 @@ pub struct Snapshot {
     pub rate_rules: HashMap<String, Arc<RateRule>>,
     /// The custom WAF rules, when there are any.
     pub waf: Option<Arc<crate::security::waf::Waf>>,
+    /// The access log this config writes to (`log.access`). Held here, requests reach
+    /// it through the snapshot they already hold, with no lookup of their own; a
+    /// reload that keeps the target carries the same log over.
+    pub log: Arc<crate::access_log::AccessLog>,
 }
 
 impl Snapshot {
@@ -315,6 +319,9 @@ impl Snapshot {
             unmatched: metrics.route("-", "-"),
             rate_rules,
             waf,
+            log: Arc::new(crate::access_log::AccessLog::disabled(
+                metrics.access_log_dropped.clone(),
+            )),
             validated,
         })
     }

@@ -126,67 +126,89 @@ impl RetryPolicy {
         self.statuses.contains(&status)
     }
 
-    /// Count a request against the budget (every first attempt).
-    pub fn note_request(&self) {
-        self.budget.note(false);
+    /// Count a request against the budget (every first attempt), at `at`, when it
+    /// started.
+    pub fn note_request(&self, at: std::time::Instant) {
+        self.budget.note_request(at);
     }
 
     /// Take a retry from the budget, if it allows one.
     pub fn take_retry(&self) -> bool {
-        self.budget.take()
+        self.budget.take(std::time::Instant::now())
     }
 }
 
 /// Retries allowed: `percent` of the requests of the last 10 seconds plus
 /// `min_per_second` per second, so a failing pool cannot set off a retry storm.
+///
+/// Ten one-second slots, each one atomic word: the second (high 32 bits) and its
+/// count (low 32 bits). Counting a request is one compare-and-swap, no lock and no
+/// clock read (the caller passes the time it has).
 struct RetryBudget {
     percent: u64,
     floor: u64,
-    window: std::sync::Mutex<[(u64, u64, u64); 10]>, // (second, requests, retries)
+    requests: [std::sync::atomic::AtomicU64; 10],
+    retries: [std::sync::atomic::AtomicU64; 10],
     epoch: std::time::Instant,
 }
+
+const EMPTY_SLOT: u64 = u64::MAX;
 
 impl RetryBudget {
     fn new(percent: u32, min_per_second: u32) -> RetryBudget {
         RetryBudget {
             percent: u64::from(percent),
             floor: u64::from(min_per_second) * 10,
-            window: std::sync::Mutex::new([(u64::MAX, 0, 0); 10]),
+            requests: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(EMPTY_SLOT)),
+            retries: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(EMPTY_SLOT)),
             epoch: std::time::Instant::now(),
         }
     }
 
-    fn slot(&self, w: &mut [(u64, u64, u64); 10]) -> (u64, usize) {
-        let sec = self.epoch.elapsed().as_secs();
-        let i = (sec % 10) as usize;
-        if w[i].0 != sec {
-            w[i] = (sec, 0, 0);
-        }
-        (sec, i)
+    fn second(&self, at: std::time::Instant) -> u64 {
+        // Wraps after 136 years of uptime; a wrapped second only restarts a window.
+        at.saturating_duration_since(self.epoch).as_secs() & 0xffff_ffff
     }
 
-    fn note(&self, retry: bool) {
-        let mut w = crate::lock(&self.window);
-        let (_, i) = self.slot(&mut w);
-        if retry {
-            w[i].2 += 1;
-        } else {
-            w[i].1 += 1;
-        }
-    }
-
-    fn take(&self) -> bool {
-        let mut w = crate::lock(&self.window);
-        let (sec, i) = self.slot(&mut w);
-        let (mut requests, mut retries) = (0u64, 0u64);
-        for (s, req, ret) in w.iter() {
-            if *s != u64::MAX && sec.saturating_sub(*s) < 10 {
-                requests += req;
-                retries += ret;
+    /// Add one to second `sec`'s count in `slots`, starting the slot afresh when it
+    /// holds an older second.
+    fn count(slots: &[std::sync::atomic::AtomicU64; 10], sec: u64) {
+        use std::sync::atomic::Ordering;
+        let slot = &slots[(sec % 10) as usize];
+        let mut cur = slot.load(Ordering::Relaxed);
+        loop {
+            let next = if cur != EMPTY_SLOT && cur >> 32 == sec {
+                cur + u64::from((cur & 0xffff_ffff) < 0xffff_ffff)
+            } else {
+                (sec << 32) | 1
+            };
+            match slot.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(seen) => cur = seen,
             }
         }
+    }
+
+    /// The counts in `slots` for the ten seconds up to `sec`.
+    fn window(slots: &[std::sync::atomic::AtomicU64; 10], sec: u64) -> u64 {
+        slots
+            .iter()
+            .map(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+            .filter(|&v| v != EMPTY_SLOT && sec.saturating_sub(v >> 32) < 10)
+            .map(|v| v & 0xffff_ffff)
+            .sum()
+    }
+
+    fn note_request(&self, at: std::time::Instant) {
+        RetryBudget::count(&self.requests, self.second(at));
+    }
+
+    fn take(&self, now: std::time::Instant) -> bool {
+        let sec = self.second(now);
+        let requests = RetryBudget::window(&self.requests, sec);
+        let retries = RetryBudget::window(&self.retries, sec);
         if retries < self.floor + requests * self.percent / 100 {
-            w[i].2 += 1;
+            RetryBudget::count(&self.retries, sec);
             true
         } else {
             false
@@ -710,6 +732,48 @@ fn wraps_tls_error(io: &std::io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_budget_counts_a_sliding_ten_seconds() {
+        use std::time::Duration;
+        // 20 % of the requests, plus 1 per second (10 over the window).
+        let b = RetryBudget::new(20, 1);
+        let t0 = b.epoch;
+        for _ in 0..50 {
+            b.note_request(t0);
+        }
+        // 10 + 50 * 20 / 100 = 20 retries in the window, then none.
+        let granted = (0..30).filter(|_| b.take(t0 + Duration::from_millis(500))).count();
+        assert_eq!(granted, 20);
+        // Nine seconds on, the same second's counts are still in the window.
+        assert!(!b.take(t0 + Duration::from_secs(9)));
+        // Ten seconds on they have left it: only the floor remains.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!((0..30).filter(|_| b.take(later)).count(), 10);
+        // A slot reused for a new second starts from one.
+        b.note_request(later);
+        assert_eq!(RetryBudget::window(&b.requests, b.second(later)), 1);
+    }
+
+    #[test]
+    fn retry_budget_counts_from_several_threads() {
+        let b = std::sync::Arc::new(RetryBudget::new(100, 0));
+        let t0 = b.epoch;
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        b.note_request(t0);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            assert!(t.join().is_ok());
+        }
+        assert_eq!(RetryBudget::window(&b.requests, 0), 4000);
+    }
 
     fn pool(backends: &str) -> Option<Pool> {
         let text = format!(

@@ -186,11 +186,12 @@ impl Store for LocalStore {
     }
 }
 
-/// Nanoseconds on the process's monotonic clock.
-pub fn now_nanos() -> u64 {
+/// `t` in nanoseconds on the process's monotonic clock (0 before its first use): a
+/// request is checked at the time it started, with no clock read of its own.
+pub fn nanos_at(t: std::time::Instant) -> u64 {
     static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     let epoch = EPOCH.get_or_init(std::time::Instant::now);
-    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    u64::try_from(t.saturating_duration_since(*epoch).as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -313,6 +313,54 @@ async fn access_log_has_one_json_line_per_request() {
     assert!(line["time"].as_str().unwrap().ends_with('Z'));
 }
 
+/// The request ids logged in the access log file `name` of edge `e`.
+fn logged_ids(e: &TestEdge, name: &str) -> Vec<String> {
+    std::fs::read_to_string(e.dir.join(name))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["request_id"].as_str().map(str::to_string))
+        .collect()
+}
+
+async fn logged_request(e: &TestEdge) -> String {
+    let r = client().get(e.url("/")).send().await.unwrap();
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    r.bytes().await.unwrap();
+    id
+}
+
+#[tokio::test]
+async fn reload_moves_the_access_log_and_keeps_an_unchanged_one() {
+    let origin = Origin::start("o").await.unwrap();
+    let logged_to = |file: &str| {
+        with_admin(&origin.url(), "token = \"file:token\"").replace("access = \"off\"", &format!("access = \"{file}\""))
+    };
+    let e = TestEdge::start_with_token(&logged_to("one.log"), "t0ps3cret\n").await;
+    let first = logged_request(&e).await;
+    // The same target: the running log is kept, and keeps logging.
+    e.rewrite_config(&logged_to("one.log"));
+    assert_eq!(reload(&e).await.0, 200);
+    let second = logged_request(&e).await;
+    // A new target: later requests go there, none to the old file.
+    e.rewrite_config(&logged_to("two.log"));
+    assert_eq!(reload(&e).await.0, 200);
+    let third = logged_request(&e).await;
+    let all_there = eventually(
+        || logged_ids(&e, "one.log").len() == 2 && logged_ids(&e, "two.log").len() == 1,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        all_there,
+        "{:?} {:?}",
+        logged_ids(&e, "one.log"),
+        logged_ids(&e, "two.log")
+    );
+    assert_eq!(logged_ids(&e, "one.log"), vec![first, second]);
+    assert_eq!(logged_ids(&e, "two.log"), vec![third]);
+}
+
 #[tokio::test]
 async fn reload_cannot_remove_or_move_the_admin_listener() {
     let a = Origin::start("a").await.unwrap();
