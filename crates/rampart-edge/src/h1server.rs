@@ -115,8 +115,16 @@ pub(crate) async fn serve(
     let mut served_at_tick: u64 = 0;
     // When the head being read began to arrive (for the header timeout).
     let mut head_began: Option<Instant> = None;
+    // Shutdown only ever turns the flag on. One `changed` future for the whole
+    // serve (one waiter registration, not one per request), and a clone whose
+    // `has_changed` is a single atomic load for the checks between requests.
+    if *shutdown.borrow() {
+        return Ended::Close;
+    }
+    let stopping = shutdown.clone();
+    let mut stop = std::pin::pin!(shutdown.changed());
     loop {
-        if *shutdown.borrow() {
+        if stopping.has_changed().unwrap_or(true) {
             return Ended::Close;
         }
         let parsed = if buf.is_empty() {
@@ -151,7 +159,7 @@ pub(crate) async fn serve(
                         tick.as_mut().reset(now + park_after);
                         continue;
                     }
-                    _ = shutdown.changed() => return Ended::Close,
+                    _ = stop.as_mut() => return Ended::Close,
                 }
                 if let Got::End = read_now(&mut tcp, &mut buf, budget) {
                     return Ended::Close;
@@ -170,7 +178,7 @@ pub(crate) async fn serve(
                             return Ended::Close;
                         }
                     },
-                    _ = shutdown.changed() => return Ended::Close,
+                    _ = stop.as_mut() => return Ended::Close,
                 }
                 if let Got::End = read_now(&mut tcp, &mut buf, budget) {
                     return Ended::Close;
@@ -196,7 +204,7 @@ pub(crate) async fn serve(
                 return Ended::Close;
             }
         };
-        if !keep || *shutdown.borrow() {
+        if !keep || stopping.has_changed().unwrap_or(true) {
             let _ = tcp.shutdown().await;
             return Ended::Close;
         }

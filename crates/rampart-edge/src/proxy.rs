@@ -1331,13 +1331,16 @@ fn client_body_fault(state: Option<&RequestBodyState>) -> Option<Reason> {
 /// Resolves when `timeout` has passed since the request body last made progress
 /// (or since `sent_at`, for requests without a body).
 async fn header_timeout(body: Option<Arc<RequestBodyState>>, sent_at: Instant, timeout: Duration) {
+    // No clock read here: the timer fires at the deadline, and only then is the
+    // body's progress looked at (a later deadline if it moved).
+    let mut at = sent_at + timeout;
     loop {
+        tokio::time::sleep_until(at).await;
         let base = body.as_ref().map_or(sent_at, |b| b.last_progress().max(sent_at));
-        let at = base + timeout;
-        if Instant::now() >= at {
+        if base + timeout <= at {
             return;
         }
-        tokio::time::sleep_until(at).await;
+        at = base + timeout;
     }
 }
 

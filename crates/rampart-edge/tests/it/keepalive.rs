@@ -145,6 +145,33 @@ async fn shutdown_closes_parked_connections_at_once() {
     assert!(matches!(n, Ok(Ok(0))), "closed: {n:?}");
 }
 
+/// Shutdown reaches connections the lean server holds, not only parked ones: one
+/// waiting for its next request (before the park tick) and one halfway through a
+/// head are closed at once.
+#[tokio::test]
+async fn shutdown_closes_connections_between_requests_and_in_a_head() {
+    let origin = Origin::start("o").await.unwrap();
+    let mut e = TestEdge::start(&config(&origin, "")).await;
+    let mut waiting = TcpStream::connect(e.http).await.unwrap();
+    waiting.write_all(GET).await.unwrap();
+    read_response(&mut waiting).await;
+    let mut partial = TcpStream::connect(e.http).await.unwrap();
+    partial.write_all(GET).await.unwrap();
+    read_response(&mut partial).await;
+    partial.write_all(b"GET /status/200 HTTP/1.1\r\nHo").await.unwrap();
+    let start = Instant::now();
+    let report = e.edge.take().unwrap().shutdown(Duration::from_secs(10)).await;
+    assert_eq!(report.abandoned, 0);
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(2), waiting.read_to_end(&mut rest)).await;
+    assert!(matches!(n, Ok(Ok(0))), "closed: {n:?}");
+    // Closed with a head half read: an end or a reset, either way at once.
+    let n = tokio::time::timeout(Duration::from_secs(2), partial.read_to_end(&mut rest)).await;
+    let closed = matches!(&n, Ok(Ok(0))) || matches!(&n, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset);
+    assert!(closed, "closed: {n:?}");
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+}
+
 #[tokio::test]
 async fn many_parked_connections_wake_together_and_never_sending_ones_expire() {
     let origin = Origin::start("o").await.unwrap();
