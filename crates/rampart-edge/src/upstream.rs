@@ -143,7 +143,9 @@ impl RetryPolicy {
 ///
 /// Ten one-second slots, each one atomic word: the second (high 32 bits) and its
 /// count (low 32 bits). Counting a request is one compare-and-swap, no lock and no
-/// clock read (the caller passes the time it has).
+/// clock read (the caller passes the time it has). Taking a retry reads the window
+/// and then counts, not as one step: retries taken at the same moment on several
+/// threads can overshoot the budget by at most one each.
 struct RetryBudget {
     percent: u64,
     floor: u64,
