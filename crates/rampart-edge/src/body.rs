@@ -321,6 +321,16 @@ pub enum UpBody {
     Own(crate::h1client::Body),
 }
 
+impl UpBody {
+    /// Header lines the response head passes on as they came (own client only).
+    pub fn take_passthrough(&mut self) -> Option<Box<crate::h1client::Passthrough>> {
+        match self {
+            UpBody::Own(b) => b.take_passthrough(),
+            UpBody::Hyper(_) => None,
+        }
+    }
+}
+
 impl Body for UpBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -440,6 +450,15 @@ impl EdgeBody {
             bytes: 0,
             done: None,
             in_flight: None,
+        }
+    }
+
+    /// Header lines of the upstream's head to write as they came: only for a
+    /// response the lean HTTP/1 server writes (see [`crate::h1client::Passthrough`]).
+    pub fn take_passthrough(&mut self) -> Option<Box<crate::h1client::Passthrough>> {
+        match &mut self.kind {
+            Kind::Upstream(u) => u.take_passthrough(),
+            Kind::Full(_) => None,
         }
     }
 

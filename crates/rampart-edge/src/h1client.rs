@@ -15,6 +15,7 @@
 //! `Content-Length`, whose copies must agree. A connection is reused only after a
 //! complete HTTP/1.1 message with nothing after it and no `Connection: close`.
 
+use crate::headers::Span;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
@@ -132,25 +133,28 @@ pub enum Failure {
     Invalid(InvalidResponse),
 }
 
-/// Send `wire` (an encoded head) on `conn` and read the response head.
+/// Send `wire` (an encoded head) on `conn` and read the response head; with
+/// `passthrough`, the fields no stage uses stay lines, for the body to carry.
 pub async fn exchange(
     mut conn: Conn,
     wire: &[u8],
     head_request: bool,
+    passthrough: bool,
 ) -> Result<(http::response::Parts, Body), Failure> {
     if let Err(e) = conn.stream.write_all(wire).await {
         return Err(if conn.reused { Failure::Stale } else { Failure::Io(e) });
     }
     loop {
-        match parse_head(&mut conn.buf, head_request) {
-            Ok(Some((parts, framing, keep_alive))) => {
+        match parse_head(&mut conn.buf, head_request, passthrough) {
+            Ok(Some(head)) => {
                 let body = Body {
                     conn: Some(conn),
-                    framing,
-                    keep_alive,
+                    framing: head.framing,
+                    keep_alive: head.keep_alive,
                     home: None,
+                    passthrough: head.passthrough,
                 };
-                return Ok((parts, body));
+                return Ok((head.parts, body));
             }
             Ok(None) => {}
             Err(e) => return Err(Failure::Invalid(e)),
@@ -214,13 +218,19 @@ enum Chunk {
     End,
 }
 
+/// A parsed response head.
+struct Head {
+    parts: http::response::Parts,
+    framing: Framing,
+    keep_alive: bool,
+    passthrough: Option<Box<Passthrough>>,
+}
+
 /// Parse a response head from the front of `buf`, skipping interim (1xx) responses.
 /// `None`: not all of it is here yet. The head's bytes are taken out of `buf`.
-#[allow(clippy::type_complexity)]
-fn parse_head(
-    buf: &mut BytesMut,
-    head_request: bool,
-) -> Result<Option<(http::response::Parts, Framing, bool)>, InvalidResponse> {
+/// With `passthrough`, the fields the pipeline neither reads nor sets are left out
+/// of the map and kept as the lines they came in (see [`Passthrough`]).
+fn parse_head(buf: &mut BytesMut, head_request: bool, passthrough: bool) -> Result<Option<Head>, InvalidResponse> {
     loop {
         // Uninitialised slots: parsing writes only the ones it fills.
         let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -247,40 +257,207 @@ fn parse_head(
         // Field values are views into the head's one buffer, not copies.
         let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
         crate::headers::spans(buf, res.headers, &mut spans);
-        // `Connection` fields that say only `close` or `keep-alive`, and `Keep-Alive`
-        // fields, are read here and left out of the map: they concern this connection
-        // alone (RFC 9112 §9.6), and the proxy would remove them again. A `Connection`
-        // naming other fields stays, for the hop-by-hop removal to read.
-        let mut close = false;
-        let mut n = 0;
-        for (i, field) in res.headers.iter().enumerate() {
-            let this_hop_only = if field.name.eq_ignore_ascii_case("connection") {
-                let mut only = true;
-                for token in crate::headers::value_elements(field.value) {
-                    if token.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if !token.eq_ignore_ascii_case(b"keep-alive") {
-                        only = false;
-                    }
-                }
-                only
-            } else {
-                field.name.eq_ignore_ascii_case("keep-alive")
-            };
-            if !this_hop_only {
-                spans[n] = spans[i];
-                n += 1;
-            }
+        let mut sorted = sort_fields(buf, res.headers, &mut spans, passthrough);
+        if sorted.names_others {
+            // A `Connection` naming other fields: those are removed by name from the
+            // map, so every field goes there (the spans are found again: sorting
+            // moved them).
+            crate::headers::spans(buf, res.headers, &mut spans);
+            sorted = sort_fields(buf, res.headers, &mut spans, false);
         }
         let head = buf.split_to(len).freeze();
-        let headers =
-            crate::headers::header_map(&head, &spans[..n], ADDED_FIELDS).ok_or(InvalidResponse("bad header field"))?;
-        let (framing, keep_alive) = framing(status, version, close, &headers, head_request)?;
+        let headers = crate::headers::header_map(&head, &spans[..sorted.in_map], ADDED_FIELDS)
+            .ok_or(InvalidResponse("bad header field"))?;
+        let (framing, keep_alive) = framing(status, version, sorted.close, &headers, head_request)?;
         let mut parts = http::Response::new(()).into_parts().0;
         parts.status = status;
         parts.version = version;
         parts.headers = headers;
-        return Ok(Some((parts, framing, keep_alive)));
+        // Boxed: the body moves several times on its way to the client, and a
+        // pointer is cheaper to copy than the lines' record.
+        let passthrough = (sorted.n_runs > 0).then(|| {
+            Box::new(Passthrough {
+                head,
+                runs: sorted.runs,
+                len: sorted.n_runs,
+                date: sorted.date,
+            })
+        });
+        return Ok(Some(Head {
+            parts,
+            framing,
+            keep_alive,
+            passthrough,
+        }));
+    }
+}
+
+/// How [`sort_fields`] sorted a head's fields.
+struct Sorted {
+    /// How many spans, at the front, go into the map.
+    in_map: usize,
+    /// A `Connection` field says `close`.
+    close: bool,
+    /// A `Connection` field names fields other than itself and `Keep-Alive`.
+    names_others: bool,
+    /// The passed-through lines' runs, how many there are, and whether a `Date` is
+    /// among them.
+    runs: [(u32, u32); RUNS],
+    n_runs: usize,
+    date: bool,
+}
+
+/// Sort a head's fields: `Connection` fields that say only `close` or `keep-alive`,
+/// and `Keep-Alive` fields, are read here and left out: they concern this
+/// connection alone (RFC 9112 §9.6), and the proxy would remove them again. A
+/// `Connection` naming other fields stays, for the hop-by-hop removal to read. With
+/// `passthrough`, fields the pipeline has no use for become runs of lines, as long as
+/// there are runs to spare; the rest are moved to the front of `spans`, for the map.
+fn sort_fields(head: &[u8], fields: &[httparse::Header<'_>], spans: &mut [Span], passthrough: bool) -> Sorted {
+    let mut sorted = Sorted {
+        in_map: 0,
+        close: false,
+        names_others: false,
+        runs: [(0, 0); RUNS],
+        n_runs: 0,
+        date: false,
+    };
+    for (i, field) in fields.iter().enumerate() {
+        let name = field.name.as_bytes();
+        let class = classify(name);
+        let this_hop_only = match class {
+            Class::Connection => {
+                let mut only = true;
+                for token in crate::headers::value_elements(field.value) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        sorted.close = true;
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                        only = false;
+                    }
+                }
+                sorted.names_others |= !only;
+                only
+            }
+            Class::KeepAlive => true,
+            _ => false,
+        };
+        if this_hop_only {
+            continue;
+        }
+        if passthrough
+            && matches!(class, Class::Other | Class::Date)
+            && let Some((from, to)) = line_of(head, spans[i])
+        {
+            // The line follows the last run's: one run, copied in one go.
+            let n = sorted.n_runs;
+            let follows = n > 0 && sorted.runs[n - 1].1 == from;
+            if follows || n < RUNS {
+                if follows {
+                    sorted.runs[n - 1].1 = to;
+                } else {
+                    sorted.runs[n] = (from, to);
+                    sorted.n_runs += 1;
+                }
+                sorted.date |= class == Class::Date;
+                continue;
+            }
+        }
+        spans[sorted.in_map] = spans[i];
+        sorted.in_map += 1;
+    }
+    sorted
+}
+
+/// What a response field is to [`sort_fields`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Connection,
+    KeepAlive,
+    Date,
+    /// One the pipeline reads or sets (framing, hop-by-hop, `Via`, `x-request-id`,
+    /// the rate-limit fields): always in the map.
+    Pipeline,
+    Other,
+}
+
+/// The class of field `name` (a token, as httparse checks names to be), in any case.
+fn classify(name: &[u8]) -> Class {
+    let Some(&first) = name.first() else {
+        return Class::Other;
+    };
+    let is = |lower: &[u8]| crate::headers::eq_folded(name, lower);
+    match (name.len(), first | 0x20) {
+        (4, b'd') if is(b"date") => Class::Date,
+        (10, b'c') if is(b"connection") => Class::Connection,
+        (10, b'k') if is(b"keep-alive") => Class::KeepAlive,
+        (2, b't') if is(b"te") => Class::Pipeline,
+        (3, b'v') if is(b"via") => Class::Pipeline,
+        (7, b'u') if is(b"upgrade") => Class::Pipeline,
+        (7, b't') if is(b"trailer") => Class::Pipeline,
+        (9, b'r') if is(b"ratelimit") => Class::Pipeline,
+        (12, b'x') if is(b"x-request-id") => Class::Pipeline,
+        (14, b'c') if is(b"content-length") => Class::Pipeline,
+        (16, b'p') if is(b"proxy-connection") => Class::Pipeline,
+        (16, b'r') if is(b"ratelimit-policy") => Class::Pipeline,
+        (17, b't') if is(b"transfer-encoding") => Class::Pipeline,
+        _ => Class::Other,
+    }
+}
+
+/// The whole line of a field (`Name: value` to its CRLF) as a range of `head`, or
+/// `None` when it does not end in CRLF (a bare LF is not passed on) or has an empty
+/// value (httparse's slice for it need not point into the head).
+fn line_of(head: &[u8], (name_at, name_len, value_at, value_len): Span) -> Option<(u32, u32)> {
+    if value_len == 0 || value_at < name_at.saturating_add(name_len) {
+        return None;
+    }
+    let value_end = value_at as usize + value_len as usize;
+    // After the value: CR LF, or optional white space before it.
+    let after = head.get(value_end..)?;
+    let lf = if after.starts_with(b"\r\n") {
+        value_end + 1
+    } else {
+        let lf = value_end + after.iter().take(64).position(|&b| b == b'\n')?;
+        if lf == value_end || head.get(lf - 1) != Some(&b'\r') {
+            return None;
+        }
+        lf
+    };
+    Some((name_at, u32::try_from(lf + 1).ok()?))
+}
+
+/// Runs of a response's header lines kept for the client as they came.
+const RUNS: usize = 4;
+
+/// Header fields passed to the client as the upstream sent them: whole lines of its
+/// head, in runs, each copied in one go (the map would parse, hash and store each
+/// one, and the response encoder write it again piece by piece). Only the lean
+/// HTTP/1 server asks for them, for responses that no stage but framing touches.
+pub struct Passthrough {
+    head: Bytes,
+    runs: [(u32, u32); RUNS],
+    len: usize,
+    /// A `Date` field is among them.
+    pub date: bool,
+}
+
+impl Passthrough {
+    /// Append the lines, each ending in CRLF.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        for &(from, to) in self.runs.iter().take(self.len) {
+            if let Some(lines) = self.head.get(from as usize..to as usize) {
+                out.extend_from_slice(lines);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Passthrough {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Passthrough")
+            .field("runs", &&self.runs[..self.len.min(RUNS)])
+            .field("date", &self.date)
+            .finish()
     }
 }
 
@@ -492,9 +669,16 @@ pub struct Body {
     framing: Framing,
     keep_alive: bool,
     home: Option<Home>,
+    /// The head's fields kept as lines, for the response to the client.
+    passthrough: Option<Box<Passthrough>>,
 }
 
 impl Body {
+    /// The passed-through header lines, for the one who writes the response head.
+    pub fn take_passthrough(&mut self) -> Option<Box<Passthrough>> {
+        self.passthrough.take()
+    }
+
     /// Return the connection to `home`'s idle list once the body is read whole
     /// (at once, when there is no body).
     pub fn returning_to(mut self, home: Home) -> Body {
@@ -598,8 +782,9 @@ mod tests {
 
     fn head(text: &str, head_request: bool) -> (http::response::Parts, Framing, bool, BytesMut) {
         let mut buf = BytesMut::from(text.as_bytes());
-        let (p, f, k) = parse_head(&mut buf, head_request).unwrap().unwrap();
-        (p, f, k, buf)
+        let h = parse_head(&mut buf, head_request, false).unwrap().unwrap();
+        assert!(h.passthrough.is_none());
+        (h.parts, h.framing, h.keep_alive, buf)
     }
 
     #[test]
@@ -668,13 +853,13 @@ mod tests {
             "HTTP/1.1 2000 OK\r\n\r\n",
         ] {
             let mut buf = BytesMut::from(bad.as_bytes());
-            assert!(parse_head(&mut buf, false).is_err(), "{bad:?}");
+            assert!(parse_head(&mut buf, false, false).is_err(), "{bad:?}");
         }
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);
-        assert!(matches!(parse_head(&mut buf, false), Ok(None)));
+        assert!(matches!(parse_head(&mut buf, false, false), Ok(None)));
         // Field values keep obs-text and tabs; control characters are refused.
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nX-A: caf\xc3\xa9\tb\r\n\r\n"[..]);
-        let (p, _, _) = parse_head(&mut buf, false).unwrap().unwrap();
+        let p = parse_head(&mut buf, false, false).unwrap().unwrap().parts;
         assert_eq!(p.headers["x-a"].as_bytes(), b"caf\xc3\xa9\tb");
         for bad in [&b"X-A: a\x7fb"[..], b"X-A: a\x01b", b"X-A: a\rb"] {
             let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
@@ -682,10 +867,111 @@ mod tests {
             head.extend_from_slice(b"\r\n\r\n");
             let mut buf = BytesMut::from(&head[..]);
             assert!(
-                parse_head(&mut buf, false).is_err(),
+                parse_head(&mut buf, false, false).is_err(),
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
+        }
+    }
+
+    /// Parse `text` with passthrough: the map's fields, the passed lines, and their `date` flag.
+    fn passed(text: &str) -> (HeaderMap, String, bool, Framing) {
+        let mut buf = BytesMut::from(text.as_bytes());
+        let h = parse_head(&mut buf, false, true).unwrap().unwrap();
+        let mut out = Vec::new();
+        let date = h.passthrough.as_ref().is_some_and(|p| p.date);
+        if let Some(p) = &h.passthrough {
+            p.write_to(&mut out);
+        }
+        (h.parts.headers, String::from_utf8(out).unwrap(), date, h.framing)
+    }
+
+    /// Every field as (lower-case name, value), sorted: from a map, or from lines.
+    fn fields_of(map: &HeaderMap, lines: &str) -> Vec<(String, String)> {
+        let mut all: Vec<(String, String)> = map
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        for line in lines.split_terminator("\r\n") {
+            let (k, v) = line.split_once(':').unwrap();
+            all.push((k.to_ascii_lowercase(), v.trim().to_string()));
+        }
+        all.sort();
+        all
+    }
+
+    #[test]
+    fn unused_fields_pass_as_the_lines_they_came_in() {
+        let (map, lines, date, f) = passed(
+            "HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Mon, 23 Nov 2026 10:00:00 GMT\r\nContent-Type: text/html\r\n\
+             Content-Length: 5\r\nLast-Modified: x\r\nConnection: keep-alive\r\nETag: \"e\"\r\nAccept-Ranges: bytes  \r\n\r\nhello",
+        );
+        assert_eq!(f, Framing::Length(5));
+        assert_eq!(map.len(), 1, "only the framing field is in the map: {map:?}");
+        assert_eq!(map[header::CONTENT_LENGTH], "5");
+        assert_eq!(
+            lines,
+            "Server: nginx\r\nDate: Mon, 23 Nov 2026 10:00:00 GMT\r\nContent-Type: text/html\r\n\
+             Last-Modified: x\r\nETag: \"e\"\r\nAccept-Ranges: bytes  \r\n",
+            "as they came, letter case and white space too"
+        );
+        assert!(date);
+
+        // What the pipeline reads or sets stays in the map.
+        let (map, lines, date, _) = passed(
+            "HTTP/1.1 200 OK\r\nVia: 1.1 a\r\nX-Request-Id: r\r\nTransfer-Encoding: chunked\r\nTrailer: x\r\n\
+             RateLimit: r\r\nRateLimit-Policy: p\r\nUpgrade: u\r\nTE: t\r\nProxy-Connection: p\r\nX-A: 1\r\n\r\n",
+        );
+        assert_eq!(map.len(), 9, "{map:?}");
+        assert_eq!((lines.as_str(), date), ("X-A: 1\r\n", false));
+
+        // A `Connection` naming a field: all in the map, for the removal by name.
+        let (map, lines, _, _) =
+            passed("HTTP/1.1 200 OK\r\nX-A: 1\r\nConnection: x-a\r\nX-B: 2\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!((map.len(), lines.as_str()), (4, ""));
+
+        // Lines without CR, and empty values, go through the map.
+        let (map, lines, _, _) = passed("HTTP/1.1 200 OK\nX-A: 1\nX-B:\nContent-Length: 0\n\n");
+        assert_eq!((map.len(), lines.as_str()), (3, ""));
+        let (map, lines, _, _) = passed("HTTP/1.1 200 OK\r\nX-B:\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!((map.len(), lines.as_str()), (2, "X-A: 1\r\n"));
+    }
+
+    #[test]
+    fn passed_lines_and_the_map_hold_every_field_once() {
+        // More separate runs than there is room for: the rest go to the map.
+        let text = "HTTP/1.1 200 OK\r\nA: 1\r\nVia: v1\r\nB: 2\r\nVia: v2\r\nC: 3\r\nC: 3b\r\nVia: v3\r\nD: 4\r\n\
+                    Via: v4\r\nE: 5\r\nF: 6\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n";
+        let (map, lines, _, _) = passed(text);
+        assert_eq!(lines, "A: 1\r\nB: 2\r\nC: 3\r\nC: 3b\r\nD: 4\r\n");
+        let mut buf = BytesMut::from(text.as_bytes());
+        let whole = parse_head(&mut buf, false, false).unwrap().unwrap().parts.headers;
+        assert_eq!(fields_of(&map, &lines), fields_of(&whole, ""));
+        assert_eq!(map.get_all("via").iter().count(), 4, "order within a name kept");
+        assert_eq!(map.get_all("via").iter().next_back().unwrap(), "v4");
+        // Every mix of passed and kept fields, the same way.
+        let kinds = [
+            "X-P: p",
+            "Via: v",
+            "Date: d",
+            "Content-Length: 0",
+            "Connection: close",
+            "X-Q:  q ",
+        ];
+        for mask in 0..(6usize.pow(4)) {
+            let mut text = String::from("HTTP/1.1 200 OK\r\n");
+            let mut m = mask;
+            for _ in 0..4 {
+                text.push_str(kinds[m % 6]);
+                text.push_str("\r\n");
+                m /= 6;
+            }
+            text.push_str("\r\n");
+            let (map, lines, date, _) = passed(&text);
+            let mut buf = BytesMut::from(text.as_bytes());
+            let whole = parse_head(&mut buf, false, false).unwrap().unwrap().parts.headers;
+            assert_eq!(fields_of(&map, &lines), fields_of(&whole, ""), "{text:?}");
+            assert_eq!(date, lines.contains("Date:"), "{text:?}");
         }
     }
 

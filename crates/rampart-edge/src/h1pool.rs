@@ -235,6 +235,7 @@ impl H1Pool {
         target: &Uri,
         req: &Request<UpstreamBody>,
         headers: &http::HeaderMap,
+        passthrough: bool,
     ) -> Result<Response<UpBody>, SendError> {
         let wire = h1client::encode(req.method(), req.uri(), headers);
         let head_request = req.method() == http::Method::HEAD;
@@ -246,7 +247,7 @@ impl H1Pool {
         // A pooled connection the upstream had closed gets the request again, once,
         // on a new connection (GET and HEAD are idempotent).
         let pooled = match self.checkout_own(index) {
-            Some(conn) => match h1client::exchange(conn, &wire, head_request).await {
+            Some(conn) => match h1client::exchange(conn, &wire, head_request, passthrough).await {
                 Err(h1client::Failure::Stale) => None,
                 other => Some(other),
             },
@@ -257,7 +258,7 @@ impl H1Pool {
             // Boxed: connecting (DNS, TCP, handshake) is the rare path.
             None => {
                 let conn = Box::pin(self.connect_own(target)).await?;
-                h1client::exchange(conn, &wire, head_request).await
+                h1client::exchange(conn, &wire, head_request, passthrough).await
             }
         };
         let (parts, body) = exchanged.map_err(failed)?;
@@ -279,7 +280,8 @@ impl H1Pool {
     /// Send `req` (origin-form URI, Host set) to backend `index` at `target`
     /// (scheme and authority, for connecting). With `own_headers`, the request is
     /// one [`h1client::eligible`] takes, to a plain-HTTP target, and goes through
-    /// the own client with those headers (`req`'s are not used).
+    /// the own client with those headers (`req`'s are not used), and may keep the
+    /// response's unused fields as lines (`passthrough`, see [`h1client::Passthrough`]).
     pub async fn send(
         &self,
         pool: &Arc<crate::upstream::Pool>,
@@ -287,10 +289,11 @@ impl H1Pool {
         target: &Uri,
         req: Request<UpstreamBody>,
         own_headers: Option<&http::HeaderMap>,
+        passthrough: bool,
     ) -> Result<(Response<UpBody>, Option<Checkin>), SendError> {
         if let Some(headers) = own_headers {
             return self
-                .send_own(pool, index, target, &req, headers)
+                .send_own(pool, index, target, &req, headers, passthrough)
                 .await
                 .map(|r| (r, None));
         }

@@ -191,7 +191,7 @@ pub(crate) async fn serve(
         info.verdicts.note_head();
         // The pipeline, while watching the client: a client that closes its end
         // abandons the request (as hyper does), and pipelined bytes are kept.
-        let handled = std::pin::pin!(proxy::handle_in_place(shared, info, req));
+        let handled = std::pin::pin!(proxy::handle_in_place(shared, info, req, true));
         let resp = tokio::select! {
             biased;
             resp = handled => resp,
@@ -375,12 +375,14 @@ fn can_have_length(status: StatusCode) -> bool {
 }
 
 /// Write the response head into `out` as hyper's server would, and say how the body
-/// is framed and whether the connection stays open after it.
+/// is framed and whether the connection stays open after it. `lines`: upstream
+/// header lines passed on as they came, beside the map's fields.
 fn encode_head(
     out: &mut Vec<u8>,
     parts: &mut http::response::Parts,
     body: BodyLen,
     asked: &Asked,
+    lines: Option<&crate::h1client::Passthrough>,
 ) -> Result<(Framing, bool), Unsendable> {
     if parts.status.is_informational() {
         return Err(Unsendable("interim status as a final response"));
@@ -417,6 +419,10 @@ fn encode_head(
     let head = asked.method == Method::HEAD;
     let mut framing = None;
     let mut wrote_date = false;
+    if let Some(lines) = lines {
+        lines.write_to(out);
+        wrote_date = lines.date;
+    }
     for (name, value) in &parts.headers {
         match *name {
             header::CONTENT_LENGTH => {
@@ -507,7 +513,9 @@ async fn respond(
         body.size_hint().exact().map_or(BodyLen::Unknown, BodyLen::Known)
     };
     out.clear();
-    let (framing, keep) = encode_head(out, &mut parts, len, asked)?;
+    let lines = body.take_passthrough();
+    let (framing, keep) = encode_head(out, &mut parts, len, asked, lines.as_deref())?;
+    drop(lines);
     drop(parts);
     // What a Content-Length still promises.
     let mut left = match framing {
@@ -716,7 +724,7 @@ mod tests {
             keep_alive,
         };
         let mut out = Vec::new();
-        let (framing, keep) = encode_head(&mut out, &mut parts, body, &asked).unwrap();
+        let (framing, keep) = encode_head(&mut out, &mut parts, body, &asked, None).unwrap();
         let text = String::from_utf8(out).unwrap();
         let text: Vec<&str> = text.split("\r\n").filter(|l| !l.starts_with("date: ")).collect();
         (text.join("\r\n"), framing, keep)
@@ -940,7 +948,7 @@ mod tests {
                 resp.headers_mut().append(*k, HeaderValue::from_static(v));
             }
             let (mut parts, ()) = resp.into_parts();
-            let r = encode_head(&mut Vec::new(), &mut parts, BodyLen::Unknown, &asked);
+            let r = encode_head(&mut Vec::new(), &mut parts, BodyLen::Unknown, &asked, None);
             assert!(r.is_err(), "{status} {fields:?}");
         }
     }

@@ -357,7 +357,7 @@ pub(crate) fn common_name(name: &[u8]) -> Option<HeaderName> {
 
 /// `name` equals the lower-case `lower` when its letters are folded (see `common_name`).
 #[inline]
-fn eq_folded(name: &[u8], lower: &[u8]) -> bool {
+pub(crate) fn eq_folded(name: &[u8], lower: &[u8]) -> bool {
     if name.len() != lower.len() {
         return false;
     }

@@ -392,7 +392,7 @@ pub async fn handle(
     // Until the response body ends, the connection's framing guard knows a response
     // of the service's is being written (hyper's own error answers are rewritten).
     let in_flight = crate::security::guard::InFlight::enter(&conn.verdicts);
-    let resp = Box::pin(handle_in_place(&shared, &conn, req)).await;
+    let resp = Box::pin(handle_in_place(&shared, &conn, req, false)).await;
     Ok(resp.map(|b| b.in_flight(in_flight)))
 }
 
@@ -400,9 +400,18 @@ pub async fn handle(
 /// in the connection's task, which ends when the connection is parked: no box to
 /// allocate and copy the state into per request. It writes each response whole
 /// before reading on, so it needs no in-flight guard.
-pub async fn handle_in_place(shared: &Arc<Shared>, conn: &ConnInfo, req: Request<ClientIn>) -> Response<EdgeBody> {
+///
+/// `passthrough`: the caller writes the response head itself and takes the header
+/// lines an upstream response may carry beside its map
+/// ([`EdgeBody::take_passthrough`]).
+pub async fn handle_in_place(
+    shared: &Arc<Shared>,
+    conn: &ConnInfo,
+    req: Request<ClientIn>,
+    passthrough: bool,
+) -> Response<EdgeBody> {
     let mut limit = None;
-    let Ok(mut resp) = handle_request(shared, conn, req, &mut limit).await;
+    let Ok(mut resp) = handle_request(shared, conn, req, &mut limit, passthrough).await;
     // The tightest rate limit the request passed, for the client to pace itself.
     if let Some((policy, state)) = limit {
         resp.headers_mut().insert(RATELIMIT_POLICY.clone(), policy);
@@ -459,6 +468,7 @@ async fn handle_request(
     conn: &ConnInfo,
     mut req: Request<ClientIn>,
     limit: &mut Option<(HeaderValue, HeaderValue)>,
+    passthrough: bool,
 ) -> Result<Response<EdgeBody>, Infallible> {
     let start = Instant::now();
     let snap = shared.snapshot.load_full();
@@ -579,6 +589,9 @@ async fn handle_request(
     let route = route.clone();
     rec.route = Some(route.clone());
     let explain = site.explain;
+    // Upstream header fields no stage reads or sets may pass as lines: not when the
+    // explanation headers replace upstream ones, or the cache stores the response.
+    let passthrough = passthrough && !explain && route.cache.is_none();
 
     // Access lists: the site's, then the route's.
     for acl in [&site.access, &route.access].into_iter().flatten() {
@@ -934,7 +947,7 @@ async fn handle_request(
             }
         };
         let result = tokio::select! {
-            r = send_upstream(pool, index, backend, up, own.then_some(&h)) => match r {
+            r = send_upstream(pool, index, backend, up, own.then_some(&h), passthrough) => match r {
                 Ok((resp, checkin)) => {
                     rec.checkin = checkin;
                     Ok(resp)
@@ -1078,9 +1091,13 @@ async fn send_upstream(
     backend: &Backend,
     up: Request<UpstreamBody>,
     own_headers: Option<&http::HeaderMap>,
+    passthrough: bool,
 ) -> Result<(Response<crate::body::UpBody>, Option<crate::h1pool::Checkin>), (Reason, String)> {
     match &pool.h1 {
-        Some(h1) => match h1.send(pool, index, &backend.target, up, own_headers).await {
+        Some(h1) => match h1
+            .send(pool, index, &backend.target, up, own_headers, passthrough)
+            .await
+        {
             Ok((resp, checkin)) => Ok((resp, checkin)),
             Err(e) => Err((crate::upstream::classify_send(&e), format!("{e:?}"))),
         },
@@ -1518,6 +1535,7 @@ mod tests {
                 &'static ConnInfo,
                 Request<ClientIn>,
                 &'static mut Option<(HeaderValue, HeaderValue)>,
+                bool,
             ) -> Fut,
         {
             std::mem::size_of::<Fut>()

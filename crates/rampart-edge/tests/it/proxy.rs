@@ -548,3 +548,88 @@ async fn ipv6_host_patterns_match_bracketed_hosts() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-origin-name"], "v6");
 }
+
+/// The lines of a raw response head whose name is `name`, in any case.
+fn lines_named<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
+    head.lines()
+        .filter(|l| l.split_once(':').is_some_and(|(k, _)| k.eq_ignore_ascii_case(name)))
+        .collect()
+}
+
+#[tokio::test]
+async fn upstream_response_fields_pass_whole_and_the_proxy_s_own_are_set_once() {
+    // On the lean path (no explaining, no cache) fields the pipeline has no use for
+    // pass as the lines they came in; the rest go through the map as before. A
+    // `Connection` naming a field puts every field in the map, for the removal.
+    const HEAD: &str = "HTTP/1.1 200 OK\r\nServer: Mine\r\nDate: Mon, 02 Jan 2006 15:04:05 GMT\r\n\
+        X-Mixed-Case: Value  \r\nVia: 1.0 upstream\r\nX-Request-Id: upstream-id\r\nSet-Cookie: a=1\r\n\
+        Set-Cookie: b=2\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\nX-Last: z\r\n";
+    let plain = Origin::raw(const_str(&[HEAD, "Connection: keep-alive\r\n\r\nok"]))
+        .await
+        .unwrap();
+    let naming = Origin::raw(const_str(&[
+        HEAD,
+        "Connection: keep-alive, x-private\r\nX-Private: secret\r\n\r\nok",
+    ]))
+    .await
+    .unwrap();
+    for (origin, explain) in [(&plain, false), (&plain, true), (&naming, false)] {
+        let site = if explain { "explain = true" } else { "" };
+        let cfg = one_pool(
+            &[&origin.url()],
+            Parts {
+                site,
+                ..Parts::default()
+            },
+        );
+        let e = TestEdge::start(&cfg).await;
+        let mut s = tokio::net::TcpStream::connect(e.edge().http_addrs()[0]).await.unwrap();
+        for _ in 0..2 {
+            // Twice on one connection: it stays usable after a passed-through head.
+            tokio::io::AsyncWriteExt::write_all(&mut s, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                .await
+                .unwrap();
+            let (head, body) = read_response(&mut s).await;
+            assert_eq!(body, b"ok");
+            assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+            let one = |name: &str| {
+                let l = lines_named(&head, name);
+                assert_eq!(l.len(), 1, "one {name} (explain {explain}): {head}");
+                l[0].split_once(':').unwrap().1.trim().to_string()
+            };
+            assert_eq!(one("date"), "Mon, 02 Jan 2006 15:04:05 GMT", "the upstream's Date kept");
+            assert_eq!(one("server"), "Mine");
+            assert_eq!(one("x-mixed-case"), "Value");
+            assert_eq!(one("x-last"), "z");
+            assert_eq!(one("via"), "1.0 upstream, 1.1 rampart");
+            assert_eq!(one("content-length"), "2");
+            assert_ne!(one("x-request-id"), "upstream-id", "ours replaces the upstream's");
+            assert_eq!(lines_named(&head, "set-cookie").len(), 2);
+            // Nothing else: the hop-by-hop fields (and the one `Connection` names) gone.
+            let mut names: Vec<String> = head
+                .lines()
+                .skip(1)
+                .filter_map(|l| Some(l.split_once(':')?.0.to_ascii_lowercase()))
+                .filter(|n| !n.starts_with("x-rampart-"))
+                .collect();
+            names.sort();
+            let expected = [
+                "content-length",
+                "date",
+                "server",
+                "set-cookie",
+                "set-cookie",
+                "via",
+                "x-last",
+                "x-mixed-case",
+                "x-request-id",
+            ];
+            assert_eq!(names, expected, "{head}");
+        }
+    }
+}
+
+/// Join `parts` into a string that lives for the rest of the test run.
+fn const_str(parts: &[&str]) -> &'static [u8] {
+    parts.concat().leak().as_bytes()
+}
