@@ -66,13 +66,15 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream) -> Conn {
-        Conn {
+    /// Boxed for its whole life: it moves from the pool to a request, into the
+    /// response body and back, and a pointer is cheaper to move than the connection.
+    pub fn new(stream: TcpStream) -> Box<Conn> {
+        Box::new(Conn {
             stream,
             buf: BytesMut::new(),
             reused: false,
             since: Instant::now(),
-        }
+        })
     }
 
     /// Whether a pooled connection can take a request: the upstream has not closed
@@ -136,7 +138,7 @@ pub enum Failure {
 /// Send `wire` (an encoded head) on `conn` and read the response head; with
 /// `passthrough`, the fields no stage uses stay lines, for the body to carry.
 pub async fn exchange(
-    mut conn: Conn,
+    mut conn: Box<Conn>,
     wire: &[u8],
     head_request: bool,
     passthrough: bool,
@@ -665,7 +667,7 @@ pub type Home = (Arc<crate::upstream::Pool>, usize);
 
 /// A response body read straight from the upstream connection.
 pub struct Body {
-    conn: Option<Conn>,
+    conn: Option<Box<Conn>>,
     framing: Framing,
     keep_alive: bool,
     home: Option<Home>,

@@ -54,7 +54,9 @@ struct Idle {
 #[derive(Default)]
 struct Lists {
     hyper: Vec<Idle>,
-    own: Vec<h1client::Conn>,
+    /// Boxed: each keeps its box for life, so a checkout or return moves a pointer.
+    #[allow(clippy::vec_box)]
+    own: Vec<Box<h1client::Conn>>,
 }
 
 /// Why a request got no response.
@@ -184,7 +186,7 @@ impl H1Pool {
     }
 
     /// Give back a connection of the own client whose response was read whole.
-    pub(crate) fn put_own(&self, index: usize, conn: h1client::Conn) {
+    pub(crate) fn put_own(&self, index: usize, conn: Box<h1client::Conn>) {
         if self.max_idle == 0 {
             return;
         }
@@ -200,7 +202,7 @@ impl H1Pool {
     }
 
     /// An idle connection of the own client to backend `index` that can take a request.
-    fn checkout_own(&self, index: usize) -> Option<h1client::Conn> {
+    fn checkout_own(&self, index: usize) -> Option<Box<h1client::Conn>> {
         loop {
             let mut conn = self.list(index)?.own.pop()?;
             if conn.since.elapsed() < self.idle_timeout && conn.usable() {
@@ -218,7 +220,7 @@ impl H1Pool {
             .map_err(SendError::Connect)
     }
 
-    async fn connect_own(&self, target: &Uri) -> Result<h1client::Conn, SendError> {
+    async fn connect_own(&self, target: &Uri) -> Result<Box<h1client::Conn>, SendError> {
         match self.dial(target).await? {
             hyper_rustls::MaybeHttpsStream::Http(tcp) => Ok(h1client::Conn::new(tcp.into_inner())),
             hyper_rustls::MaybeHttpsStream::Https(_) => Err(SendError::Connect(
