@@ -22,6 +22,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A client's request body as the pipeline receives it: hyper's, or none at all
 /// (a body-less request read by the lean HTTP/1 server, [`crate::h1server`]).
+/// `Empty` also tells the pipeline that the head has no `Content-Length`,
+/// `Transfer-Encoding`, `Upgrade` or `Expect` field: the lean server hands every
+/// such request to hyper.
 pub enum ClientIn {
     Hyper(Incoming),
     Empty,

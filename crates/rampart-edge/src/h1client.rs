@@ -99,12 +99,16 @@ impl Conn {
 
 /// Whether a request can take this client: GET or HEAD, HTTP/1.1, no body, no upgrade.
 pub fn eligible(method: &Method, version: Version, headers: &HeaderMap, has_body: bool) -> bool {
-    (method == Method::GET || method == Method::HEAD)
-        && !has_body
-        && version == Version::HTTP_11
+    eligible_without_fields(method, version, has_body)
         && !headers.contains_key(header::UPGRADE)
         && !headers.contains_key(header::CONTENT_LENGTH)
         && !headers.contains_key(header::TRANSFER_ENCODING)
+}
+
+/// [`eligible`] for a head known to have no `Upgrade`, `Content-Length` or
+/// `Transfer-Encoding` field (one the lean HTTP/1 server read).
+pub fn eligible_without_fields(method: &Method, version: Version, has_body: bool) -> bool {
+    (method == Method::GET || method == Method::HEAD) && !has_body && version == Version::HTTP_11
 }
 
 /// The request head as it goes on the wire.

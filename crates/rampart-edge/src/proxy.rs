@@ -262,6 +262,7 @@ fn version_str(v: Version) -> &'static str {
 /// A response the edge makes itself, with a JSON body naming the reason.
 /// A WAF rule blocks: its status, and its body or the default JSON naming the rule
 /// and the request id.
+#[cold]
 fn waf_block(mut rec: Rec, block: crate::security::waf::Block) -> Response<EdgeBody> {
     rec.shared.metrics.security("waf", Reason::WafBlocked.as_str(), "block");
     rec.detail = Some(Arc::from(format!("rule:{}", block.rule)));
@@ -290,12 +291,14 @@ fn waf_block(mut rec: Rec, block: crate::security::waf::Block) -> Response<EdgeB
 }
 
 /// A security stage refuses the request: counted, logged with its detail, answered.
+#[cold]
 fn refuse(mut rec: Rec, stage: &'static str, reason: Reason, detail: &str) -> Response<EdgeBody> {
     rec.shared.metrics.security(stage, reason.as_str(), "block");
     rec.detail = Some(Arc::from(detail));
     local_response(reason, rec, None)
 }
 
+#[cold]
 fn local_response(reason: Reason, rec: Rec, extra: Option<(header::HeaderName, HeaderValue)>) -> Response<EdgeBody> {
     let status = reason.status();
     let body = reason.json_body(
@@ -475,10 +478,14 @@ async fn handle_request(
     let peer = conn.peer.ip();
     let trusted_peer = headers::is_trusted(&snap.trusted, peer);
 
-    let request_id = match req.headers().get(&X_REQUEST_ID) {
-        Some(v) if trusted_peer && headers::acceptable_request_id(v) => v.clone(),
+    // An incoming id counts only from a trusted proxy: no lookup for anyone else.
+    let request_id = match trusted_peer.then(|| req.headers().get(&X_REQUEST_ID)).flatten() {
+        Some(v) if headers::acceptable_request_id(v) => v.clone(),
         _ => headers::new_request_id(),
     };
+    // A head the lean HTTP/1 server read has no `Content-Length`, `Transfer-Encoding`,
+    // `Upgrade` or `Expect` field (it hands those to hyper): none to look for.
+    let lean_head = matches!(req.body(), ClientIn::Empty);
     let host_value: Option<HeaderValue> = req.headers().get(header::HOST).cloned().or_else(|| {
         req.uri()
             .authority()
@@ -601,11 +608,14 @@ async fn handle_request(
         acl.strip(req.headers_mut());
     }
 
-    let declared_length = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared_length = if lean_head {
+        None
+    } else {
+        req.headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
     if let Some(len) = declared_length
         && len > snap.limits.max_body
     {
@@ -617,7 +627,7 @@ async fn handle_request(
         None
     } else if h2_websocket {
         Some(HeaderValue::from_static("websocket"))
-    } else if req.version() == Version::HTTP_11 {
+    } else if req.version() == Version::HTTP_11 && !lean_head {
         headers::upgrade_protocol(req.headers())
     } else {
         None
@@ -926,7 +936,11 @@ async fn handle_request(
         // be retried gives it a copy.
         let own = pool.h1.is_some()
             && backend.target.scheme() == Some(&http::uri::Scheme::HTTP)
-            && crate::h1client::eligible(up.method(), up.version(), &h, !up.body().is_end_stream());
+            && if lean_head {
+                crate::h1client::eligible_without_fields(up.method(), up.version(), !up.body().is_end_stream())
+            } else {
+                crate::h1client::eligible(up.method(), up.version(), &h, !up.body().is_end_stream())
+            };
         if !own {
             *up.headers_mut() = if can_retry_after(tried.len(), &body) {
                 h.clone()
