@@ -111,20 +111,31 @@ pub fn eligible_without_fields(method: &Method, version: Version, has_body: bool
     (method == Method::GET || method == Method::HEAD) && !has_body && version == Version::HTTP_11
 }
 
-/// The request head as it goes on the wire.
-pub fn encode(method: &Method, uri: &http::Uri, headers: &HeaderMap) -> Vec<u8> {
+/// The request head as it goes on the wire: `headers`, then `more`.
+pub fn encode<'n, 'v>(
+    method: &Method,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    more: impl Iterator<Item = (&'n HeaderName, &'v HeaderValue)>,
+) -> Vec<u8> {
     let target = uri.path_and_query().map_or("/", |p| p.as_str());
     // Room for typical fields (one pass over the map; a head that needs more grows).
-    let mut out = Vec::with_capacity(method.as_str().len() + target.len() + 15 + headers.len() * 48);
+    let mut out = Vec::with_capacity(method.as_str().len() + target.len() + 15 + (headers.len() + 5) * 48);
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (k, v) in headers {
+    let mut field = |k: &HeaderName, v: &HeaderValue| {
         out.extend_from_slice(k.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(v.as_bytes());
         out.extend_from_slice(b"\r\n");
+    };
+    for (k, v) in headers {
+        field(k, v);
+    }
+    for (k, v) in more {
+        field(k, v);
     }
     out.extend_from_slice(b"\r\n");
     out
@@ -1061,7 +1072,7 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(
-            encode(req.method(), req.uri(), req.headers()),
+            encode(req.method(), req.uri(), req.headers(), std::iter::empty()),
             b"GET /p?q=1 HTTP/1.1\r\nhost: h\r\nx-a: 1\r\n\r\n"
         );
     }

@@ -236,10 +236,9 @@ impl H1Pool {
         index: usize,
         target: &Uri,
         req: &Request<UpstreamBody>,
-        headers: &http::HeaderMap,
+        wire: &[u8],
         passthrough: bool,
     ) -> Result<Response<UpBody>, SendError> {
-        let wire = h1client::encode(req.method(), req.uri(), headers);
         let head_request = req.method() == http::Method::HEAD;
         let failed = |f: h1client::Failure| match f {
             h1client::Failure::Io(e) => SendError::Io(e),
@@ -249,7 +248,7 @@ impl H1Pool {
         // A pooled connection the upstream had closed gets the request again, once,
         // on a new connection (GET and HEAD are idempotent).
         let pooled = match self.checkout_own(index) {
-            Some(conn) => match h1client::exchange(conn, &wire, head_request, passthrough).await {
+            Some(conn) => match h1client::exchange(conn, wire, head_request, passthrough).await {
                 Err(h1client::Failure::Stale) => None,
                 other => Some(other),
             },
@@ -260,7 +259,7 @@ impl H1Pool {
             // Boxed: connecting (DNS, TCP, handshake) is the rare path.
             None => {
                 let conn = Box::pin(self.connect_own(target)).await?;
-                h1client::exchange(conn, &wire, head_request, passthrough).await
+                h1client::exchange(conn, wire, head_request, passthrough).await
             }
         };
         let (parts, body) = exchanged.map_err(failed)?;
@@ -280,9 +279,10 @@ impl H1Pool {
     }
 
     /// Send `req` (origin-form URI, Host set) to backend `index` at `target`
-    /// (scheme and authority, for connecting). With `own_headers`, the request is
+    /// (scheme and authority, for connecting). With `own_head`, the request is
     /// one [`h1client::eligible`] takes, to a plain-HTTP target, and goes through
-    /// the own client with those headers (`req`'s are not used), and may keep the
+    /// the own client as that head ([`h1client::encode`]; `req`'s own head is not
+    /// used), and may keep the
     /// response's unused fields as lines (`passthrough`, see [`h1client::Passthrough`]).
     pub async fn send(
         &self,
@@ -290,12 +290,12 @@ impl H1Pool {
         index: usize,
         target: &Uri,
         req: Request<UpstreamBody>,
-        own_headers: Option<&http::HeaderMap>,
+        own_head: Option<Vec<u8>>,
         passthrough: bool,
     ) -> Result<(Response<UpBody>, Option<Checkin>), SendError> {
-        if let Some(headers) = own_headers {
+        if let Some(wire) = own_head {
             return self
-                .send_own(pool, index, target, &req, headers, passthrough)
+                .send_own(pool, index, target, &req, &wire, passthrough)
                 .await
                 .map(|r| (r, None));
         }

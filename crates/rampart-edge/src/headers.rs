@@ -43,11 +43,13 @@ pub(crate) fn value_elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// `Connection: keep-alive`, so the removals (each a hash and probe) are only done
 /// for headers that are there.
 pub fn remove_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
-    let mut present = 0u8;
-    for name in h.keys() {
-        present |= hop_by_hop_bit(name);
-    }
-    if present == 0 {
+    let present = fields_present(h);
+    remove_hop_by_hop_present(h, keep_te_trailers, present);
+}
+
+/// [`remove_hop_by_hop`], knowing which of the fields are there ([`fields_present`]).
+pub fn remove_hop_by_hop_present(h: &mut HeaderMap, keep_te_trailers: bool, present: u16) {
+    if present & HOP_ANY == 0 {
         return;
     }
     if present & HOP_CONNECTION != 0 {
@@ -92,15 +94,33 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
     }
 }
 
-const HOP_CONNECTION: u8 = 1;
-const HOP_KEEP_ALIVE: u8 = 2;
-const HOP_PROXY_CONNECTION: u8 = 4;
-const HOP_TRANSFER_ENCODING: u8 = 8;
-const HOP_UPGRADE: u8 = 16;
-const HOP_TRAILER: u8 = 32;
-const HOP_TE: u8 = 64;
+const HOP_CONNECTION: u16 = 1;
+const HOP_KEEP_ALIVE: u16 = 2;
+const HOP_PROXY_CONNECTION: u16 = 4;
+const HOP_TRANSFER_ENCODING: u16 = 8;
+const HOP_UPGRADE: u16 = 16;
+const HOP_TRAILER: u16 = 32;
+const HOP_TE: u16 = 64;
+const HOP_ANY: u16 = 127;
+/// The fields the proxy sets on a request to an upstream.
+pub const FIELD_X_FORWARDED_FOR: u16 = 1 << 8;
+pub const FIELD_X_FORWARDED_PROTO: u16 = 1 << 9;
+pub const FIELD_X_FORWARDED_HOST: u16 = 1 << 10;
+pub const FIELD_VIA: u16 = 1 << 11;
+pub const FIELD_X_REQUEST_ID: u16 = 1 << 12;
 
-fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+/// Which hop-by-hop fields, and which of the fields the proxy sets, `h` has: one
+/// pass over the names, so that lookups and removals are done only for fields that
+/// are there (most messages carry none of them but `Connection: keep-alive`).
+pub fn fields_present(h: &HeaderMap) -> u16 {
+    let mut present = 0;
+    for name in h.keys() {
+        present |= field_bit(name);
+    }
+    present
+}
+
+fn field_bit(name: &HeaderName) -> u16 {
     match name.as_str() {
         "connection" => HOP_CONNECTION,
         "keep-alive" => HOP_KEEP_ALIVE,
@@ -109,6 +129,11 @@ fn hop_by_hop_bit(name: &HeaderName) -> u8 {
         "upgrade" => HOP_UPGRADE,
         "trailer" => HOP_TRAILER,
         "te" => HOP_TE,
+        "x-forwarded-for" => FIELD_X_FORWARDED_FOR,
+        "x-forwarded-proto" => FIELD_X_FORWARDED_PROTO,
+        "x-forwarded-host" => FIELD_X_FORWARDED_HOST,
+        "via" => FIELD_VIA,
+        "x-request-id" => FIELD_X_REQUEST_ID,
         _ => 0,
     }
 }
@@ -191,29 +216,41 @@ pub fn set_forwarded(
     }
 }
 
-/// Append our `Via` entry (`1.1 rampart`, `2 rampart`) to any existing one.
+/// Append our `Via` entry (`1.1 rampart`, `2 rampart`) to any existing ones.
 pub fn append_via(h: &mut HeaderMap, version: http::Version) {
-    let ours: &'static str = match version {
-        http::Version::HTTP_2 => "2 rampart",
-        http::Version::HTTP_10 => "1.0 rampart",
-        _ => "1.1 rampart",
-    };
+    let ours = via_entry(version);
     // One hash and probe whether or not a Via is there.
     match h.entry(header::VIA) {
-        http::header::Entry::Occupied(mut e) => {
-            if let Some(v) = e
-                .get()
-                .to_str()
-                .ok()
-                .and_then(|prev| HeaderValue::from_str(&format!("{prev}, {ours}")).ok())
-            {
-                e.insert(v);
-            }
+        http::header::Entry::Occupied(e) => {
+            let (_, prior) = e.remove_entry_mult();
+            let prior: Vec<HeaderValue> = prior.collect();
+            h.insert(header::VIA, via_after(&prior, ours));
         }
         http::header::Entry::Vacant(e) => {
             e.insert(HeaderValue::from_static(ours));
         }
     }
+}
+
+/// Our `Via` entry for a message received as `version` (RFC 9110 §7.6.3).
+pub fn via_entry(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_2 => "2 rampart",
+        http::Version::HTTP_10 => "1.0 rampart",
+        _ => "1.1 rampart",
+    }
+}
+
+/// One `Via` value: the `prior` lines' entries, then `ours`.
+pub fn via_after(prior: &[HeaderValue], ours: &'static str) -> HeaderValue {
+    let mut v = Vec::with_capacity(prior.iter().map(|p| p.len() + 2).sum::<usize>() + ours.len());
+    for p in prior {
+        v.extend_from_slice(p.as_bytes());
+        v.extend_from_slice(b", ");
+    }
+    v.extend_from_slice(ours.as_bytes());
+    // Field values joined with ", " and a token are a field value again.
+    HeaderValue::from_bytes(&v).unwrap_or(HeaderValue::from_static(ours))
 }
 
 /// A new request id: 32 lower-case hex digits from a fast random source.
@@ -462,6 +499,36 @@ mod tests {
         set_forwarded(&mut h, &HeaderValue::from_static("9.9.9.9"), false, "http", None);
         assert_eq!(h["x-forwarded-for"], "9.9.9.9");
         assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn via_is_added_after_every_prior_entry() {
+        let mut h = map(&[("via", "1.0 a"), ("via", "1.1 b, 2 c")]);
+        append_via(&mut h, http::Version::HTTP_11);
+        let all: Vec<_> = h.get_all("via").iter().collect();
+        assert_eq!(all, ["1.0 a, 1.1 b, 2 c, 1.1 rampart"]);
+        let mut h = map(&[]);
+        append_via(&mut h, http::Version::HTTP_2);
+        assert_eq!(h["via"], "2 rampart");
+        assert_eq!(via_after(&[], via_entry(http::Version::HTTP_10)), "1.0 rampart");
+    }
+
+    #[test]
+    fn present_fields_are_found_in_one_pass() {
+        let h = map(&[
+            ("via", "x"),
+            ("x-request-id", "r"),
+            ("te", "trailers"),
+            ("x-other", "o"),
+        ]);
+        let p = fields_present(&h);
+        assert_eq!(p & (FIELD_VIA | FIELD_X_REQUEST_ID), FIELD_VIA | FIELD_X_REQUEST_ID);
+        assert_eq!(
+            p & (FIELD_X_FORWARDED_FOR | FIELD_X_FORWARDED_PROTO | FIELD_X_FORWARDED_HOST),
+            0
+        );
+        assert_eq!(p & HOP_ANY, HOP_TE);
+        assert_eq!(fields_present(&map(&[("x-other", "o")])), 0);
     }
 
     #[test]

@@ -9,7 +9,10 @@
 use crate::Shared;
 use crate::access_log::Entry;
 use crate::body::{BodyOutcome, ClientBody, ClientIn, Completion, EdgeBody, RequestBodyState, UpstreamBody};
-use crate::headers::{self, X_RAMPART_ATTEMPTS, X_RAMPART_REASON, X_RAMPART_ROUTE, X_RAMPART_UPSTREAM, X_REQUEST_ID};
+use crate::headers::{
+    self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_RAMPART_ATTEMPTS, X_RAMPART_REASON, X_RAMPART_ROUTE,
+    X_RAMPART_UPSTREAM, X_REQUEST_ID,
+};
 use crate::reason::Reason;
 use crate::routing::Matched;
 use crate::snapshot::{HostMode, Rewrite, RouteEntry, Snapshot};
@@ -757,7 +760,7 @@ async fn handle_request(
             return Ok(local_response(Reason::NoAvailableBackend, rec, None));
         };
         let pq = rewrite_path(&path, parts.uri.query(), &route.rewrite, matched);
-        let mut h = upstream_headers(
+        let (mut h, _) = upstream_headers(
             parts.headers,
             false,
             None,
@@ -766,6 +769,7 @@ async fn handle_request(
             &host_value,
             snap.via.then_some(parts.version),
             &rec.request_id,
+            false,
         );
         let cached = cache_stage!(
             route,
@@ -802,7 +806,10 @@ async fn handle_request(
     policy.note_request(start.into_std());
 
     let pq = rewrite_path(&path, parts.uri.query(), &route.rewrite, matched);
-    let mut h = upstream_headers(
+    // The fields the proxy sets wait until the send, unless a stage before it may
+    // read them (the cache's variants, balancing or pinning on a header).
+    let defer = route.cache.is_none() && !pool.reads_request_fields();
+    let (mut h, added) = upstream_headers(
         parts.headers,
         pool.protocol == Protocol::Http2,
         upgrade.as_ref(),
@@ -811,6 +818,7 @@ async fn handle_request(
         &host_value,
         snap.via.then_some(parts.version),
         &rec.request_id,
+        defer,
     );
 
     if h2_websocket {
@@ -941,12 +949,20 @@ async fn handle_request(
             } else {
                 crate::h1client::eligible(up.method(), up.version(), &h, !up.body().is_end_stream())
             };
+        // The own client's head: the map's fields, then the deferred ones.
+        let own_head = own.then(|| {
+            let added = added.iter().flat_map(Added::fields);
+            crate::h1client::encode(up.method(), up.uri(), &h, added)
+        });
         if !own {
             *up.headers_mut() = if can_retry_after(tried.len(), &body) {
                 h.clone()
             } else {
                 std::mem::take(&mut h)
             };
+            if let Some(a) = &added {
+                a.insert_into(up.headers_mut());
+            }
         }
 
         // The response-header timeout runs from the last progress of the request body
@@ -961,7 +977,7 @@ async fn handle_request(
             }
         };
         let result = tokio::select! {
-            r = send_upstream(pool, index, backend, up, own.then_some(&h), passthrough) => match r {
+            r = send_upstream(pool, index, backend, up, own_head, passthrough) => match r {
                 Ok((resp, checkin)) => {
                     rec.checkin = checkin;
                     Ok(resp)
@@ -1104,14 +1120,11 @@ async fn send_upstream(
     index: usize,
     backend: &Backend,
     up: Request<UpstreamBody>,
-    own_headers: Option<&http::HeaderMap>,
+    own_head: Option<Vec<u8>>,
     passthrough: bool,
 ) -> Result<(Response<crate::body::UpBody>, Option<crate::h1pool::Checkin>), (Reason, String)> {
     match &pool.h1 {
-        Some(h1) => match h1
-            .send(pool, index, &backend.target, up, own_headers, passthrough)
-            .await
-        {
+        Some(h1) => match h1.send(pool, index, &backend.target, up, own_head, passthrough).await {
             Ok((resp, checkin)) => Ok((resp, checkin)),
             Err(e) => Err((crate::upstream::classify_send(&e), format!("{e:?}"))),
         },
@@ -1124,6 +1137,12 @@ async fn send_upstream(
 
 /// The request headers sent upstream: hop-by-hop removed (an upgrade's kept),
 /// `X-Forwarded-*`, `Via` (when `via` is set) and `x-request-id`. Host is set per attempt.
+///
+/// With `defer`, for a peer that is not a trusted proxy, the fields the proxy sets
+/// are not put in the map: they come back as [`Added`], for the own client to write
+/// after the map's fields (or hyper's request to get them just before it is sent),
+/// and the client's own copies are taken out. Nothing between here and the send may
+/// read them then (the caller checks: no cache, no balancing or pinning on a header).
 #[allow(clippy::too_many_arguments)]
 fn upstream_headers(
     mut h: http::HeaderMap,
@@ -1134,8 +1153,47 @@ fn upstream_headers(
     host: &HeaderValue,
     via: Option<Version>,
     request_id: &HeaderValue,
-) -> http::HeaderMap {
-    headers::remove_hop_by_hop(&mut h, keep_te_trailers);
+    defer: bool,
+) -> (http::HeaderMap, Option<Added>) {
+    let present = headers::fields_present(&h);
+    headers::remove_hop_by_hop_present(&mut h, keep_te_trailers, present);
+    let proto = if conn.tls { "https" } else { "http" };
+    if defer && !trusted_peer {
+        // The client's own copies never go upstream (its Via is added to).
+        for (bit, name) in [
+            (headers::FIELD_X_FORWARDED_FOR, &X_FORWARDED_FOR),
+            (headers::FIELD_X_FORWARDED_PROTO, &X_FORWARDED_PROTO),
+            (headers::FIELD_X_FORWARDED_HOST, &X_FORWARDED_HOST),
+            (headers::FIELD_X_REQUEST_ID, &X_REQUEST_ID),
+        ] {
+            if present & bit != 0 {
+                h.remove(name);
+            }
+        }
+        let via = via.map(|v| {
+            let ours = headers::via_entry(v);
+            if present & headers::FIELD_VIA == 0 {
+                return HeaderValue::from_static(ours);
+            }
+            let prior: Vec<HeaderValue> = match h.entry(header::VIA) {
+                http::header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
+                http::header::Entry::Vacant(_) => Vec::new(),
+            };
+            headers::via_after(&prior, ours)
+        });
+        if let Some(proto) = upgrade {
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(header::UPGRADE, proto.clone());
+        }
+        let added = Added {
+            forwarded_for: conn.peer_value.clone(),
+            forwarded_proto: HeaderValue::from_static(proto),
+            forwarded_host: host.clone(),
+            via,
+            request_id: request_id.clone(),
+        };
+        return (h, Some(added));
+    }
     // X-Forwarded-For, -Proto, -Host, Via and x-request-id: room for all five at
     // once, rather than the map growing as they are added.
     h.reserve(5);
@@ -1143,18 +1201,47 @@ fn upstream_headers(
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, proto.clone());
     }
-    headers::set_forwarded(
-        &mut h,
-        &conn.peer_value,
-        trusted_peer,
-        if conn.tls { "https" } else { "http" },
-        Some(host),
-    );
+    headers::set_forwarded(&mut h, &conn.peer_value, trusted_peer, proto, Some(host));
     if let Some(v) = via {
         headers::append_via(&mut h, v);
     }
     h.insert(X_REQUEST_ID.clone(), request_id.clone());
-    h
+    (h, None)
+}
+
+static VIA: header::HeaderName = header::VIA;
+
+/// The fields the proxy sets on a request from a peer that is not a trusted proxy,
+/// kept out of the map until the request is sent (see [`upstream_headers`]).
+struct Added {
+    forwarded_for: HeaderValue,
+    forwarded_proto: HeaderValue,
+    forwarded_host: HeaderValue,
+    via: Option<HeaderValue>,
+    request_id: HeaderValue,
+}
+
+impl Added {
+    /// The fields in the order they are sent.
+    fn fields(&self) -> impl Iterator<Item = (&'static header::HeaderName, &HeaderValue)> {
+        [
+            (&X_FORWARDED_FOR, Some(&self.forwarded_for)),
+            (&X_FORWARDED_PROTO, Some(&self.forwarded_proto)),
+            (&X_FORWARDED_HOST, Some(&self.forwarded_host)),
+            (&VIA, self.via.as_ref()),
+            (&X_REQUEST_ID, Some(&self.request_id)),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+    }
+
+    /// Put them in `h` (a request for hyper's client).
+    fn insert_into(&self, h: &mut http::HeaderMap) {
+        h.reserve(5);
+        for (k, v) in self.fields() {
+            h.insert(k, v.clone());
+        }
+    }
 }
 
 /// Serve a route whose target is a provider chain.

@@ -346,6 +346,13 @@ impl Pool {
         self.pick_avoiding(uri, headers, client_ip, &[]).map(|(_, b)| b)
     }
 
+    /// Whether picking or pinning a backend reads a request header field (a hash
+    /// or affinity keyed on one).
+    pub fn reads_request_fields(&self) -> bool {
+        matches!(self.hash_key, Some(HashKey::Header(_)))
+            || self.affinity.as_ref().is_some_and(|a| a.mode == AffinityMode::Header)
+    }
+
     /// Whether any enabled backend is healthy (else a fallback pool takes over).
     pub fn has_healthy(&self) -> bool {
         self.backends

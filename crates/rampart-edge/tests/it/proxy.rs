@@ -148,6 +148,57 @@ async fn hop_by_hop_headers_are_removed_and_forwarding_headers_set() {
 }
 
 #[tokio::test]
+async fn forwarding_fields_are_set_once_whichever_way_the_request_goes() {
+    // The fields the proxy sets are added when the request is written (lean path),
+    // put in the header map early (a balancer hashing on a header may read them), or
+    // given to hyper's client (a request with a body): the upstream sees the same.
+    let origin = Origin::start("o").await.unwrap();
+    let hashed = "balance = \"consistent_hash\"\nhash_key = \"header:x-forwarded-for\"";
+    for pool in ["", hashed] {
+        let cfg = one_pool(
+            &[&origin.url()],
+            Parts {
+                pool,
+                ..Parts::default()
+            },
+        );
+        let e = TestEdge::start(&cfg).await;
+        for with_body in [false, true] {
+            let mut req = if with_body {
+                client().post(e.url("/echo")).body("x")
+            } else {
+                client().get(e.url("/echo"))
+            };
+            for (k, v) in [
+                ("x-forwarded-for", "6.6.6.6"),
+                ("x-forwarded-proto", "gopher"),
+                ("x-forwarded-host", "spoofed.test"),
+                ("x-request-id", "spoofed-id"),
+                ("via", "1.0 a"),
+                ("via", "1.1 b"),
+            ] {
+                req = req.header(k, v);
+            }
+            let r = req.header("host", "site.test").send().await.unwrap();
+            let id = header_str(&r, "x-request-id");
+            let j: serde_json::Value = r.json().await.unwrap();
+            let h = &j["headers"];
+            let one = |name: &str| {
+                let v = h[name].as_array().unwrap_or_else(|| panic!("{name} missing: {h}"));
+                assert_eq!(v.len(), 1, "one {name} ({pool:?}, body {with_body}): {h}");
+                v[0].as_str().unwrap().to_string()
+            };
+            assert_eq!(one("x-forwarded-for"), "127.0.0.1");
+            assert_eq!(one("x-forwarded-proto"), "http");
+            assert_eq!(one("x-forwarded-host"), "site.test");
+            assert_eq!(one("via"), "1.0 a, 1.1 b, 1.1 rampart");
+            assert_eq!(one("x-request-id"), id, "ours, as the client was told");
+            assert_ne!(id, "spoofed-id");
+        }
+    }
+}
+
+#[tokio::test]
 async fn trusted_proxies_are_appended_to_and_their_request_id_honoured() {
     let origin = Origin::start("o").await.unwrap();
     let cfg = simple(&origin.url(), "").replace(
