@@ -9,6 +9,9 @@
 //! the pool ([`crate::h1pool`]) when the body's last byte is read. Everything else
 //! (request bodies, upgrades, TLS and HTTP/2 backends) still goes through hyper.
 //!
+//! For the lean server, response fields no stage reads or sets can stay the lines
+//! they came in ([`Passthrough`]), copied to the client whole.
+//!
 //! Response framing follows RFC 9112 §6.3: no body for HEAD, 1xx, 204 and 304;
 //! chunked when `Transfer-Encoding` ends in `chunked` (trailers are passed on);
 //! until close for another transfer coding or no length; otherwise

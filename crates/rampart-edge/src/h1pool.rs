@@ -282,8 +282,8 @@ impl H1Pool {
     /// (scheme and authority, for connecting). With `own_head`, the request is
     /// one [`h1client::eligible`] takes, to a plain-HTTP target, and goes through
     /// the own client as that head ([`h1client::encode`]; `req`'s own head is not
-    /// used), and may keep the
-    /// response's unused fields as lines (`passthrough`, see [`h1client::Passthrough`]).
+    /// used), and may keep the response's unused fields as lines (`passthrough`,
+    /// see [`h1client::Passthrough`]).
     pub async fn send(
         &self,
         pool: &Arc<crate::upstream::Pool>,

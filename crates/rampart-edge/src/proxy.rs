@@ -1158,6 +1158,10 @@ fn upstream_headers(
     let present = headers::fields_present(&h);
     headers::remove_hop_by_hop_present(&mut h, keep_te_trailers, present);
     let proto = if conn.tls { "https" } else { "http" };
+    if let Some(proto) = upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, proto.clone());
+    }
     if defer && !trusted_peer {
         // The client's own copies never go upstream (its Via is added to).
         for (bit, name) in [
@@ -1181,10 +1185,6 @@ fn upstream_headers(
             };
             headers::via_after(&prior, ours)
         });
-        if let Some(proto) = upgrade {
-            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            h.insert(header::UPGRADE, proto.clone());
-        }
         let added = Added {
             forwarded_for: conn.peer_value.clone(),
             forwarded_proto: HeaderValue::from_static(proto),
@@ -1197,10 +1197,6 @@ fn upstream_headers(
     // X-Forwarded-For, -Proto, -Host, Via and x-request-id: room for all five at
     // once, rather than the map growing as they are added.
     h.reserve(5);
-    if let Some(proto) = upgrade {
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        h.insert(header::UPGRADE, proto.clone());
-    }
     headers::set_forwarded(&mut h, &conn.peer_value, trusted_peer, proto, Some(host));
     if let Some(v) = via {
         headers::append_via(&mut h, v);
