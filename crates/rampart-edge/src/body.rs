@@ -332,6 +332,14 @@ impl UpBody {
             UpBody::Hyper(_) => None,
         }
     }
+
+    /// The same lines, to add the proxy's own fields to.
+    pub fn passthrough_mut(&mut self) -> Option<&mut crate::h1client::Passthrough> {
+        match self {
+            UpBody::Own(b) => b.passthrough_mut(),
+            UpBody::Hyper(_) => None,
+        }
+    }
 }
 
 impl Body for UpBody {

@@ -301,6 +301,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool, passthrough: bool) -> Resu
                 runs: sorted.runs,
                 len: sorted.n_runs,
                 date: sorted.date,
+                added: [None, None],
             })
         });
         return Ok(Some(Head {
@@ -453,21 +454,46 @@ const RUNS: usize = 4;
 /// head, in runs, each copied in one go (the map would parse, hash and store each
 /// one, and the response encoder write it again piece by piece). Only the lean
 /// HTTP/1 server asks for them, for responses that no stage but framing touches.
+///
+/// The proxy's own fields can ride along ([`Passthrough::add`]), written after the
+/// lines, when the upstream sent none of the same name.
 pub struct Passthrough {
     head: Bytes,
     runs: [(u32, u32); RUNS],
     len: usize,
     /// A `Date` field is among them.
     pub date: bool,
+    added: [Option<(&'static HeaderName, HeaderValue)>; ADDED],
 }
 
+/// Fields the proxy can add to passed-through lines (`Via`, `x-request-id`).
+const ADDED: usize = 2;
+
 impl Passthrough {
-    /// Append the lines, each ending in CRLF.
+    /// Append the lines, each ending in CRLF, then the added fields.
     pub fn write_to(&self, out: &mut Vec<u8>) {
         for &(from, to) in self.runs.iter().take(self.len) {
             if let Some(lines) = self.head.get(from as usize..to as usize) {
                 out.extend_from_slice(lines);
             }
+        }
+        for (name, value) in self.added.iter().flatten() {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// Write `name: value` after the lines; false (nothing added) when there is no
+    /// room left.
+    pub fn add(&mut self, name: &'static HeaderName, value: HeaderValue) -> bool {
+        match self.added.iter_mut().find(|slot| slot.is_none()) {
+            Some(slot) => {
+                *slot = Some((name, value));
+                true
+            }
+            None => false,
         }
     }
 }
@@ -697,6 +723,11 @@ impl Body {
     /// The passed-through header lines, for the one who writes the response head.
     pub fn take_passthrough(&mut self) -> Option<Box<Passthrough>> {
         self.passthrough.take()
+    }
+
+    /// The passed-through header lines, to add to.
+    pub fn passthrough_mut(&mut self) -> Option<&mut Passthrough> {
+        self.passthrough.as_deref_mut()
     }
 
     /// Return the connection to `home`'s idle list once the body is read whole

@@ -1103,8 +1103,25 @@ async fn handle_request(
             Err(answer) => return Ok(answer),
         }
     }
-    headers::remove_hop_by_hop(&mut rparts.headers, false);
-    finish_headers(&mut rparts.headers, &rec, snap.via, explain, &route, backend);
+    let present = headers::fields_present(&rparts.headers);
+    headers::remove_hop_by_hop_present(&mut rparts.headers, false, present);
+    // With passed-through lines (no explaining, see above) and no upstream `Via` or
+    // `x-request-id` to combine or replace, the proxy's two ride along with the lines
+    // instead of going into the map.
+    let lines = match rbody.passthrough_mut() {
+        Some(p) if present & (headers::FIELD_VIA | headers::FIELD_X_REQUEST_ID) == 0 => Some(p),
+        _ => None,
+    };
+    match lines {
+        Some(lines) => {
+            let via = snap
+                .via
+                .then(|| HeaderValue::from_static(headers::via_entry(Version::HTTP_11)));
+            let fits = via.is_none_or(|v| lines.add(&VIA, v)) && lines.add(&X_REQUEST_ID, rec.request_id.clone());
+            debug_assert!(fits, "passed-through lines have room for Via and x-request-id");
+        }
+        None => finish_headers(&mut rparts.headers, &rec, snap.via, explain, &route, backend),
+    }
     rparts.version = Version::HTTP_11;
     let mut body = EdgeBody::upstream(rbody, t.body_idle.get(), deadline);
     if let Some(f) = fill {

@@ -680,6 +680,51 @@ async fn upstream_response_fields_pass_whole_and_the_proxy_s_own_are_set_once() 
     }
 }
 
+#[tokio::test]
+async fn the_proxy_s_own_response_fields_ride_with_passed_lines() {
+    // No upstream Via or x-request-id: the proxy's are written after the passed
+    // lines, once each (and no Via when `via = false`).
+    let origin = Origin::raw(b"HTTP/1.1 200 OK\r\nServer: Mine\r\nContent-Length: 2\r\n\r\nok")
+        .await
+        .unwrap();
+    for via in [true, false] {
+        let server = if via { "" } else { "via = false" };
+        let cfg = one_pool(
+            &[&origin.url()],
+            Parts {
+                server,
+                ..Parts::default()
+            },
+        );
+        let e = TestEdge::start(&cfg).await;
+        let mut s = tokio::net::TcpStream::connect(e.edge().http_addrs()[0]).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut s, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut s).await;
+        assert_eq!(body, b"ok");
+        let mut names: Vec<String> = head
+            .lines()
+            .skip(1)
+            .filter_map(|l| Some(l.split_once(':')?.0.to_ascii_lowercase()))
+            .collect();
+        names.sort();
+        let mut expected = vec!["content-length", "date", "server", "x-request-id"];
+        if via {
+            expected.push("via");
+            assert_eq!(lines_named(&head, "via"), ["via: 1.1 rampart"]);
+        }
+        expected.sort();
+        assert_eq!(names, expected, "{head}");
+        let id = lines_named(&head, "x-request-id")[0]
+            .split_once(": ")
+            .unwrap()
+            .1
+            .to_string();
+        assert_eq!(id.len(), 32, "a generated id: {head}");
+    }
+}
+
 /// Join `parts` into a string that lives for the rest of the test run.
 fn const_str(parts: &[&str]) -> &'static [u8] {
     parts.concat().leak().as_bytes()
