@@ -976,7 +976,10 @@ async fn handle_request(
                 None => std::future::pending().await,
             }
         };
+        // In order: an answer that is in wins over a timer that fired with it (and no
+        // random start to draw per poll).
         let result = tokio::select! {
+            biased;
             r = send_upstream(pool, index, backend, up, own_head, passthrough) => match r {
                 Ok((resp, checkin)) => {
                     rec.checkin = checkin;
