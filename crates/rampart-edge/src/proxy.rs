@@ -895,6 +895,7 @@ async fn handle_request(
         Some(orig) if orig.as_str() == pq => Some(orig.clone()),
         _ => http::uri::PathAndQuery::try_from(pq.as_str()).ok(),
     };
+    let host_in_map = h.contains_key(header::HOST);
     let (pinned, repin) = pool.pinned(&h, rec.client_ip);
     let mut tried: Vec<usize> = Vec::new();
     let (backend, resp) = loop {
@@ -938,7 +939,10 @@ async fn handle_request(
             Protocol::Http1 => Version::HTTP_11,
             Protocol::Http2 => Version::HTTP_2,
         };
-        h.insert(header::HOST, upstream_host(&route.host, &host_value, backend));
+        // A preserved Host that is in the map already (the client's own) stays as it is.
+        if !(host_in_map && matches!(route.host, HostMode::Preserve)) {
+            h.insert(header::HOST, upstream_host(&route.host, &host_value, backend));
+        }
         // Rampart's own HTTP/1 client (body-less GET and HEAD to plain HTTP) encodes
         // the headers where they are; hyper's client takes them, so a request that may
         // be retried gives it a copy.
@@ -1164,17 +1168,17 @@ async fn send_upstream(
 /// and the client's own copies are taken out. Nothing between here and the send may
 /// read them then (the caller checks: no cache, no balancing or pinning on a header).
 #[allow(clippy::too_many_arguments)]
-fn upstream_headers(
+fn upstream_headers<'a>(
     mut h: http::HeaderMap,
     keep_te_trailers: bool,
     upgrade: Option<&HeaderValue>,
-    conn: &ConnInfo,
+    conn: &'a ConnInfo,
     trusted_peer: bool,
-    host: &HeaderValue,
+    host: &'a HeaderValue,
     via: Option<Version>,
     request_id: &HeaderValue,
     defer: bool,
-) -> (http::HeaderMap, Option<Added>) {
+) -> (http::HeaderMap, Option<Added<'a>>) {
     let present = headers::fields_present(&h);
     headers::remove_hop_by_hop_present(&mut h, keep_te_trailers, present);
     let proto = if conn.tls { "https" } else { "http" };
@@ -1206,9 +1210,9 @@ fn upstream_headers(
             headers::via_after(&prior, ours)
         });
         let added = Added {
-            forwarded_for: conn.peer_value.clone(),
+            forwarded_for: &conn.peer_value,
             forwarded_proto: HeaderValue::from_static(proto),
-            forwarded_host: host.clone(),
+            forwarded_host: host,
             via,
             request_id: request_id.clone(),
         };
@@ -1228,22 +1232,23 @@ fn upstream_headers(
 static VIA: header::HeaderName = header::VIA;
 
 /// The fields the proxy sets on a request from a peer that is not a trusted proxy,
-/// kept out of the map until the request is sent (see [`upstream_headers`]).
-struct Added {
-    forwarded_for: HeaderValue,
+/// kept out of the map until the request is sent (see [`upstream_headers`]). The
+/// peer's address and the host are borrowed: no reference counts to move.
+struct Added<'a> {
+    forwarded_for: &'a HeaderValue,
     forwarded_proto: HeaderValue,
-    forwarded_host: HeaderValue,
+    forwarded_host: &'a HeaderValue,
     via: Option<HeaderValue>,
     request_id: HeaderValue,
 }
 
-impl Added {
+impl Added<'_> {
     /// The fields in the order they are sent.
     fn fields(&self) -> impl Iterator<Item = (&'static header::HeaderName, &HeaderValue)> {
         [
-            (&X_FORWARDED_FOR, Some(&self.forwarded_for)),
+            (&X_FORWARDED_FOR, Some(self.forwarded_for)),
             (&X_FORWARDED_PROTO, Some(&self.forwarded_proto)),
-            (&X_FORWARDED_HOST, Some(&self.forwarded_host)),
+            (&X_FORWARDED_HOST, Some(self.forwarded_host)),
             (&VIA, self.via.as_ref()),
             (&X_REQUEST_ID, Some(&self.request_id)),
         ]
