@@ -83,6 +83,15 @@ impl ConnInfo {
 /// boxed once at the start, it moves as a pointer rather than 400 bytes at a time.
 type Rec = Box<Record>;
 
+/// Who served a request.
+enum Served {
+    Nobody,
+    /// Backend `i` of the record's pool.
+    Backend(usize),
+    /// A provider of a chain.
+    Provider(Arc<str>),
+}
+
 /// Everything the access log and metrics need, finished when the response body ends.
 struct Record {
     shared: Arc<Shared>,
@@ -97,13 +106,16 @@ struct Record {
     version: Version,
     status: u16,
     route: Option<Arc<RouteEntry>>,
-    upstream: Option<Arc<str>>,
+    /// Who served: a backend of `pool` (by index: no reference count to move), or a
+    /// chain's provider.
+    upstream: Served,
     reason: Reason,
     body_state: Option<Arc<RequestBodyState>>,
     /// Counts the request against its backend until the response body ends.
     in_flight: Option<crate::balance::InFlight>,
-    /// The pool that served (the route's, or its fallback).
-    pool: Option<Arc<crate::upstream::Pool>>,
+    /// The route's pool that served: its own (`Some(false)`) or its fallback
+    /// (`Some(true)`); see [`Record::pool`]. Not an `Arc`: the route holds it.
+    pool: Option<bool>,
     /// Attempts made (1 without retries).
     tries: u32,
     /// A chain decision's reason code, which the access log shows instead of `reason`.
@@ -142,7 +154,7 @@ impl Completion for Record {
         }
         m.bytes_out.inc_by(bytes_out);
         if reason != self.reason
-            && let Some(p) = &self.pool
+            && let Some(p) = self.pool()
         {
             p.metrics.upstream_error(reason);
         }
@@ -163,7 +175,7 @@ impl Completion for Record {
                 duration_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
                 site: self.route.as_ref().map_or("-", |r| &r.site),
                 route: self.route.as_ref().map_or("-", |r| &r.id),
-                upstream: self.upstream.as_deref().unwrap_or("-"),
+                upstream: self.upstream_label().unwrap_or("-"),
                 attempts: self.tries,
                 reason: match (self.reason_text, reason) {
                     (Some(text), Reason::Proxied) => text,
@@ -201,7 +213,7 @@ impl Record {
     }
 
     fn report_backend_result(&self, ok: bool, now: Instant) {
-        let (Some(pool), Some(inflight), Some(label)) = (&self.pool, &self.in_flight, &self.upstream) else {
+        let (Some(pool), Some(inflight), Some(label)) = (self.pool(), &self.in_flight, self.upstream_label()) else {
             return;
         };
         if !pool.outlier.enabled {
@@ -218,6 +230,25 @@ impl Record {
                 }
             };
             crate::health::report_transition(&self.shared.me_weak(), &pool.name, label, state, "passive", to);
+        }
+    }
+
+    /// The pool that served, if one did.
+    fn pool(&self) -> Option<&Arc<crate::upstream::Pool>> {
+        let route = self.route.as_ref()?;
+        if self.pool? {
+            route.fallback.as_ref()
+        } else {
+            route.pool.as_ref()
+        }
+    }
+
+    /// The label of who served, for the access log and health reports.
+    fn upstream_label(&self) -> Option<&str> {
+        match &self.upstream {
+            Served::Nobody => None,
+            Served::Backend(i) => self.pool()?.backends.get(*i).map(|b| &*b.label),
+            Served::Provider(p) => Some(p),
         }
     }
 
@@ -507,7 +538,7 @@ async fn handle_request(
         version: req.version(),
         status: 0,
         route: None,
-        upstream: None,
+        upstream: Served::Nobody,
         reason: Reason::Proxied,
         body_state: None,
         in_flight: None,
@@ -596,7 +627,6 @@ async fn handle_request(
     let Some((route, matched)) = snap.router.sites[site_idx].route(&path) else {
         return Ok(local_response(Reason::NoMatchingRoute, rec, None));
     };
-    let route = route.clone();
     rec.route = Some(route.clone());
     let explain = site.explain;
     // Upstream header fields no stage reads or sets may pass as lines: not when the
@@ -790,11 +820,11 @@ async fn handle_request(
         return Ok(Box::pin(serve_chain(shared, &snap, rec, target, h, body, explain, cached)).await);
     };
     // A pool with no healthy backend hands over to its fallback pool, if it has one.
-    let pool = match &route.fallback {
-        Some(f) if !route_pool.has_healthy() => f,
-        _ => route_pool,
+    let (pool, fallback) = match &route.fallback {
+        Some(f) if !route_pool.has_healthy() => (f, true),
+        _ => (route_pool, false),
     };
-    rec.pool = Some(pool.clone());
+    rec.pool = Some(fallback);
     let policy = &pool.retry;
     let idempotent = matches!(
         parts.method,
@@ -907,7 +937,7 @@ async fn handle_request(
             return Ok(local_response(Reason::NoAvailableBackend, rec, None));
         };
         tried.push(index);
-        rec.upstream = Some(backend.label.clone());
+        rec.upstream = Served::Backend(index);
         rec.in_flight = Some(backend.state.start());
         // The HTTP/1 pool sends origin-form and connects to the backend's target;
         // hyper-util's client takes the absolute form.
@@ -1089,7 +1119,7 @@ async fn handle_request(
                 rparts.headers.insert(header::UPGRADE, p);
             }
         }
-        finish_headers(&mut rparts.headers, &rec, snap.via, explain, &route, backend);
+        finish_headers(&mut rparts.headers, &rec, snap.via, explain, route, backend);
         return Ok(Response::from_parts(rparts, EdgeBody::empty().on_complete(rec)));
     }
 
@@ -1127,7 +1157,7 @@ async fn handle_request(
             let fits = via.is_none_or(|v| lines.add(&VIA, v)) && lines.add(&X_REQUEST_ID, rec.request_id.clone());
             debug_assert!(fits, "passed-through lines have room for Via and x-request-id");
         }
-        None => finish_headers(&mut rparts.headers, &rec, snap.via, explain, &route, backend),
+        None => finish_headers(&mut rparts.headers, &rec, snap.via, explain, route, backend),
     }
     rparts.version = Version::HTTP_11;
     let mut body = EdgeBody::upstream(rbody, t.body_idle.get(), deadline);
@@ -1338,7 +1368,10 @@ async fn serve_chain(
     let result = crate::chain::forward(chain, &shared.chain_health, &req, body).await;
     let trace = result.trace;
     rec.tries = u32::try_from(trace.attempts.len()).unwrap_or(u32::MAX);
-    rec.upstream = trace.provider.as_deref().map(Arc::from);
+    rec.upstream = trace
+        .provider
+        .as_deref()
+        .map_or(Served::Nobody, |p| Served::Provider(Arc::from(p)));
     rec.reason_text = Some(trace.reason);
     shared.control.observe(chain, &trace);
     shared.traces.push(trace.clone());
