@@ -110,6 +110,10 @@ pub(crate) async fn serve(
     // When the connection is closed if it sends nothing: the given deadline until a
     // request is served; after that, `idle` from the end of the last response, which
     // the tick works out when it finds the connection quiet (no clock read per request).
+    // Lent to the pipeline for each request's wait for the upstream's response head:
+    // one timer moved from deadline to deadline, not one made and dropped per request
+    // (set to a deadline before every use; this one is never waited on).
+    let mut upstream_timer = Box::pin(tokio::time::sleep_until(deadline));
     let mut deadline = Some(deadline);
     let mut served: u64 = 0;
     let mut served_at_tick: u64 = 0;
@@ -191,7 +195,13 @@ pub(crate) async fn serve(
         info.verdicts.note_head();
         // The pipeline, while watching the client: a client that closes its end
         // abandons the request (as hyper does), and pipelined bytes are kept.
-        let handled = std::pin::pin!(proxy::handle_in_place(shared, info, req, true));
+        let handled = std::pin::pin!(proxy::handle_in_place(
+            shared,
+            info,
+            req,
+            true,
+            Some(upstream_timer.as_mut())
+        ));
         let resp = tokio::select! {
             biased;
             resp = handled => resp,

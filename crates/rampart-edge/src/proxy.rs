@@ -429,7 +429,7 @@ pub async fn handle(
     // Until the response body ends, the connection's framing guard knows a response
     // of the service's is being written (hyper's own error answers are rewritten).
     let in_flight = crate::security::guard::InFlight::enter(&conn.verdicts);
-    let resp = Box::pin(handle_in_place(&shared, &conn, req, false)).await;
+    let resp = Box::pin(handle_in_place(&shared, &conn, req, false, None)).await;
     Ok(resp.map(|b| b.in_flight(in_flight)))
 }
 
@@ -440,15 +440,17 @@ pub async fn handle(
 ///
 /// `passthrough`: the caller writes the response head itself and takes the header
 /// lines an upstream response may carry beside its map
-/// ([`EdgeBody::take_passthrough`]).
+/// ([`EdgeBody::take_passthrough`]). `timer`: a timer of the caller's to reuse for
+/// the wait for the upstream's response head (it is left set to that deadline).
 pub async fn handle_in_place(
     shared: &Arc<Shared>,
     conn: &ConnInfo,
     req: Request<ClientIn>,
     passthrough: bool,
+    timer: Option<Pin<&mut tokio::time::Sleep>>,
 ) -> Response<EdgeBody> {
     let mut limit = None;
-    let Ok(mut resp) = handle_request(shared, conn, req, &mut limit, passthrough).await;
+    let Ok(mut resp) = handle_request(shared, conn, req, &mut limit, passthrough, timer).await;
     // The tightest rate limit the request passed, for the client to pace itself.
     if let Some((policy, state)) = limit {
         resp.headers_mut().insert(RATELIMIT_POLICY.clone(), policy);
@@ -506,6 +508,7 @@ async fn handle_request(
     mut req: Request<ClientIn>,
     limit: &mut Option<(HeaderValue, HeaderValue)>,
     passthrough: bool,
+    mut timer: Option<Pin<&mut tokio::time::Sleep>>,
 ) -> Result<Response<EdgeBody>, Infallible> {
     let start = Instant::now();
     let snap = shared.snapshot.load_full();
@@ -1003,7 +1006,15 @@ async fn handle_request(
         // (a long, steady upload is not a timeout; an upstream that stops reading it
         // is); the whole-request deadline runs from the start.
         let sent_at = Instant::now();
-        let header_timer = header_timeout(rec.body_state.clone(), sent_at, header_limit);
+        // Without a request body the timeout is one deadline: the caller's timer, when
+        // it lends one, is moved to it (no timer made and dropped per request).
+        let header_timer = match timer.as_mut() {
+            Some(t) if rec.body_state.is_none() => {
+                t.as_mut().reset(sent_at + header_limit);
+                futures_util::future::Either::Left(t.as_mut())
+            }
+            _ => futures_util::future::Either::Right(header_timeout(rec.body_state.clone(), sent_at, header_limit)),
+        };
         let deadline_timer = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
@@ -1691,6 +1702,7 @@ mod tests {
                 Request<ClientIn>,
                 &'static mut Option<(HeaderValue, HeaderValue)>,
                 bool,
+                Option<Pin<&'static mut tokio::time::Sleep>>,
             ) -> Fut,
         {
             std::mem::size_of::<Fut>()

@@ -286,6 +286,32 @@ async fn hanging_upstream_is_504_after_the_header_timeout() {
 }
 
 #[tokio::test]
+async fn the_header_timeout_holds_for_every_request_on_a_connection() {
+    // The lean server lends one timer per connection to the pipeline: it must fire
+    // again after it fired once, and a fast answer in between must not be cut.
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&simple(&origin.url(), "timeouts = { response_header = \"300ms\" }")).await;
+    let mut s = tokio::net::TcpStream::connect(e.edge().http_addrs()[0]).await.unwrap();
+    for (path, status) in [("/hang", 504), ("/?delay=100ms", 200), ("/hang", 504), ("/", 200)] {
+        let t = Instant::now();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n");
+        tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
+            .await
+            .unwrap();
+        let (head, _) = read_response(&mut s).await;
+        let took = t.elapsed();
+        assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{path}: {head}");
+        if status == 504 {
+            assert!(head.contains("UPSTREAM_HEADER_TIMEOUT"), "{head}");
+            assert!(
+                took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+                "{path}: {took:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
 async fn whole_request_timeout_is_504() {
     let origin = Origin::start("o").await.unwrap();
     let e = TestEdge::start(&simple(&origin.url(), "timeouts = { request = \"300ms\" }")).await;
