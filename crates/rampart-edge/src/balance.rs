@@ -241,6 +241,11 @@ impl Balancer {
     /// Choose a backend index among those `ok` accepts. `hash` is the request's key
     /// for consistent hashing.
     pub fn pick<C: Candidate>(&self, backends: &[C], hash: Option<u64>, ok: &dyn Fn(&C) -> bool) -> Option<usize> {
+        // One backend: every algorithm picks it if it may be picked at all (and the
+        // round-robin state, a lock away, has nothing to decide).
+        if let [only] = backends {
+            return ok(only).then_some(0);
+        }
         match self {
             Balancer::RoundRobin(cur) => smooth_wrr(cur, backends, ok),
             Balancer::Random => weighted_random(backends, None, ok),
@@ -422,6 +427,15 @@ mod tests {
         let seq: Vec<usize> = (0..7).filter_map(|_| b.pick(&p, None, &avail)).collect();
         assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0], "nginx's smooth sequence for 5:1:1");
         assert_eq!(counts(&b, &p, 7000), vec![5000, 1000, 1000]);
+    }
+
+    #[test]
+    fn a_single_backend_is_picked_by_every_algorithm_when_it_may_be() {
+        let p = pool(&[3]);
+        for b in [Balancer::round_robin(1), Balancer::Random, Balancer::LeastRequest] {
+            assert_eq!(b.pick(&p, None, &avail), Some(0));
+            assert_eq!(b.pick(&p, None, &|_: &B| false), None);
+        }
     }
 
     #[test]
