@@ -288,6 +288,26 @@ fn write_out(out: &mut Box<dyn Write + Send>, buf: &mut Vec<u8>) {
 }
 
 thread_local! {
+    /// A wall-clock reading and the monotonic instant it was taken at, on this
+    /// thread: log times are worked out from the request's own end instant.
+    static ANCHOR: std::cell::Cell<Option<(std::time::Instant, SystemTime)>> = const { std::cell::Cell::new(None) };
+}
+
+/// The wall-clock time at monotonic instant `at`, from a reading of the system
+/// clock taken at most a second before it on this thread (so a step of the system
+/// clock shows within a second), without a clock read per request.
+pub fn wall_clock(at: std::time::Instant) -> SystemTime {
+    ANCHOR.with(|anchor| match anchor.get() {
+        Some((base, wall)) if at >= base && at - base < Duration::from_secs(1) => wall + (at - base),
+        _ => {
+            let wall = SystemTime::now();
+            anchor.set(Some((at, wall)));
+            wall
+        }
+    })
+}
+
+thread_local! {
     /// The second last formatted on this thread and its `YYYY-MM-DDTHH:MM:SS`:
     /// requests within one second share the date arithmetic.
     static SECOND: RefCell<(u64, [u8; 19])> = const { RefCell::new((u64::MAX, [0; 19])) };
@@ -356,6 +376,26 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wall_clock_follows_the_monotonic_instant() {
+        let t0 = std::time::Instant::now();
+        let w0 = wall_clock(t0);
+        let read = SystemTime::now();
+        assert!(read.duration_since(w0).unwrap_or_default() < Duration::from_secs(1));
+        // Within a second of the reading: worked out from it, exactly.
+        assert_eq!(
+            wall_clock(t0 + Duration::from_millis(250)),
+            w0 + Duration::from_millis(250)
+        );
+        // Later (or earlier) than that: the clock is read again.
+        let later = wall_clock(t0 + Duration::from_secs(2));
+        assert!(later >= w0 && later.duration_since(w0).unwrap_or_default() < Duration::from_secs(1));
+        assert_eq!(
+            wall_clock(t0 + Duration::from_millis(2100)),
+            later + Duration::from_millis(100)
+        );
+    }
 
     #[test]
     fn dates() {

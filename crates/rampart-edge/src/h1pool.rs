@@ -97,6 +97,16 @@ impl std::fmt::Debug for SendError {
     }
 }
 
+/// A request for the own client ([`h1client`]).
+pub struct Own {
+    /// Its head as it goes on the wire ([`h1client::encode`]).
+    pub head: Vec<u8>,
+    /// The response's fields no stage uses may stay lines ([`h1client::Passthrough`]).
+    pub passthrough: bool,
+    /// When it is sent: the idle pool's clock.
+    pub now: Instant,
+}
+
 /// A connection lent to one request, returned to its backend's list when the
 /// response body has been read to the end.
 pub struct Checkin {
@@ -202,10 +212,11 @@ impl H1Pool {
     }
 
     /// An idle connection of the own client to backend `index` that can take a request.
-    fn checkout_own(&self, index: usize) -> Option<Box<h1client::Conn>> {
+    /// `now`: the request's send time (the pool's idle times need no finer clock).
+    fn checkout_own(&self, index: usize, now: Instant) -> Option<Box<h1client::Conn>> {
         loop {
             let mut conn = self.list(index)?.own.pop()?;
-            if conn.since.elapsed() < self.idle_timeout && conn.usable() {
+            if now.saturating_duration_since(conn.since) < self.idle_timeout && conn.usable() {
                 return Some(conn);
             }
         }
@@ -236,9 +247,9 @@ impl H1Pool {
         index: usize,
         target: &Uri,
         req: &Request<UpstreamBody>,
-        wire: &[u8],
-        passthrough: bool,
+        own: &Own,
     ) -> Result<Response<UpBody>, SendError> {
+        let (wire, passthrough) = (&own.head[..], own.passthrough);
         let head_request = req.method() == http::Method::HEAD;
         let failed = |f: h1client::Failure| match f {
             h1client::Failure::Io(e) => SendError::Io(e),
@@ -247,7 +258,7 @@ impl H1Pool {
         };
         // A pooled connection the upstream had closed gets the request again, once,
         // on a new connection (GET and HEAD are idempotent).
-        let pooled = match self.checkout_own(index) {
+        let pooled = match self.checkout_own(index, own.now) {
             Some(conn) => match h1client::exchange(conn, wire, head_request, passthrough).await {
                 Err(h1client::Failure::Stale) => None,
                 other => Some(other),
@@ -279,25 +290,19 @@ impl H1Pool {
     }
 
     /// Send `req` (origin-form URI, Host set) to backend `index` at `target`
-    /// (scheme and authority, for connecting). With `own_head`, the request is
-    /// one [`h1client::eligible`] takes, to a plain-HTTP target, and goes through
-    /// the own client as that head ([`h1client::encode`]; `req`'s own head is not
-    /// used), and may keep the response's unused fields as lines (`passthrough`,
-    /// see [`h1client::Passthrough`]).
+    /// (scheme and authority, for connecting). With `own`, the request is one
+    /// [`h1client::eligible`] takes, to a plain-HTTP target, and goes through the own
+    /// client (see [`Own`]; `req`'s own head is not used).
     pub async fn send(
         &self,
         pool: &Arc<crate::upstream::Pool>,
         index: usize,
         target: &Uri,
         req: Request<UpstreamBody>,
-        own_head: Option<Vec<u8>>,
-        passthrough: bool,
+        own: Option<Own>,
     ) -> Result<(Response<UpBody>, Option<Checkin>), SendError> {
-        if let Some(wire) = own_head {
-            return self
-                .send_own(pool, index, target, &req, &wire, passthrough)
-                .await
-                .map(|r| (r, None));
+        if let Some(own) = own {
+            return self.send_own(pool, index, target, &req, &own).await.map(|r| (r, None));
         }
         let mut req = req;
         // A pooled connection the upstream closed before our request went out gets

@@ -195,18 +195,19 @@ pub(crate) async fn serve(
         info.verdicts.note_head();
         // The pipeline, while watching the client: a client that closes its end
         // abandons the request (as hyper does), and pipelined bytes are kept.
-        let handled = std::pin::pin!(proxy::handle_in_place(
-            shared,
-            info,
-            req,
-            true,
-            Some(upstream_timer.as_mut())
-        ));
-        let resp = tokio::select! {
-            biased;
-            resp = handled => resp,
-            () = client_gone(&mut tcp, &mut buf, budget) => return Ended::Close,
+        let mut limit = None;
+        let mut resp = {
+            let timer = Some(upstream_timer.as_mut());
+            let handled = std::pin::pin!(proxy::handle_request(shared, info, req, &mut limit, true, timer));
+            tokio::select! {
+                biased;
+                r = handled => match r {
+                    Ok(resp) => resp,
+                },
+                () = client_gone(&mut tcp, &mut buf, budget) => return Ended::Close,
+            }
         };
+        proxy::add_rate_limit(&mut resp, limit);
         let keep = match respond(&mut tcp, &mut buf, budget, &mut out, resp, &asked).await {
             Ok(keep) => keep,
             Err(e) => {

@@ -162,7 +162,7 @@ impl Completion for Record {
         let log = &self.snap.log;
         if log.enabled() {
             log.log(&Entry {
-                time: std::time::SystemTime::now(),
+                time: crate::access_log::wall_clock(now.into_std()),
                 request_id: self.request_id.to_str().unwrap_or("-"),
                 client_ip: self.client_ip,
                 host: self.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-"),
@@ -429,34 +429,19 @@ pub async fn handle(
     // Until the response body ends, the connection's framing guard knows a response
     // of the service's is being written (hyper's own error answers are rewritten).
     let in_flight = crate::security::guard::InFlight::enter(&conn.verdicts);
-    let resp = Box::pin(handle_in_place(&shared, &conn, req, false, None)).await;
+    let mut limit = None;
+    let Ok(mut resp) = Box::pin(handle_request(&shared, &conn, req, &mut limit, false, None)).await;
+    add_rate_limit(&mut resp, limit);
     Ok(resp.map(|b| b.in_flight(in_flight)))
 }
 
-/// The pipeline, its state in the caller's future. The lean HTTP/1 server holds it
-/// in the connection's task, which ends when the connection is parked: no box to
-/// allocate and copy the state into per request. It writes each response whole
-/// before reading on, so it needs no in-flight guard.
-///
-/// `passthrough`: the caller writes the response head itself and takes the header
-/// lines an upstream response may carry beside its map
-/// ([`EdgeBody::take_passthrough`]). `timer`: a timer of the caller's to reuse for
-/// the wait for the upstream's response head (it is left set to that deadline).
-pub async fn handle_in_place(
-    shared: &Arc<Shared>,
-    conn: &ConnInfo,
-    req: Request<ClientIn>,
-    passthrough: bool,
-    timer: Option<Pin<&mut tokio::time::Sleep>>,
-) -> Response<EdgeBody> {
-    let mut limit = None;
-    let Ok(mut resp) = handle_request(shared, conn, req, &mut limit, passthrough, timer).await;
-    // The tightest rate limit the request passed, for the client to pace itself.
+/// The tightest rate limit a request passed, for the client to pace itself
+/// (`limit` as [`handle_request`] left it).
+pub(crate) fn add_rate_limit(resp: &mut Response<EdgeBody>, limit: Option<(HeaderValue, HeaderValue)>) {
     if let Some((policy, state)) = limit {
         resp.headers_mut().insert(RATELIMIT_POLICY.clone(), policy);
         resp.headers_mut().insert(RATELIMIT.clone(), state);
     }
-    resp
 }
 
 /// A head hyper could not parse, answered by the framing guard: counted and logged
@@ -502,7 +487,16 @@ fn ratelimit_value(rule: &crate::security::rate_limit::Rule, remaining: u32, res
     .unwrap_or(HeaderValue::from_static("\"limit\""))
 }
 
-async fn handle_request(
+/// The pipeline. It leaves the tightest rate limit the request passed in `limit`,
+/// for [`add_rate_limit`]. The lean HTTP/1 server holds its state in the
+/// connection's task, which ends when the connection is parked: no box to allocate
+/// and copy the state into per request (hyper's path boxes it, see [`handle`]).
+///
+/// `passthrough`: the caller writes the response head itself and takes the header
+/// lines an upstream response may carry beside its map
+/// ([`EdgeBody::take_passthrough`]). `timer`: a timer of the caller's to reuse for
+/// the wait for the upstream's response head (it is left set to that deadline).
+pub(crate) async fn handle_request(
     shared: &Arc<Shared>,
     conn: &ConnInfo,
     mut req: Request<ClientIn>,
@@ -1005,7 +999,13 @@ async fn handle_request(
         // The response-header timeout runs from the last progress of the request body
         // (a long, steady upload is not a timeout; an upstream that stops reading it
         // is); the whole-request deadline runs from the start.
-        let sent_at = Instant::now();
+        // A body-less request's first attempt goes out as the pipeline reaches it:
+        // its start stands in for the send time (one clock read fewer).
+        let sent_at = if tried.len() == 1 && rec.body_state.is_none() {
+            start
+        } else {
+            Instant::now()
+        };
         // Without a request body the timeout is one deadline: the caller's timer, when
         // it lends one, is moved to it (no timer made and dropped per request).
         let header_timer = match timer.as_mut() {
@@ -1025,7 +1025,11 @@ async fn handle_request(
         // random start to draw per poll).
         let result = tokio::select! {
             biased;
-            r = send_upstream(pool, index, backend, up, own_head, passthrough) => match r {
+            r = send_upstream(pool, index, backend, up, own_head.map(|head| crate::h1pool::Own {
+                head,
+                passthrough,
+                now: sent_at.into_std(),
+            })) => match r {
                 Ok((resp, checkin)) => {
                     rec.checkin = checkin;
                     Ok(resp)
@@ -1185,11 +1189,10 @@ async fn send_upstream(
     index: usize,
     backend: &Backend,
     up: Request<UpstreamBody>,
-    own_head: Option<Vec<u8>>,
-    passthrough: bool,
+    own: Option<crate::h1pool::Own>,
 ) -> Result<(Response<crate::body::UpBody>, Option<crate::h1pool::Checkin>), (Reason, String)> {
     match &pool.h1 {
-        Some(h1) => match h1.send(pool, index, &backend.target, up, own_head, passthrough).await {
+        Some(h1) => match h1.send(pool, index, &backend.target, up, own).await {
             Ok((resp, checkin)) => Ok((resp, checkin)),
             Err(e) => Err((crate::upstream::classify_send(&e), format!("{e:?}"))),
         },
