@@ -463,6 +463,69 @@ mod tests {
     }
 
     #[test]
+    fn every_thread_s_lines_arrive_in_order_or_are_counted_as_dropped() {
+        let path = std::env::temp_dir().join(format!("rampart-access-{}-threads.log", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let dropped = Counter::default();
+        let log = Arc::new(AccessLog::open(Target::File(path.clone()), dropped.clone()).unwrap());
+        // Four threads, one ring each; enough lines at full speed that a ring may
+        // fill before the writer drains it.
+        let per_thread = 20_000u32;
+        let threads: Vec<_> = (0..4u16)
+            .map(|t| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    for i in 0..per_thread {
+                        log.log(&Entry {
+                            time: SystemTime::now(),
+                            request_id: "r",
+                            client_ip: IpAddr::from([127, 0, 0, 1]),
+                            host: "h",
+                            method: "GET",
+                            path: "/",
+                            protocol: "HTTP/1.1",
+                            status: 200 + t,
+                            bytes_in: 0,
+                            bytes_out: u64::from(i),
+                            duration_us: 1,
+                            site: "s",
+                            route: "r",
+                            upstream: "-",
+                            attempts: 1,
+                            reason: "proxied",
+                            detail: None,
+                        });
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        drop(log);
+        let want = u64::from(per_thread) * 4;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let text = loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let n = text.lines().count() as u64;
+            if n + dropped.get() >= want || std::time::Instant::now() > deadline {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let _ = std::fs::remove_file(&path);
+        let mut last = [None::<u64>; 4];
+        for l in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let t = (v["status"].as_u64().unwrap() - 200) as usize;
+            let out = v["bytes_out"].as_u64().unwrap();
+            assert!(last[t].is_none_or(|p| out > p), "thread {t}: {out} after {:?}", last[t]);
+            last[t] = Some(out);
+        }
+        assert_eq!(text.lines().count() as u64 + dropped.get(), want, "written or counted");
+    }
+
+    #[test]
     fn escape_check_matches_byte_by_byte() {
         let naive = |b: &[u8]| b.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\');
         for fill in [b'a', 0x7f, 0x80, 0xff, b'!', b'#', b'[', b']'] {
