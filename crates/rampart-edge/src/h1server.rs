@@ -114,6 +114,9 @@ pub(crate) async fn serve(
     // one timer moved from deadline to deadline, not one made and dropped per request
     // (set to a deadline before every use; this one is never waited on).
     let mut upstream_timer = Box::pin(tokio::time::sleep_until(deadline));
+    // The configuration, checked per request with a plain load of the current
+    // pointer: no reference-count traffic unless a reload replaced it.
+    let mut snapshots = arc_swap::Cache::new(&shared.snapshot);
     let mut deadline = Some(deadline);
     let mut served: u64 = 0;
     let mut served_at_tick: u64 = 0;
@@ -198,7 +201,8 @@ pub(crate) async fn serve(
         let mut limit = None;
         let mut resp = {
             let timer = Some(upstream_timer.as_mut());
-            let handled = std::pin::pin!(proxy::handle_request(shared, info, req, &mut limit, true, timer));
+            let snap = Some(snapshots.load().clone());
+            let handled = std::pin::pin!(proxy::handle_request(shared, info, req, &mut limit, true, timer, snap));
             tokio::select! {
                 biased;
                 r = handled => match r {

@@ -430,7 +430,7 @@ pub async fn handle(
     // of the service's is being written (hyper's own error answers are rewritten).
     let in_flight = crate::security::guard::InFlight::enter(&conn.verdicts);
     let mut limit = None;
-    let Ok(mut resp) = Box::pin(handle_request(&shared, &conn, req, &mut limit, false, None)).await;
+    let Ok(mut resp) = Box::pin(handle_request(&shared, &conn, req, &mut limit, false, None, None)).await;
     add_rate_limit(&mut resp, limit);
     Ok(resp.map(|b| b.in_flight(in_flight)))
 }
@@ -496,6 +496,9 @@ fn ratelimit_value(rule: &crate::security::rate_limit::Rule, remaining: u32, res
 /// lines an upstream response may carry beside its map
 /// ([`EdgeBody::take_passthrough`]). `timer`: a timer of the caller's to reuse for
 /// the wait for the upstream's response head (it is left set to that deadline).
+/// `snap`: the configuration to serve by, when the caller has it at hand (else the
+/// current one is loaded).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn handle_request(
     shared: &Arc<Shared>,
     conn: &ConnInfo,
@@ -503,9 +506,13 @@ pub(crate) async fn handle_request(
     limit: &mut Option<(HeaderValue, HeaderValue)>,
     passthrough: bool,
     mut timer: Option<Pin<&mut tokio::time::Sleep>>,
+    snap: Option<Arc<Snapshot>>,
 ) -> Result<Response<EdgeBody>, Infallible> {
     let start = Instant::now();
-    let snap = shared.snapshot.load_full();
+    let snap = match snap {
+        Some(s) => s,
+        None => shared.snapshot.load_full(),
+    };
     let peer = conn.peer.ip();
     let trusted_peer = headers::is_trusted(&snap.trusted, peer);
 
@@ -1706,6 +1713,7 @@ mod tests {
                 &'static mut Option<(HeaderValue, HeaderValue)>,
                 bool,
                 Option<Pin<&'static mut tokio::time::Sleep>>,
+                Option<Arc<Snapshot>>,
             ) -> Fut,
         {
             std::mem::size_of::<Fut>()
