@@ -107,9 +107,6 @@ pub(crate) async fn serve(
     // The parking tick: a connection that started no request for a whole tick,
     // waiting for its next one, is parked.
     let mut tick = Box::pin(tokio::time::sleep(park_after));
-    // When the connection is closed if it sends nothing: the given deadline until a
-    // request is served; after that, `idle` from the end of the last response, which
-    // the tick works out when it finds the connection quiet (no clock read per request).
     // Lent to the pipeline for each request's wait for the upstream's response head:
     // one timer moved from deadline to deadline, not one made and dropped per request
     // (set to a deadline before every use; this one is never waited on).
@@ -117,6 +114,9 @@ pub(crate) async fn serve(
     // The configuration, checked per request with a plain load of the current
     // pointer: no reference-count traffic unless a reload replaced it.
     let mut snapshots = arc_swap::Cache::new(&shared.snapshot);
+    // When the connection is closed if it sends nothing: the given deadline until a
+    // request is served; after that, `idle` from the end of the last response, which
+    // the tick works out when it finds the connection quiet (no clock read per request).
     let mut deadline = Some(deadline);
     let mut served: u64 = 0;
     let mut served_at_tick: u64 = 0;

@@ -1007,8 +1007,9 @@ pub(crate) async fn handle_request(
         // (a long, steady upload is not a timeout; an upstream that stops reading it
         // is); the whole-request deadline runs from the start.
         // A body-less request's first attempt goes out as the pipeline reaches it:
-        // its start stands in for the send time (one clock read fewer).
-        let sent_at = if tried.len() == 1 && rec.body_state.is_none() {
+        // its start stands in for the send time (one clock read fewer). Not after a
+        // cache stage, which may have waited on another request's fetch.
+        let sent_at = if tried.len() == 1 && rec.body_state.is_none() && route.cache.is_none() {
             start
         } else {
             Instant::now()
