@@ -410,6 +410,29 @@ mod tests {
         assert_eq!(out, b"2025-11-24T00:02:03.004Z");
     }
 
+    /// A line for the writer tests, told apart by its status and bytes out.
+    fn line(status: u16, bytes_out: u64) -> Entry<'static> {
+        Entry {
+            time: SystemTime::now(),
+            request_id: "r",
+            client_ip: IpAddr::from([127, 0, 0, 1]),
+            host: "h",
+            method: "GET",
+            path: "/",
+            protocol: "HTTP/1.1",
+            status,
+            bytes_in: 0,
+            bytes_out,
+            duration_us: 1,
+            site: "s",
+            route: "r",
+            upstream: "-",
+            attempts: 1,
+            reason: "proxied",
+            detail: None,
+        }
+    }
+
     #[test]
     fn every_line_is_written_when_the_log_is_dropped() {
         let path = std::env::temp_dir().join(format!(
@@ -421,25 +444,7 @@ mod tests {
         let log = AccessLog::open(Target::File(path.clone()), Counter::default()).unwrap();
         assert!(log.enabled());
         for i in 0..1000u32 {
-            log.log(&Entry {
-                time: SystemTime::now(),
-                request_id: "r",
-                client_ip: IpAddr::from([127, 0, 0, 1]),
-                host: "h",
-                method: "GET",
-                path: "/",
-                protocol: "HTTP/1.1",
-                status: 200,
-                bytes_in: 0,
-                bytes_out: u64::from(i),
-                duration_us: 1,
-                site: "s",
-                route: "r",
-                upstream: "-",
-                attempts: 1,
-                reason: "proxied",
-                detail: None,
-            });
+            log.log(&line(200, u64::from(i)));
         }
         drop(log);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -476,25 +481,7 @@ mod tests {
                 let log = log.clone();
                 std::thread::spawn(move || {
                     for i in 0..per_thread {
-                        log.log(&Entry {
-                            time: SystemTime::now(),
-                            request_id: "r",
-                            client_ip: IpAddr::from([127, 0, 0, 1]),
-                            host: "h",
-                            method: "GET",
-                            path: "/",
-                            protocol: "HTTP/1.1",
-                            status: 200 + t,
-                            bytes_in: 0,
-                            bytes_out: u64::from(i),
-                            duration_us: 1,
-                            site: "s",
-                            route: "r",
-                            upstream: "-",
-                            attempts: 1,
-                            reason: "proxied",
-                            detail: None,
-                        });
+                        log.log(&line(200 + t, u64::from(i)));
                     }
                 })
             })

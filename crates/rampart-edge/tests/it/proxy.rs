@@ -652,15 +652,14 @@ async fn upstream_response_fields_pass_whole_and_the_proxy_s_own_are_set_once() 
     .unwrap();
     for (origin, explain) in [(&plain, false), (&plain, true), (&naming, false)] {
         let site = if explain { "explain = true" } else { "" };
-        let cfg = one_pool(
-            &[&origin.url()],
+        let (_e, mut s) = edge_and_connection(
+            origin,
             Parts {
                 site,
                 ..Parts::default()
             },
-        );
-        let e = TestEdge::start(&cfg).await;
-        let mut s = tokio::net::TcpStream::connect(e.edge().http_addrs()[0]).await.unwrap();
+        )
+        .await;
         for _ in 0..2 {
             // Twice on one connection: it stays usable after a passed-through head.
             tokio::io::AsyncWriteExt::write_all(&mut s, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
@@ -683,13 +682,8 @@ async fn upstream_response_fields_pass_whole_and_the_proxy_s_own_are_set_once() 
             assert_ne!(one("x-request-id"), "upstream-id", "ours replaces the upstream's");
             assert_eq!(lines_named(&head, "set-cookie").len(), 2);
             // Nothing else: the hop-by-hop fields (and the one `Connection` names) gone.
-            let mut names: Vec<String> = head
-                .lines()
-                .skip(1)
-                .filter_map(|l| Some(l.split_once(':')?.0.to_ascii_lowercase()))
-                .filter(|n| !n.starts_with("x-rampart-"))
-                .collect();
-            names.sort();
+            let mut names = field_names(&head);
+            names.retain(|n| !n.starts_with("x-rampart-"));
             let expected = [
                 "content-length",
                 "date",
@@ -715,26 +709,20 @@ async fn the_proxy_s_own_response_fields_ride_with_passed_lines() {
         .unwrap();
     for via in [true, false] {
         let server = if via { "" } else { "via = false" };
-        let cfg = one_pool(
-            &[&origin.url()],
+        let (_e, mut s) = edge_and_connection(
+            &origin,
             Parts {
                 server,
                 ..Parts::default()
             },
-        );
-        let e = TestEdge::start(&cfg).await;
-        let mut s = tokio::net::TcpStream::connect(e.edge().http_addrs()[0]).await.unwrap();
+        )
+        .await;
         tokio::io::AsyncWriteExt::write_all(&mut s, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
             .await
             .unwrap();
         let (head, body) = read_response(&mut s).await;
         assert_eq!(body, b"ok");
-        let mut names: Vec<String> = head
-            .lines()
-            .skip(1)
-            .filter_map(|l| Some(l.split_once(':')?.0.to_ascii_lowercase()))
-            .collect();
-        names.sort();
+        let names = field_names(&head);
         let mut expected = vec!["content-length", "date", "server", "x-request-id"];
         if via {
             expected.push("via");
@@ -749,6 +737,24 @@ async fn the_proxy_s_own_response_fields_ride_with_passed_lines() {
             .to_string();
         assert_eq!(id.len(), 32, "a generated id: {head}");
     }
+}
+
+/// An edge in front of `origin` (one pool, the given parts), and a connection to it.
+async fn edge_and_connection(origin: &Origin, parts: Parts<'_>) -> (TestEdge, tokio::net::TcpStream) {
+    let e = TestEdge::start(&one_pool(&[&origin.url()], parts)).await;
+    let s = tokio::net::TcpStream::connect(e.edge().http_addrs()[0]).await.unwrap();
+    (e, s)
+}
+
+/// The field names of a raw response head, lower-case and sorted.
+fn field_names(head: &str) -> Vec<String> {
+    let mut names: Vec<String> = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| Some(l.split_once(':')?.0.to_ascii_lowercase()))
+        .collect();
+    names.sort();
+    names
 }
 
 /// Join `parts` into a string that lives for the rest of the test run.
