@@ -943,17 +943,8 @@ pub(crate) async fn handle_request(
         tried.push(index);
         rec.upstream = Served::Backend(index);
         rec.in_flight = Some(backend.state.start());
-        // The HTTP/1 pool sends origin-form and connects to the backend's target;
-        // hyper-util's client takes the absolute form.
-        let mut target = http::uri::Parts::default();
-        target.path_and_query = upstream_pq.clone();
-        if pool.h1.is_none() {
-            target.scheme = Some(backend.scheme.clone());
-            target.authority = Some(backend.authority.clone());
-        }
-        let uri = match Uri::from_parts(target) {
-            Ok(u) if upstream_pq.is_some() => u,
-            _ => return Ok(local_response(Reason::BadRequest, rec, None)),
+        let Some(pq_sent) = upstream_pq.as_ref() else {
+            return Ok(local_response(Reason::BadRequest, rec, None));
         };
         let can_retry_after = |tries: usize, body: &Option<UpstreamBody>| {
             may_retry
@@ -968,7 +959,6 @@ pub(crate) async fn handle_request(
         };
         let mut up = Request::new(this_body);
         *up.method_mut() = request_method.clone();
-        *up.uri_mut() = uri;
         *up.version_mut() = match pool.protocol {
             Protocol::Http1 => Version::HTTP_11,
             Protocol::Http2 => Version::HTTP_2,
@@ -990,9 +980,22 @@ pub(crate) async fn handle_request(
         // The own client's head: the map's fields, then the deferred ones.
         let own_head = own.then(|| {
             let added = added.iter().flat_map(Added::fields);
-            crate::h1client::encode(up.method(), up.uri(), &h, added)
+            crate::h1client::encode(up.method(), pq_sent.as_str(), &h, added)
         });
         if !own {
+            // hyper's HTTP/1 pool sends origin-form and connects to the backend's
+            // target; hyper-util's client takes the absolute form. (The own client
+            // needs no URI: the head above has the target.)
+            let mut target = http::uri::Parts::default();
+            target.path_and_query = Some(pq_sent.clone());
+            if pool.h1.is_none() {
+                target.scheme = Some(backend.scheme.clone());
+                target.authority = Some(backend.authority.clone());
+            }
+            match Uri::from_parts(target) {
+                Ok(u) => *up.uri_mut() = u,
+                Err(_) => return Ok(local_response(Reason::BadRequest, rec, None)),
+            }
             *up.headers_mut() = if can_retry_after(tried.len(), &body) {
                 h.clone()
             } else {
