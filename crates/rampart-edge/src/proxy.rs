@@ -1217,11 +1217,11 @@ async fn send_upstream(
 /// The request headers sent upstream: hop-by-hop removed (an upgrade's kept),
 /// `X-Forwarded-*`, `Via` (when `via` is set) and `x-request-id`. Host is set per attempt.
 ///
-/// With `defer`, for a peer that is not a trusted proxy, the fields the proxy sets
-/// are not put in the map: they come back as [`Added`], for the own client to write
-/// after the map's fields (or hyper's request to get them just before it is sent),
-/// and the client's own copies are taken out. Nothing between here and the send may
-/// read them then (the caller checks: no cache, no balancing or pinning on a header).
+/// For a peer that is not a trusted proxy the client's own copies are taken out and
+/// the proxy's values are [`Added`]. With `defer` they are not put in the map but
+/// come back, for the own client to write after the map's fields (or hyper's request
+/// to get them just before it is sent); nothing between here and the send may read
+/// them then (the caller checks: no cache, no balancing or pinning on a header).
 #[allow(clippy::too_many_arguments)]
 fn upstream_headers<'a>(
     mut h: http::HeaderMap,
@@ -1241,7 +1241,7 @@ fn upstream_headers<'a>(
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, proto.clone());
     }
-    if defer && !trusted_peer {
+    if !trusted_peer {
         // The client's own copies never go upstream (its Via is added to).
         for (bit, name) in [
             (headers::FIELD_X_FORWARDED_FOR, &X_FORWARDED_FOR),
@@ -1271,12 +1271,17 @@ fn upstream_headers<'a>(
             via,
             request_id: request_id.clone(),
         };
-        return (h, Some(added));
+        if defer {
+            return (h, Some(added));
+        }
+        added.insert_into(&mut h);
+        return (h, None);
     }
-    // X-Forwarded-For, -Proto, -Host, Via and x-request-id: room for all five at
-    // once, rather than the map growing as they are added.
+    // A trusted proxy's values stand and are added to. X-Forwarded-For, -Proto,
+    // -Host, Via and x-request-id: room for all five at once, rather than the map
+    // growing as they are added.
     h.reserve(5);
-    headers::set_forwarded(&mut h, &conn.peer_value, trusted_peer, proto, Some(host));
+    headers::set_forwarded(&mut h, &conn.peer_value, true, proto, Some(host));
     if let Some(v) = via {
         headers::append_via(&mut h, v);
     }
@@ -1286,9 +1291,10 @@ fn upstream_headers<'a>(
 
 static VIA: header::HeaderName = header::VIA;
 
-/// The fields the proxy sets on a request from a peer that is not a trusted proxy,
-/// kept out of the map until the request is sent (see [`upstream_headers`]). The
-/// peer's address and the host are borrowed: no reference counts to move.
+/// The fields the proxy sets on a request from a peer that is not a trusted proxy:
+/// written after the map's fields when the head is encoded, or put in the map (at
+/// once, or just before hyper's client takes the request; see [`upstream_headers`]).
+/// The peer's address and the host are borrowed: no reference counts to move.
 struct Added<'a> {
     forwarded_for: &'a HeaderValue,
     forwarded_proto: HeaderValue,
