@@ -128,17 +128,11 @@ pub fn encode<'n, 'v>(
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut field = |k: &HeaderName, v: &HeaderValue| {
-        out.extend_from_slice(k.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    };
     for (k, v) in headers {
-        field(k, v);
+        crate::headers::write_field(&mut out, k, v);
     }
     for (k, v) in more {
-        field(k, v);
+        crate::headers::write_field(&mut out, k, v);
     }
     out.extend_from_slice(b"\r\n");
     out
@@ -478,10 +472,7 @@ impl Passthrough {
             }
         }
         for (name, value) in self.added.iter().flatten() {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            crate::headers::write_field(out, name, value);
         }
     }
 

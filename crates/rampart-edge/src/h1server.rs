@@ -462,10 +462,7 @@ fn encode_head(
             header::DATE => wrote_date = true,
             _ => {}
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        crate::headers::write_field(out, name, value);
     }
     let status = parts.status;
     let framing = match (framing, body) {

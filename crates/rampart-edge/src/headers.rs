@@ -253,6 +253,15 @@ pub fn via_after(prior: &[HeaderValue], ours: &'static str) -> HeaderValue {
     HeaderValue::from_bytes(&v).unwrap_or(HeaderValue::from_static(ours))
 }
 
+/// Append one field line, `name: value` and CRLF, as the HTTP/1 encoders write it.
+#[inline]
+pub(crate) fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 /// A new request id: 32 lower-case hex digits from a fast random source.
 pub fn new_request_id() -> HeaderValue {
     // Each byte's two digits, looked up whole.
