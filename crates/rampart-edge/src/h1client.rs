@@ -81,22 +81,17 @@ impl Conn {
     }
 
     /// Whether a pooled connection can take a request: the upstream has not closed
-    /// it or sent anything unasked. Costs no system call unless the reactor saw the
-    /// socket become readable since the last response.
+    /// it or sent anything unasked. `try_read` reads only when the reactor saw the
+    /// socket become readable since the last read that came up empty, and registers
+    /// no waker: checking costs neither a system call nor a lock when all is well.
     pub fn usable(&mut self) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            // Readable: an EOF, a reset or stray bytes, unless the readiness is stale.
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-            }
-        }
+        let mut probe = [0u8; 1];
+        // An EOF, a reset or stray bytes make it unusable; a stale readiness is
+        // cleared by the read that finds nothing.
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 }
 

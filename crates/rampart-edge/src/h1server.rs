@@ -25,6 +25,7 @@
 use crate::Shared;
 use crate::body::{ClientIn, EdgeBody};
 use crate::proxy::{self, ConnInfo};
+use crate::timer::LazyTimer;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
@@ -106,11 +107,13 @@ pub(crate) async fn serve(
     let mut out: Vec<u8> = Vec::new();
     // The parking tick: a connection that started no request for a whole tick,
     // waiting for its next one, is parked.
-    let mut tick = Box::pin(tokio::time::sleep(park_after));
+    // (Lazy timers: polled again only when their registration may have lapsed, and
+    // moved to a later deadline without touching tokio's timer until they fire.)
+    let mut tick = LazyTimer::new(Instant::now() + park_after);
     // Lent to the pipeline for each request's wait for the upstream's response head:
     // one timer moved from deadline to deadline, not one made and dropped per request
     // (set to a deadline before every use; this one is never waited on).
-    let mut upstream_timer = Box::pin(tokio::time::sleep_until(deadline));
+    let mut upstream_timer = LazyTimer::new(deadline);
     // The configuration, checked per request with a plain load of the current
     // pointer: no reference-count traffic unless a reload replaced it.
     let mut snapshots = arc_swap::Cache::new(&shared.snapshot);
@@ -130,6 +133,10 @@ pub(crate) async fn serve(
     }
     let stopping = shutdown.clone();
     let mut stop = std::pin::pin!(shutdown.changed());
+    // The `changed` future, once polled, keeps this task's waker among the
+    // channel's waiters until the flag turns: between requests it is not polled
+    // again (that would lock the waiter list), the flag is looked at instead.
+    let mut stop_registered = false;
     loop {
         if stopping.has_changed().unwrap_or(true) {
             return Ended::Close;
@@ -145,14 +152,29 @@ pub(crate) async fn serve(
             Parsed::Partial if buf.len() >= budget => return Ended::Handoff(tcp, buf.to_vec()),
             Parsed::Partial if buf.is_empty() => {
                 // Between requests: wait for the next, park when quiet.
-                tokio::select! {
-                    biased;
-                    r = poll_fn(|cx| tcp.poll_read_ready(cx)) => {
-                        if r.is_err() {
-                            return Ended::Close;
-                        }
+                let woke = poll_fn(|cx| {
+                    if let Poll::Ready(r) = tcp.poll_read_ready(cx) {
+                        return Poll::Ready(Between::Readable(r.is_ok()));
                     }
-                    () = tick.as_mut() => {
+                    if tick.poll_expired(cx).is_ready() {
+                        return Poll::Ready(Between::Tick);
+                    }
+                    if stop_registered {
+                        if stopping.has_changed().unwrap_or(true) {
+                            return Poll::Ready(Between::Stop);
+                        }
+                    } else if stop.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Between::Stop);
+                    } else {
+                        stop_registered = true;
+                    }
+                    Poll::Pending
+                })
+                .await;
+                match woke {
+                    Between::Readable(true) => {}
+                    Between::Readable(false) | Between::Stop => return Ended::Close,
+                    Between::Tick => {
                         let now = Instant::now();
                         if served == served_at_tick {
                             // Quiet for a whole tick: the last response ended before it.
@@ -163,10 +185,9 @@ pub(crate) async fn serve(
                             return Ended::Park(tcp, deadline);
                         }
                         served_at_tick = served;
-                        tick.as_mut().reset(now + park_after);
+                        tick.set(now + park_after);
                         continue;
                     }
-                    _ = stop.as_mut() => return Ended::Close,
                 }
                 if let Got::End = read_now(&mut tcp, &mut buf, budget) {
                     return Ended::Close;
@@ -200,7 +221,7 @@ pub(crate) async fn serve(
         // abandons the request (as hyper does), and pipelined bytes are kept.
         let mut limit = None;
         let mut resp = {
-            let timer = Some(upstream_timer.as_mut());
+            let timer = Some(&mut upstream_timer);
             let snap = Some(snapshots.load().clone());
             let handled = std::pin::pin!(proxy::handle_request(shared, info, req, &mut limit, true, timer, snap));
             tokio::select! {
@@ -229,6 +250,14 @@ pub(crate) async fn serve(
             out = Vec::new();
         }
     }
+}
+
+/// What woke a connection waiting between requests.
+enum Between {
+    /// The socket is readable (`false`: it failed).
+    Readable(bool),
+    Tick,
+    Stop,
 }
 
 /// What one read found.

@@ -26,6 +26,7 @@ pub mod reason;
 pub mod routing;
 pub mod security;
 pub mod snapshot;
+mod timer;
 pub mod tls;
 pub mod upstream;
 

@@ -494,8 +494,8 @@ fn ratelimit_value(rule: &crate::security::rate_limit::Rule, remaining: u32, res
 ///
 /// `passthrough`: the caller writes the response head itself and takes the header
 /// lines an upstream response may carry beside its map
-/// ([`EdgeBody::take_passthrough`]). `timer`: a timer of the caller's to reuse for
-/// the wait for the upstream's response head (it is left set to that deadline).
+/// ([`EdgeBody::take_passthrough`]). `timer`: a timer of the caller's task to reuse
+/// for the wait for the upstream's response head (it is left set to that deadline).
 /// `snap`: the configuration to serve by, when the caller has it at hand (else the
 /// current one is loaded).
 #[allow(clippy::too_many_arguments)]
@@ -505,7 +505,7 @@ pub(crate) async fn handle_request(
     mut req: Request<ClientIn>,
     limit: &mut Option<(HeaderValue, HeaderValue)>,
     passthrough: bool,
-    mut timer: Option<Pin<&mut tokio::time::Sleep>>,
+    mut timer: Option<&mut crate::timer::LazyTimer>,
     snap: Option<Arc<Snapshot>>,
 ) -> Result<Response<EdgeBody>, Infallible> {
     let start = Instant::now();
@@ -1021,8 +1021,8 @@ pub(crate) async fn handle_request(
         // it lends one, is moved to it (no timer made and dropped per request).
         let header_timer = match timer.as_mut() {
             Some(t) if rec.body_state.is_none() => {
-                t.as_mut().reset(sent_at + header_limit);
-                futures_util::future::Either::Left(t.as_mut())
+                t.set(sent_at + header_limit);
+                futures_util::future::Either::Left(t.expired())
             }
             _ => futures_util::future::Either::Right(header_timeout(rec.body_state.clone(), sent_at, header_limit)),
         };
@@ -1722,7 +1722,7 @@ mod tests {
                 Request<ClientIn>,
                 &'static mut Option<(HeaderValue, HeaderValue)>,
                 bool,
-                Option<Pin<&'static mut tokio::time::Sleep>>,
+                Option<&'static mut crate::timer::LazyTimer>,
                 Option<Arc<Snapshot>>,
             ) -> Fut,
         {
