@@ -18,7 +18,7 @@
 //! `Content-Length`, whose copies must agree. A connection is reused only after a
 //! complete HTTP/1.1 message with nothing after it and no `Connection: close`.
 
-use crate::headers::Span;
+use crate::headers::{RequestId, Span, X_REQUEST_ID};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
@@ -115,7 +115,7 @@ pub fn encode<'n, 'v>(
     method: &Method,
     target: &str,
     headers: &HeaderMap,
-    more: impl Iterator<Item = (&'n HeaderName, &'v HeaderValue)>,
+    more: impl Iterator<Item = (&'n HeaderName, &'v [u8])>,
 ) -> Vec<u8> {
     // Room for typical fields (one pass over the map; a head that needs more grows).
     let mut out = Vec::with_capacity(method.as_str().len() + target.len() + 15 + (headers.len() + 5) * 48);
@@ -124,7 +124,7 @@ pub fn encode<'n, 'v>(
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (k, v) in headers {
-        crate::headers::write_field(&mut out, k, v);
+        crate::headers::write_field(&mut out, k, v.as_bytes());
     }
     for (k, v) in more {
         crate::headers::write_field(&mut out, k, v);
@@ -290,7 +290,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool, passthrough: bool) -> Resu
                 runs: sorted.runs,
                 len: sorted.n_runs,
                 date: sorted.date,
-                added: [None, None],
+                via: None,
+                request_id: None,
             })
         });
         return Ok(Some(Head {
@@ -444,19 +445,18 @@ const RUNS: usize = 4;
 /// one, and the response encoder write it again piece by piece). Only the lean
 /// HTTP/1 server asks for them, for responses that no stage but framing touches.
 ///
-/// The proxy's own fields can ride along ([`Passthrough::add`]), written after the
-/// lines, when the upstream sent none of the same name.
+/// The proxy's own fields can ride along ([`Passthrough::add_own`]), written after
+/// the lines, when the upstream sent none of the same name.
 pub struct Passthrough {
     head: Bytes,
     runs: [(u32, u32); RUNS],
     len: usize,
     /// A `Date` field is among them.
     pub date: bool,
-    added: [Option<(&'static HeaderName, HeaderValue)>; ADDED],
+    /// Added after the lines: `Via` and `x-request-id`.
+    via: Option<HeaderValue>,
+    request_id: Option<RequestId>,
 }
-
-/// Fields the proxy can add to passed-through lines (`Via`, `x-request-id`).
-const ADDED: usize = 2;
 
 impl Passthrough {
     /// Append the lines, each ending in CRLF, then the added fields.
@@ -466,21 +466,18 @@ impl Passthrough {
                 out.extend_from_slice(lines);
             }
         }
-        for (name, value) in self.added.iter().flatten() {
-            crate::headers::write_field(out, name, value);
+        if let Some(v) = &self.via {
+            crate::headers::write_field(out, &header::VIA, v.as_bytes());
+        }
+        if let Some(id) = &self.request_id {
+            crate::headers::write_field(out, &X_REQUEST_ID, id.as_bytes());
         }
     }
 
-    /// Write `name: value` after the lines; false (nothing added) when there is no
-    /// room left.
-    pub fn add(&mut self, name: &'static HeaderName, value: HeaderValue) -> bool {
-        match self.added.iter_mut().find(|slot| slot.is_none()) {
-            Some(slot) => {
-                *slot = Some((name, value));
-                true
-            }
-            None => false,
-        }
+    /// Write the proxy's `Via` (when given) and `x-request-id` after the lines.
+    pub fn add_own(&mut self, via: Option<HeaderValue>, request_id: RequestId) {
+        self.via = via;
+        self.request_id = Some(request_id);
     }
 }
 

@@ -491,7 +491,7 @@ fn encode_head(
             header::DATE => wrote_date = true,
             _ => {}
         }
-        crate::headers::write_field(out, name, value);
+        crate::headers::write_field(out, name, value.as_bytes());
     }
     let status = parts.status;
     let framing = match (framing, body) {

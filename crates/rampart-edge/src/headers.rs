@@ -255,33 +255,82 @@ pub fn via_after(prior: &[HeaderValue], ours: &'static str) -> HeaderValue {
 
 /// Append one field line, `name: value` and CRLF, as the HTTP/1 encoders write it.
 #[inline]
-pub(crate) fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+pub(crate) fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
     out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 
-/// A new request id: 32 lower-case hex digits from a fast random source.
-pub fn new_request_id() -> HeaderValue {
-    // Each byte's two digits, looked up whole.
-    const PAIRS: [[u8; 2]; 256] = {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut t = [[0u8; 2]; 256];
-        let mut i = 0;
-        while i < 256 {
-            t[i] = [HEX[i >> 4], HEX[i & 0xf]];
-            i += 1;
+/// A request's id: made here (32 lower-case hex digits, kept inline: copying it
+/// costs no allocation and no reference count), or taken from a trusted proxy.
+#[derive(Clone)]
+pub enum RequestId {
+    Made([u8; 32]),
+    Given(HeaderValue),
+}
+
+impl RequestId {
+    /// A new id from a fast random source.
+    pub fn new() -> RequestId {
+        // Each byte's two digits, looked up whole.
+        const PAIRS: [[u8; 2]; 256] = {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            let mut t = [[0u8; 2]; 256];
+            let mut i = 0;
+            while i < 256 {
+                t[i] = [HEX[i >> 4], HEX[i & 0xf]];
+                i += 1;
+            }
+            t
+        };
+        let mut out = [0u8; 32];
+        for (pair, byte) in out.chunks_exact_mut(2).zip(fastrand::u128(..).to_be_bytes()) {
+            pair.copy_from_slice(&PAIRS[usize::from(byte)]);
         }
-        t
-    };
-    let mut out = [0u8; 32];
-    for (pair, byte) in out.chunks_exact_mut(2).zip(fastrand::u128(..).to_be_bytes()) {
-        pair.copy_from_slice(&PAIRS[usize::from(byte)]);
+        RequestId::Made(out)
     }
-    // Owned by the value's one allocation: the clones for the upstream request and
-    // the response share it (a copied slice would allocate again on first clone).
-    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out)).unwrap_or(HeaderValue::from_static("0"))
+
+    /// A trusted proxy's id when it sent a sane one, else a new one.
+    pub fn given_or_new(given: Option<&HeaderValue>) -> RequestId {
+        match given {
+            Some(v) if acceptable_request_id(v) => RequestId::Given(v.clone()),
+            _ => RequestId::new(),
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            RequestId::Made(b) => b,
+            RequestId::Given(v) => v.as_bytes(),
+        }
+    }
+
+    /// As text (every id is visible ASCII: made of hex digits, or checked by
+    /// [`acceptable_request_id`]).
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or("-")
+    }
+
+    /// As a value for a header map (a made id is copied into one).
+    pub fn header_value(&self) -> HeaderValue {
+        match self {
+            RequestId::Made(b) => HeaderValue::from_bytes(b).unwrap_or(HeaderValue::from_static("-")),
+            RequestId::Given(v) => v.clone(),
+        }
+    }
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        RequestId::new()
+    }
+}
+
+impl std::fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// An incoming request id is honoured only from a trusted proxy and only if it is sane.
@@ -542,18 +591,29 @@ mod tests {
 
     #[test]
     fn ids() {
-        let a = new_request_id();
-        assert_eq!(a.len(), 32);
-        assert_ne!(a, new_request_id());
-        assert!(acceptable_request_id(&a));
+        let a = RequestId::new();
+        assert_eq!(a.as_bytes().len(), 32);
+        assert_ne!(a.as_bytes(), RequestId::new().as_bytes());
+        assert!(acceptable_request_id(&a.header_value()));
+        assert_eq!(a.header_value(), a.as_str());
         assert!(!acceptable_request_id(&HeaderValue::from_static("a b")));
         // The digits are the random value's, in order.
         for seed in [0, 7, u64::MAX] {
             fastrand::seed(seed);
             let expected = format!("{:032x}", fastrand::u128(..));
             fastrand::seed(seed);
-            assert_eq!(new_request_id(), expected.as_str());
+            assert_eq!(RequestId::new().as_str(), expected);
         }
+        // A trusted proxy's id is kept when sane, replaced when not.
+        let given = HeaderValue::from_static("edge-1:abc_2.x");
+        assert_eq!(RequestId::given_or_new(Some(&given)).as_str(), "edge-1:abc_2.x");
+        assert_eq!(
+            RequestId::given_or_new(Some(&HeaderValue::from_static("a b")))
+                .as_bytes()
+                .len(),
+            32
+        );
+        assert_eq!(RequestId::given_or_new(None).as_bytes().len(), 32);
     }
 
     const COMMON: &[&str] = &[

@@ -10,8 +10,8 @@ use crate::Shared;
 use crate::access_log::Entry;
 use crate::body::{BodyOutcome, ClientBody, ClientIn, Completion, EdgeBody, RequestBodyState, UpstreamBody};
 use crate::headers::{
-    self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_RAMPART_ATTEMPTS, X_RAMPART_REASON, X_RAMPART_ROUTE,
-    X_RAMPART_UPSTREAM, X_REQUEST_ID,
+    self, RequestId, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_RAMPART_ATTEMPTS, X_RAMPART_REASON,
+    X_RAMPART_ROUTE, X_RAMPART_UPSTREAM, X_REQUEST_ID,
 };
 use crate::reason::Reason;
 use crate::routing::Matched;
@@ -97,7 +97,7 @@ struct Record {
     shared: Arc<Shared>,
     snap: Arc<Snapshot>,
     start: Instant,
-    request_id: HeaderValue,
+    request_id: RequestId,
     client_ip: IpAddr,
     /// Shares hyper's buffers: no copy per request.
     host: Option<HeaderValue>,
@@ -163,7 +163,7 @@ impl Completion for Record {
         if log.enabled() {
             log.log(&Entry {
                 time: crate::access_log::wall_clock(now.into_std()),
-                request_id: self.request_id.to_str().unwrap_or("-"),
+                request_id: self.request_id.as_str(),
                 client_ip: self.client_ip,
                 host: self.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-"),
                 method: self.method.as_str(),
@@ -315,7 +315,7 @@ fn waf_block(mut rec: Rec, block: crate::security::waf::Block) -> Response<EdgeB
                     "status": block.status.as_u16(),
                     "reason": Reason::WafBlocked.as_str(),
                     "rule": &*block.rule,
-                    "request_id": rec.request_id.to_str().unwrap_or("-"),
+                    "request_id": rec.request_id.as_str(),
                 })
             )),
             None,
@@ -335,11 +335,7 @@ fn refuse(mut rec: Rec, stage: &'static str, reason: Reason, detail: &str) -> Re
 #[cold]
 fn local_response(reason: Reason, rec: Rec, extra: Option<(header::HeaderName, HeaderValue)>) -> Response<EdgeBody> {
     let status = reason.status();
-    let body = reason.json_body(
-        status.as_u16(),
-        rec.request_id.to_str().unwrap_or("-"),
-        rec.detail.as_deref(),
-    );
+    let body = reason.json_body(status.as_u16(), rec.request_id.as_str(), rec.detail.as_deref());
     respond(reason, status, bytes::Bytes::from(body), rec, extra)
 }
 
@@ -356,7 +352,7 @@ fn respond(
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    h.insert(X_REQUEST_ID.clone(), rec.request_id.clone());
+    h.insert(X_REQUEST_ID.clone(), rec.request_id.header_value());
     h.insert(X_RAMPART_REASON.clone(), HeaderValue::from_static(reason.as_str()));
     if matches!(
         reason,
@@ -454,7 +450,7 @@ pub fn log_refusal(shared: &Shared, peer: std::net::SocketAddr, r: &crate::secur
     if log.enabled() {
         log.log(&Entry {
             time: std::time::SystemTime::now(),
-            request_id: r.request_id.to_str().unwrap_or("-"),
+            request_id: r.request_id.as_str(),
             client_ip: peer.ip(),
             host: "-",
             method: "-",
@@ -517,10 +513,7 @@ pub(crate) async fn handle_request(
     let trusted_peer = headers::is_trusted(&snap.trusted, peer);
 
     // An incoming id counts only from a trusted proxy: no lookup for anyone else.
-    let request_id = match trusted_peer.then(|| req.headers().get(&X_REQUEST_ID)).flatten() {
-        Some(v) if headers::acceptable_request_id(v) => v.clone(),
-        _ => headers::new_request_id(),
-    };
+    let request_id = RequestId::given_or_new(trusted_peer.then(|| req.headers().get(&X_REQUEST_ID)).flatten());
     // A head the lean HTTP/1 server read has no `Content-Length`, `Transfer-Encoding`,
     // `Upgrade` or `Expect` field (it hands those to hyper): none to look for.
     let lean_head = matches!(req.body(), ClientIn::Empty);
@@ -1180,8 +1173,7 @@ pub(crate) async fn handle_request(
             let via = snap
                 .via
                 .then(|| HeaderValue::from_static(headers::via_entry(Version::HTTP_11)));
-            let fits = via.is_none_or(|v| lines.add(&VIA, v)) && lines.add(&X_REQUEST_ID, rec.request_id.clone());
-            debug_assert!(fits, "passed-through lines have room for Via and x-request-id");
+            lines.add_own(via, rec.request_id.clone());
         }
         None => finish_headers(&mut rparts.headers, &rec, snap.via, explain, route, backend),
     }
@@ -1231,7 +1223,7 @@ fn upstream_headers<'a>(
     trusted_peer: bool,
     host: &'a HeaderValue,
     via: Option<Version>,
-    request_id: &HeaderValue,
+    request_id: &RequestId,
     defer: bool,
 ) -> (http::HeaderMap, Option<Added<'a>>) {
     let present = headers::fields_present(&h);
@@ -1285,7 +1277,7 @@ fn upstream_headers<'a>(
     if let Some(v) = via {
         headers::append_via(&mut h, v);
     }
-    h.insert(X_REQUEST_ID.clone(), request_id.clone());
+    h.insert(X_REQUEST_ID.clone(), request_id.header_value());
     (h, None)
 }
 
@@ -1300,18 +1292,18 @@ struct Added<'a> {
     forwarded_proto: HeaderValue,
     forwarded_host: &'a HeaderValue,
     via: Option<HeaderValue>,
-    request_id: HeaderValue,
+    request_id: RequestId,
 }
 
 impl Added<'_> {
     /// The fields in the order they are sent.
-    fn fields(&self) -> impl Iterator<Item = (&'static header::HeaderName, &HeaderValue)> {
+    fn fields(&self) -> impl Iterator<Item = (&'static header::HeaderName, &[u8])> {
         [
-            (&X_FORWARDED_FOR, Some(self.forwarded_for)),
-            (&X_FORWARDED_PROTO, Some(&self.forwarded_proto)),
-            (&X_FORWARDED_HOST, Some(self.forwarded_host)),
-            (&VIA, self.via.as_ref()),
-            (&X_REQUEST_ID, Some(&self.request_id)),
+            (&X_FORWARDED_FOR, Some(self.forwarded_for.as_bytes())),
+            (&X_FORWARDED_PROTO, Some(self.forwarded_proto.as_bytes())),
+            (&X_FORWARDED_HOST, Some(self.forwarded_host.as_bytes())),
+            (&VIA, self.via.as_ref().map(HeaderValue::as_bytes)),
+            (&X_REQUEST_ID, Some(self.request_id.as_bytes())),
         ]
         .into_iter()
         .filter_map(|(k, v)| Some((k, v?)))
@@ -1320,9 +1312,13 @@ impl Added<'_> {
     /// Put them in `h` (a request for hyper's client).
     fn insert_into(&self, h: &mut http::HeaderMap) {
         h.reserve(5);
-        for (k, v) in self.fields() {
-            h.insert(k, v.clone());
+        h.insert(&X_FORWARDED_FOR, self.forwarded_for.clone());
+        h.insert(&X_FORWARDED_PROTO, self.forwarded_proto.clone());
+        h.insert(&X_FORWARDED_HOST, self.forwarded_host.clone());
+        if let Some(v) = &self.via {
+            h.insert(&VIA, v.clone());
         }
+        h.insert(&X_REQUEST_ID, self.request_id.header_value());
     }
 }
 
@@ -1386,7 +1382,7 @@ async fn serve_chain(
         .get("x-rampart-session-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let request_id = rec.request_id.to_str().unwrap_or("-").to_string();
+    let request_id = rec.request_id.as_str().to_string();
     let req = crate::chain::ChainRequest {
         method,
         path,
@@ -1457,7 +1453,7 @@ async fn serve_chain(
         *resp.status_mut() = status;
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        h.insert(X_REQUEST_ID.clone(), rec.request_id.clone());
+        h.insert(X_REQUEST_ID.clone(), rec.request_id.header_value());
         if let Ok(v) = HeaderValue::from_str(trace.reason) {
             h.insert(X_RAMPART_REASON.clone(), v);
         }
@@ -1503,7 +1499,9 @@ async fn serve_chain(
     if snap.via {
         headers::append_via(&mut rparts.headers, Version::HTTP_11);
     }
-    rparts.headers.insert(X_REQUEST_ID.clone(), rec.request_id.clone());
+    rparts
+        .headers
+        .insert(X_REQUEST_ID.clone(), rec.request_id.header_value());
     explain_headers(&mut rparts.headers);
     rparts.version = Version::HTTP_11;
     let mut body = EdgeBody::upstream(rbody, CHAIN_BODY_IDLE, None);
@@ -1560,7 +1558,7 @@ fn finish_headers(
     if via {
         headers::append_via(h, Version::HTTP_11);
     }
-    h.insert(X_REQUEST_ID.clone(), rec.request_id.clone());
+    h.insert(X_REQUEST_ID.clone(), rec.request_id.header_value());
     if explain {
         if let Ok(v) = HeaderValue::from_str(&route.id) {
             h.insert(X_RAMPART_ROUTE.clone(), v);

@@ -79,7 +79,8 @@ async fn before(
         let mut resp = Response::new(EdgeBody::empty());
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        resp.headers_mut().insert(X_REQUEST_ID.clone(), rec.request_id.clone());
+        resp.headers_mut()
+            .insert(X_REQUEST_ID.clone(), rec.request_id.header_value());
         rec.status = 200;
         rec.reason_text = Some("CACHE_PURGED");
         *resp.body_mut() = EdgeBody::full(body).on_complete(rec);
@@ -700,7 +701,7 @@ fn cached_response(
     if via {
         headers::append_via(h, Version::HTTP_11);
     }
-    h.insert(X_REQUEST_ID.clone(), rec.request_id.clone());
+    h.insert(X_REQUEST_ID.clone(), rec.request_id.header_value());
     rec.status = resp.status().as_u16();
     rec.shared.cache.stats.count(status_text);
     rec.reason_text = Some(match status_text {

@@ -48,7 +48,7 @@ pub struct Verdicts {
 pub struct Refusal {
     pub status: u16,
     pub reason: &'static str,
-    pub request_id: http::HeaderValue,
+    pub request_id: crate::headers::RequestId,
     /// The answer's length.
     pub bytes: usize,
 }
@@ -682,8 +682,8 @@ fn rewrite_hyper_answer(buf: &[u8]) -> Option<(Vec<u8>, Refusal)> {
         _ => crate::reason::Reason::BadRequest,
     };
     let reason = kind.as_str();
-    let request_id = crate::headers::new_request_id();
-    let id = request_id.to_str().unwrap_or("-");
+    let request_id = crate::headers::RequestId::new();
+    let id = request_id.as_str();
     let body = kind.json_body(code, id, None);
     let mut out = Vec::with_capacity(256 + body.len());
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -879,7 +879,7 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(json["status"], 431);
         assert!(head.contains(&format!("x-request-id: {}", json["request_id"].as_str().unwrap())));
-        assert_eq!(refusal.request_id, json["request_id"].as_str().unwrap());
+        assert_eq!(refusal.request_id.as_str(), json["request_id"].as_str().unwrap());
         let bad = format!("HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: {date}\r\n\r\n");
         assert!(
             String::from_utf8(rewrite_hyper_answer(bad.as_bytes()).unwrap().0)
