@@ -128,17 +128,29 @@ rampart_access() {  # NAME: Rampart's `log.access` value for $WORK/NAME (ACCESS_
   if [[ $ACCESS_LOG == file ]]; then echo "$WORK/$1/access.log"; else echo off; fi
 }
 
+# nginx's nearest to Rampart's access-log line: the same fields as JSON, where nginx
+# has them (no route or attempt count; the upstream's status instead of a reason).
+NGINX_JSON_LOG_FORMAT="log_format rampart_fields escape=json '{\"time\":\"\$time_iso8601\",\"request_id\":\"\$request_id\",\"client_ip\":\"\$remote_addr\",\"host\":\"\$http_host\",\"method\":\"\$request_method\",\"path\":\"\$uri\",\"protocol\":\"\$server_protocol\",\"status\":\$status,\"bytes_in\":\$request_length,\"bytes_out\":\$body_bytes_sent,\"duration_s\":\$request_time,\"site\":\"\$server_name\",\"upstream\":\"\$upstream_addr\",\"upstream_status\":\"\$upstream_status\"}';"
+
 write_nginx_proxy() {  # DIR PORT CONNECTIONS BALANCE ORIGIN_PORT...: nginx (1 worker) as a
   # keep-alive reverse proxy on PORT to the origin ports; BALANCE is an upstream method
   # directive or empty (round robin). Access log: Rampart writes one JSON line per
-  # request in batches, so nginx gets a buffered file log (ACCESS_LOG, NGINX_LOG_BUFFER).
-  local dir=$1 port=$2 conns=$3 balance=$4 origin servers="" access="access_log off;"; shift 4
+  # request in batches, so nginx gets a buffered file log (ACCESS_LOG, NGINX_LOG_BUFFER)
+  # in its `combined` format, or with NGINX_LOG_FORMAT=json the fields of Rampart's line.
+  local dir=$1 port=$2 conns=$3 balance=$4 origin servers="" access="access_log off;" format=combined; shift 4
   for origin in "$@"; do
     servers+="
         server 127.0.0.1:$origin;"
   done
   if [[ $ACCESS_LOG == file ]]; then
-    access="access_log $dir/access.log combined${NGINX_LOG_BUFFER:+ buffer=$NGINX_LOG_BUFFER flush=1s};"
+    if [[ ${NGINX_LOG_FORMAT:-combined} == json ]]; then
+      access="$NGINX_JSON_LOG_FORMAT
+    "
+      format=rampart_fields
+    else
+      access=""
+    fi
+    access+="access_log $dir/access.log $format${NGINX_LOG_BUFFER:+ buffer=$NGINX_LOG_BUFFER flush=1s};"
   fi
   mkdir -p "$dir/tmp"
   cat >"$dir/nginx.conf" <<EOF
