@@ -274,10 +274,30 @@ fn parse_head(buf: &mut BytesMut, head_request: bool, passthrough: bool) -> Resu
             crate::headers::spans(buf, res.headers, &mut spans);
             sorted = sort_fields(buf, res.headers, &mut spans, false);
         }
+        // A held `Content-Length` that does not frame this body (or meets a
+        // `Transfer-Encoding`) goes to the map after all, for the checks there.
+        let length_frames = !(head_request
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+            || sorted.te);
+        let mut held = None;
+        if let Some((span, n)) = sorted.held_length {
+            match spans.get_mut(sorted.in_map) {
+                Some(slot) if !length_frames => {
+                    *slot = span;
+                    sorted.in_map += 1;
+                }
+                _ => held = Some(n),
+            }
+        }
         let head = buf.split_to(len).freeze();
-        let headers = crate::headers::header_map(&head, &spans[..sorted.in_map], ADDED_FIELDS)
+        // Room for the proxy's fields, unless they ride with passed lines: a map left
+        // empty then costs no allocation.
+        let room = if sorted.n_runs > 0 { 0 } else { ADDED_FIELDS };
+        let headers = crate::headers::header_map(&head, &spans[..sorted.in_map], room)
             .ok_or(InvalidResponse("bad header field"))?;
-        let (framing, keep_alive) = framing(status, version, sorted.close, &headers, head_request)?;
+        let (framing, keep_alive) = framing(status, version, sorted.close, &headers, head_request, held)?;
         let mut parts = http::Response::new(()).into_parts().0;
         parts.status = status;
         parts.version = version;
@@ -316,6 +336,12 @@ struct Sorted {
     runs: [(u32, u32); RUNS],
     n_runs: usize,
     date: bool,
+    /// With `passthrough`, a lone valid `Content-Length` is held out of the map: its
+    /// span and value. (Its length frames the body; the client's encoder writes the
+    /// field from the body's exact size.)
+    held_length: Option<(Span, u64)>,
+    /// A `Transfer-Encoding` field is among them.
+    te: bool,
 }
 
 /// Sort a head's fields: `Connection` fields that say only `close` or `keep-alive`,
@@ -332,10 +358,32 @@ fn sort_fields(head: &[u8], fields: &[httparse::Header<'_>], spans: &mut [Span],
         runs: [(0, 0); RUNS],
         n_runs: 0,
         date: false,
+        held_length: None,
+        te: false,
     };
+    let mut lengths = 0;
     for (i, field) in fields.iter().enumerate() {
         let name = field.name.as_bytes();
         let class = classify(name);
+        match class {
+            Class::ContentLength if passthrough => {
+                lengths += 1;
+                if lengths == 1
+                    && let Some(n) = crate::headers::length_value(field.value)
+                {
+                    sorted.held_length = Some((spans[i], n));
+                    continue;
+                }
+                // Another one: every copy goes to the map, for the checks there.
+                // (The held one's slot is behind `i`: `in_map < i`.)
+                if let Some((span, _)) = sorted.held_length.take() {
+                    spans[sorted.in_map] = span;
+                    sorted.in_map += 1;
+                }
+            }
+            Class::TransferEncoding => sorted.te = true,
+            _ => {}
+        }
         let this_hop_only = match class {
             Class::Connection => {
                 let mut only = true;
@@ -385,6 +433,8 @@ enum Class {
     Connection,
     KeepAlive,
     Date,
+    ContentLength,
+    TransferEncoding,
     /// One the pipeline reads or sets (framing, hop-by-hop, `Via`, `x-request-id`,
     /// the rate-limit fields): always in the map.
     Pipeline,
@@ -407,10 +457,10 @@ fn classify(name: &[u8]) -> Class {
         (7, b't') if is(b"trailer") => Class::Pipeline,
         (9, b'r') if is(b"ratelimit") => Class::Pipeline,
         (12, b'x') if is(b"x-request-id") => Class::Pipeline,
-        (14, b'c') if is(b"content-length") => Class::Pipeline,
+        (14, b'c') if is(b"content-length") => Class::ContentLength,
         (16, b'p') if is(b"proxy-connection") => Class::Pipeline,
         (16, b'r') if is(b"ratelimit-policy") => Class::Pipeline,
-        (17, b't') if is(b"transfer-encoding") => Class::Pipeline,
+        (17, b't') if is(b"transfer-encoding") => Class::TransferEncoding,
         _ => Class::Other,
     }
 }
@@ -492,12 +542,14 @@ impl std::fmt::Debug for Passthrough {
 
 /// The body's framing and whether the connection may carry another request.
 /// `close`: a `Connection` field of the response said `close`.
+/// `held`: the value of a `Content-Length` kept out of `h` ([`sort_fields`]).
 fn framing(
     status: StatusCode,
     version: Version,
     close: bool,
     h: &HeaderMap,
     head_request: bool,
+    held: Option<u64>,
 ) -> Result<(Framing, bool), InvalidResponse> {
     let close = close || version != Version::HTTP_11;
     if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -522,7 +574,10 @@ fn framing(
             (Framing::Close, false)
         });
     }
-    let length = crate::headers::content_length(h).map_err(InvalidResponse)?;
+    let length = match held {
+        Some(n) => Some(n),
+        None => crate::headers::content_length(h).map_err(InvalidResponse)?,
+    };
     Ok(match length {
         Some(0) => (Framing::Done, !close),
         Some(n) => (Framing::Length(n), !close),
@@ -908,7 +963,9 @@ mod tests {
         }
     }
 
-    /// Parse `text` with passthrough: the map's fields, the passed lines, and their `date` flag.
+    /// Parse `text` with passthrough: the map's fields, the passed lines, and their
+    /// `date` flag. A `Content-Length` held out of the map is added to the lines as
+    /// the lean server writes it (from the framing: these are all 200s to a GET).
     fn passed(text: &str) -> (HeaderMap, String, bool, Framing) {
         let mut buf = BytesMut::from(text.as_bytes());
         let h = parse_head(&mut buf, false, true).unwrap().unwrap();
@@ -917,7 +974,15 @@ mod tests {
         if let Some(p) = &h.passthrough {
             p.write_to(&mut out);
         }
-        (h.parts.headers, String::from_utf8(out).unwrap(), date, h.framing)
+        let mut out = String::from_utf8(out).unwrap();
+        if !h.parts.headers.contains_key(header::CONTENT_LENGTH) {
+            match h.framing {
+                Framing::Length(n) => out.push_str(&format!("content-length: {n}\r\n")),
+                Framing::Done => out.push_str("content-length: 0\r\n"),
+                _ => {}
+            }
+        }
+        (h.parts.headers, out, date, h.framing)
     }
 
     /// Every field as (lower-case name, value), sorted: from a map, or from lines.
@@ -941,12 +1006,11 @@ mod tests {
              Content-Length: 5\r\nLast-Modified: x\r\nConnection: keep-alive\r\nETag: \"e\"\r\nAccept-Ranges: bytes  \r\n\r\nhello",
         );
         assert_eq!(f, Framing::Length(5));
-        assert_eq!(map.len(), 1, "only the framing field is in the map: {map:?}");
-        assert_eq!(map[header::CONTENT_LENGTH], "5");
+        assert!(map.is_empty(), "the length frames the body, out of the map: {map:?}");
         assert_eq!(
             lines,
             "Server: nginx\r\nDate: Mon, 23 Nov 2026 10:00:00 GMT\r\nContent-Type: text/html\r\n\
-             Last-Modified: x\r\nETag: \"e\"\r\nAccept-Ranges: bytes  \r\n",
+             Last-Modified: x\r\nETag: \"e\"\r\nAccept-Ranges: bytes  \r\ncontent-length: 5\r\n",
             "as they came, letter case and white space too"
         );
         assert!(date);
@@ -966,9 +1030,34 @@ mod tests {
 
         // Lines without CR, and empty values, go through the map.
         let (map, lines, _, _) = passed("HTTP/1.1 200 OK\nX-A: 1\nX-B:\nContent-Length: 0\n\n");
-        assert_eq!((map.len(), lines.as_str()), (3, ""));
+        assert_eq!((map.len(), lines.as_str()), (2, "content-length: 0\r\n"));
         let (map, lines, _, _) = passed("HTTP/1.1 200 OK\r\nX-B:\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n");
-        assert_eq!((map.len(), lines.as_str()), (2, "X-A: 1\r\n"));
+        assert_eq!((map.len(), lines.as_str()), (1, "X-A: 1\r\ncontent-length: 0\r\n"));
+
+        // A length held out of the map only where it frames the body alone: with
+        // `Transfer-Encoding`, twice, or unreadable, it stays for the checks there.
+        let (map, _, _, f) = passed("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!(map[header::CONTENT_LENGTH], "3");
+        assert!(matches!(f, Framing::Chunked(_)));
+        let (map, _, _, f) = passed("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n");
+        assert_eq!(
+            (map.get_all(header::CONTENT_LENGTH).iter().count(), f),
+            (2, Framing::Length(3))
+        );
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"[..]);
+        assert!(parse_head(&mut buf, false, true).is_err(), "conflicting lengths");
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"[..]);
+        assert!(parse_head(&mut buf, false, true).is_err(), "a bad length");
+        for (text, head_request) in [
+            ("HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", false),
+            ("HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", false),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true),
+        ] {
+            let mut buf = BytesMut::from(text.as_bytes());
+            let h = parse_head(&mut buf, head_request, true).unwrap().unwrap();
+            assert!(h.parts.headers.contains_key(header::CONTENT_LENGTH), "{text:?}");
+            assert_eq!(h.framing, Framing::Done);
+        }
     }
 
     #[test]
@@ -977,7 +1066,7 @@ mod tests {
         let text = "HTTP/1.1 200 OK\r\nA: 1\r\nVia: v1\r\nB: 2\r\nVia: v2\r\nC: 3\r\nC: 3b\r\nVia: v3\r\nD: 4\r\n\
                     Via: v4\r\nE: 5\r\nF: 6\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n";
         let (map, lines, _, _) = passed(text);
-        assert_eq!(lines, "A: 1\r\nB: 2\r\nC: 3\r\nC: 3b\r\nD: 4\r\n");
+        assert_eq!(lines, "A: 1\r\nB: 2\r\nC: 3\r\nC: 3b\r\nD: 4\r\ncontent-length: 0\r\n");
         let mut buf = BytesMut::from(text.as_bytes());
         let whole = parse_head(&mut buf, false, false).unwrap().unwrap().parts.headers;
         assert_eq!(fields_of(&map, &lines), fields_of(&whole, ""));

@@ -362,20 +362,32 @@ pub fn header_bytes(h: &HeaderMap) -> usize {
 pub(crate) fn content_length(h: &HeaderMap) -> Result<Option<u64>, &'static str> {
     let mut length: Option<u64> = None;
     for v in h.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|b| *b == b',') {
-            let part = part.trim_ascii();
-            // 19 digits always fit in a u64.
-            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                return Err("bad content-length");
-            }
-            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            if length.is_some_and(|l| l != n) {
-                return Err("conflicting content-length values");
-            }
-            length = Some(n);
-        }
+        length = Some(length_elements(v.as_bytes(), length)?);
     }
     Ok(length)
+}
+
+/// One `Content-Length` field's value: a length, or a list of equal lengths.
+pub(crate) fn length_value(value: &[u8]) -> Option<u64> {
+    length_elements(value, None).ok()
+}
+
+/// The length a `Content-Length` value states, which must agree with `before`
+/// (from earlier fields).
+fn length_elements(value: &[u8], mut before: Option<u64>) -> Result<u64, &'static str> {
+    for part in value.split(|b| *b == b',') {
+        let part = part.trim_ascii();
+        // 19 digits always fit in a u64.
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return Err("bad content-length");
+        }
+        let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        if before.is_some_and(|l| l != n) {
+            return Err("conflicting content-length values");
+        }
+        before = Some(n);
+    }
+    before.ok_or("bad content-length")
 }
 
 /// Where one field of a parsed message head lies in it: the name's offset and
