@@ -216,8 +216,9 @@ EOF
 
 # --- Start processes ----------------------------------------------------------
 start_bg() {  # NAME STDOUT STDERR CMD...: start in the background, remember its PID
+  # (stdout appends, so a log written to it can be truncated while it runs)
   local name=$1 out=$2 err=$3; shift 3
-  "$@" >"$out" 2>"$err" &
+  "$@" >>"$out" 2>"$err" &
   ROOT_PID[$name]=$!
   LOG[$name]=$err
   PIDS+=("$!")
@@ -260,6 +261,7 @@ rss_kib() {  # VmRSS (KiB) summed over a PID and its descendants
 measure() {  # PROXY ROUND: one warm-up and one measured wrk run -> RUN_DIR/runs.jsonl
   local p=$1 round=$2 url="http://127.0.0.1:${PORT[$1]}/" out="$WORK/wrk-$1-$2.txt"
   local before after json rec
+  if declare -F before_measure >/dev/null; then before_measure "$p"; fi
   if [[ $WARMUP != 0 ]]; then
     ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} wrk -t"$THREADS" -c"$CONNS" -d"$WARMUP" "$url" >/dev/null
   fi

@@ -21,6 +21,7 @@ PROXY_CPU=${PROXY_CPU-0}           # CPU list for the proxies; empty = no pinnin
 LOAD_CPU=${LOAD_CPU-1}             # CPU list for wrk, the origin and the idle client; empty = no pinning
 ACCESS_LOG=${ACCESS_LOG:-file}     # file: every proxy logs each request to a file; off: none do
 NGINX_LOG_BUFFER=${NGINX_LOG_BUFFER-64k}  # nginx access_log buffer= (Rampart batches too); empty = unbuffered
+ROTATE_LOGS=${ROTATE_LOGS:-1}      # 1: empty a proxy's access log before each of its runs (see bench/README.md)
 IDLE_CONNS=${IDLE_CONNS:-10000}    # idle keep-alive connections per proxy; 0 skips the memory test
 IDLE_CONCURRENCY=${IDLE_CONCURRENCY:-200}  # connections being opened at once by idle_conns.py
 IDLE_SETTLE=${IDLE_SETTLE:-3}      # seconds to wait after the last connection is open before reading RSS (Rampart parks idle connections after 250-500 ms)
@@ -97,7 +98,7 @@ note "pinning: proxies on CPU '${PROXY_CPU:-any}', wrk + origin + idle client on
 note "output: $RUN_DIR"
 
 export NGINX_VERSION HAPROXY_VERSION WRK_VERSION RAMPART_VERSION GIT_REV RAMPART_BIN THREADS CONNS \
-  DURATION WARMUP ROUNDS PROXY_CPU LOAD_CPU ACCESS_LOG NGINX_LOG_BUFFER IDLE_CONNS IDLE_CONNS_REQUESTED HAPROXY_MAXCONN PROXIES NOFILE CLK_TCK
+  DURATION WARMUP ROUNDS PROXY_CPU LOAD_CPU ACCESS_LOG NGINX_LOG_BUFFER ROTATE_LOGS IDLE_CONNS IDLE_CONNS_REQUESTED HAPROXY_MAXCONN PROXIES NOFILE CLK_TCK
 python3 - "$RUN_DIR/meta.json" <<'EOF'
 import json, os, sys, time
 e = os.environ
@@ -110,7 +111,8 @@ meta = {
         "threads": int(e["THREADS"]), "conns": int(e["CONNS"]), "duration": e["DURATION"],
         "warmup": e["WARMUP"], "rounds": int(e["ROUNDS"]), "proxy_cpu": e["PROXY_CPU"],
         "load_cpu": e["LOAD_CPU"], "access_log": e["ACCESS_LOG"],
-        "nginx_log_buffer": e["NGINX_LOG_BUFFER"], "idle_conns": int(e["IDLE_CONNS"]),
+        "nginx_log_buffer": e["NGINX_LOG_BUFFER"], "rotate_logs": e["ROTATE_LOGS"] == "1",
+        "idle_conns": int(e["IDLE_CONNS"]),
         "idle_conns_requested": int(e["IDLE_CONNS_REQUESTED"]), "haproxy_maxconn": int(e["HAPROXY_MAXCONN"]),
         "fd_limit": int(e["NOFILE"]), "clk_tck": int(e["CLK_TCK"]),
     },
@@ -214,6 +216,17 @@ done
 
 # --- Measurements (cpu_ticks, rss_kib and measure are in lib.sh) ---------------
 
+# Each run starts with an empty access log, as log rotation keeps one bounded: the
+# pages of the last run's log are freed for the next to reuse. (On a fresh VM,
+# writing into pages the guest never touched costs several times more system time
+# per byte than reusing pages; without this, that cost grows with what the earlier
+# runs logged and lands on whichever proxy logs the most bytes.)
+before_measure() {  # PROXY
+  if [[ $ACCESS_LOG == file && $ROTATE_LOGS == 1 && -f $WORK/$1/access.log ]]; then
+    : >"$WORK/$1/access.log"
+  fi
+}
+
 note "throughput: $ROUNDS round(s), alternating $PROXIES"
 for round in $(seq "$ROUNDS"); do
   for p in $PROXIES; do measure "$p" "$round"; done
@@ -264,9 +277,11 @@ fi
 # --- Sanity: did every proxy log, did Rampart drop log lines? -------------------
 if [[ $ACCESS_LOG == file ]]; then
   sleep 1.5   # nginx flushes its buffered log at most every second
+  since=""
+  if [[ $ROTATE_LOGS == 1 ]]; then since=" (since its last run began)"; fi
   for p in $PROXIES; do
     f=$WORK/$p/access.log
-    echo "   $p access log: $(wc -l <"$f" 2>/dev/null || echo 0) lines"
+    echo "   $p access log: $(wc -l <"$f" 2>/dev/null || echo 0) lines$since"
   done
 fi
 if [[ " $PROXIES " == *" rampart "* ]]; then
