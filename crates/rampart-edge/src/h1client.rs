@@ -264,15 +264,23 @@ fn parse_head(buf: &mut BytesMut, head_request: bool, passthrough: bool) -> Resu
             continue;
         }
         // Field values are views into the head's one buffer, not copies.
-        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-        crate::headers::spans(buf, res.headers, &mut spans);
-        let mut sorted = sort_fields(buf, res.headers, &mut spans, passthrough);
+        // Most heads have a few fields: the full-size array is zeroed only for more.
+        let (mut few, mut all);
+        let spans: &mut [Span] = if res.headers.len() <= crate::headers::FEW_FIELDS {
+            few = [(0, 0, 0, 0); crate::headers::FEW_FIELDS];
+            &mut few
+        } else {
+            all = [(0, 0, 0, 0); MAX_HEADERS];
+            &mut all
+        };
+        crate::headers::spans(buf, res.headers, spans);
+        let mut sorted = sort_fields(buf, res.headers, spans, passthrough);
         if sorted.names_others {
             // A `Connection` naming other fields: those are removed by name from the
             // map, so every field goes there (the spans are found again: sorting
             // moved them).
-            crate::headers::spans(buf, res.headers, &mut spans);
-            sorted = sort_fields(buf, res.headers, &mut spans, false);
+            crate::headers::spans(buf, res.headers, spans);
+            sorted = sort_fields(buf, res.headers, spans, false);
         }
         // A held `Content-Length` that does not frame this body (or meets a
         // `Transfer-Encoding`) goes to the map after all, for the checks there.
@@ -1072,6 +1080,17 @@ mod tests {
         assert_eq!(fields_of(&map, &lines), fields_of(&whole, ""));
         assert_eq!(map.get_all("via").iter().count(), 4, "order within a name kept");
         assert_eq!(map.get_all("via").iter().next_back().unwrap(), "v4");
+        // Past the small array of spans (16): the same.
+        let mut text = String::from("HTTP/1.1 200 OK\r\n");
+        for i in 0..20 {
+            text.push_str(&format!("X-{i}: {i}\r\nVia: {i}\r\n"));
+        }
+        text.push_str("Content-Length: 2\r\n\r\n");
+        let (map, lines, _, _) = passed(&text);
+        let mut buf = BytesMut::from(text.as_bytes());
+        let whole = parse_head(&mut buf, false, false).unwrap().unwrap().parts.headers;
+        assert_eq!(whole.len(), 41);
+        assert_eq!(fields_of(&map, &lines), fields_of(&whole, ""));
         // Every mix of passed and kept fields, the same way.
         let kinds = [
             "X-P: p",

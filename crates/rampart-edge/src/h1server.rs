@@ -338,8 +338,16 @@ fn parse(buf: &mut BytesMut, max_headers: usize) -> Parsed {
         }
     }
     let n = req.headers.len();
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-    crate::headers::spans(buf, req.headers, &mut spans);
+    // Most heads have a few fields: the full-size array is zeroed only for more.
+    let (mut few, mut all);
+    let spans: &mut [crate::headers::Span] = if n <= crate::headers::FEW_FIELDS {
+        few = [(0, 0, 0, 0); crate::headers::FEW_FIELDS];
+        &mut few
+    } else {
+        all = [(0, 0, 0, 0); MAX_HEADERS];
+        &mut all
+    };
+    crate::headers::spans(buf, req.headers, spans);
     let base = buf.as_ptr() as usize;
     let path_at = path.as_ptr() as usize - base;
     let path_range = path_at..path_at + path.len();
@@ -718,6 +726,24 @@ mod tests {
             assert_eq!(&rest[..], text.as_bytes(), "{text:?}: the buffer is as it was");
         }
         assert!(matches!(parse_text("GET / HTTP/1.1\r\nHost: t\r\n").0, Parsed::Partial));
+
+        // More fields than the small array of spans holds: all of them, in order.
+        let mut text = String::from("GET / HTTP/1.1\r\nHost: t\r\n");
+        for i in 0..30 {
+            text.push_str(&format!("X-{}: {i}\r\n", i % 7));
+        }
+        text.push_str("\r\n");
+        let (Parsed::Request(req, _), _) = parse_text(&text) else {
+            panic!("a request")
+        };
+        assert_eq!(req.headers().len(), 31);
+        let sixes: Vec<_> = req
+            .headers()
+            .get_all("x-6")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(sixes, ["6", "13", "20", "27"]);
     }
 
     #[test]

@@ -394,6 +394,10 @@ fn length_elements(value: &[u8], mut before: Option<u64>) -> Result<u64, &'stati
 /// length, then the value's.
 pub(crate) type Span = (u32, u32, u32, u32);
 
+/// A head with at most this many fields records their spans in a small array (no
+/// zeroing of a full-size one per message).
+pub(crate) const FEW_FIELDS: usize = 16;
+
 /// Record where httparse found each of `fields` in `head` (the buffer it parsed),
 /// so the fields can be sliced out once the head is split off that buffer (a
 /// stack array of spans: no allocation per message).
