@@ -128,22 +128,24 @@ rampart_access() {  # NAME: Rampart's `log.access` value for $WORK/NAME (ACCESS_
   if [[ $ACCESS_LOG == file ]]; then echo "$WORK/$1/access.log"; else echo off; fi
 }
 
-# nginx's nearest to Rampart's access-log line: the same fields as JSON, where nginx
-# has them (no route or attempt count; the upstream's status instead of a reason).
+# nginx doing the work Rampart does by default (NGINX_SAME_WORK=1): its nearest to
+# Rampart's access-log line, the same fields as JSON where nginx has them (no route
+# or attempt count; the upstream's status instead of a reason), and the same fields
+# added to requests and responses (X-Forwarded-*, Via, x-request-id).
 NGINX_JSON_LOG_FORMAT="log_format rampart_fields escape=json '{\"time\":\"\$time_iso8601\",\"request_id\":\"\$request_id\",\"client_ip\":\"\$remote_addr\",\"host\":\"\$http_host\",\"method\":\"\$request_method\",\"path\":\"\$uri\",\"protocol\":\"\$server_protocol\",\"status\":\$status,\"bytes_in\":\$request_length,\"bytes_out\":\$body_bytes_sent,\"duration_s\":\$request_time,\"site\":\"\$server_name\",\"upstream\":\"\$upstream_addr\",\"upstream_status\":\"\$upstream_status\"}';"
 
 write_nginx_proxy() {  # DIR PORT CONNECTIONS BALANCE ORIGIN_PORT...: nginx (1 worker) as a
   # keep-alive reverse proxy on PORT to the origin ports; BALANCE is an upstream method
   # directive or empty (round robin). Access log: Rampart writes one JSON line per
   # request in batches, so nginx gets a buffered file log (ACCESS_LOG, NGINX_LOG_BUFFER)
-  # in its `combined` format, or with NGINX_LOG_FORMAT=json the fields of Rampart's line.
-  local dir=$1 port=$2 conns=$3 balance=$4 origin servers="" access="access_log off;" format=combined; shift 4
+  # in its `combined` format, or with NGINX_SAME_WORK=1 the fields of Rampart's line.
+  local dir=$1 port=$2 conns=$3 balance=$4 origin servers="" access="access_log off;" format=combined same=""; shift 4
   for origin in "$@"; do
     servers+="
         server 127.0.0.1:$origin;"
   done
   if [[ $ACCESS_LOG == file ]]; then
-    if [[ ${NGINX_LOG_FORMAT:-combined} == json ]]; then
+    if [[ ${NGINX_SAME_WORK:-0} == 1 ]]; then
       access="$NGINX_JSON_LOG_FORMAT
     "
       format=rampart_fields
@@ -151,6 +153,16 @@ write_nginx_proxy() {  # DIR PORT CONNECTIONS BALANCE ORIGIN_PORT...: nginx (1 w
       access=""
     fi
     access+="access_log $dir/access.log $format${NGINX_LOG_BUFFER:+ buffer=$NGINX_LOG_BUFFER flush=1s};"
+  fi
+  if [[ ${NGINX_SAME_WORK:-0} == 1 ]]; then
+    same='
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $host;
+            proxy_set_header Via "1.1 nginx";
+            proxy_set_header X-Request-Id $request_id;
+            add_header Via "1.1 nginx" always;
+            add_header X-Request-Id $request_id always;'
   fi
   mkdir -p "$dir/tmp"
   cat >"$dir/nginx.conf" <<EOF
@@ -174,7 +186,7 @@ $(nginx_temp_paths "$dir/tmp")
         location / {
             proxy_pass http://origin;
             proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            proxy_set_header Connection "";$same
         }
     }
 }

@@ -26,9 +26,11 @@ IDLE_CONNS=${IDLE_CONNS:-10000}    # idle keep-alive connections per proxy; 0 sk
 IDLE_CONCURRENCY=${IDLE_CONCURRENCY:-200}  # connections being opened at once by idle_conns.py
 IDLE_SETTLE=${IDLE_SETTLE:-3}      # seconds to wait after the last connection is open before reading RSS (Rampart parks idle connections after 250-500 ms)
 BASE_PORT=${BASE_PORT:-18080}      # origin = BASE_PORT, proxies = +1 +2 +3, rampart admin = +4
-PROXIES=${PROXIES:-nginx nginx-json haproxy rampart}  # run order within a round; nginx is the ratio baseline
-# nginx-json: the same nginx, logging the fields of Rampart's access-log line as JSON
-# (a line as long as Rampart's); the report also gives Rampart's ratio to it.
+PROXIES=${PROXIES:-nginx nginx-same haproxy rampart}  # run order within a round; nginx is the ratio baseline
+# nginx-same: the same nginx doing the work Rampart does by default: the fields of
+# Rampart's access-log line as JSON (a line as long as Rampart's), X-Forwarded-*, Via
+# and x-request-id added to requests and responses; the report also gives the
+# ratio to it.
 OUT_DIR=${OUT_DIR:-$BENCH_DIR/out}
 KEEP_TMP=${KEEP_TMP:-0}            # 1 = keep the temp dir (configs, logs, wrk output)
 
@@ -41,7 +43,7 @@ install_cleanup
 
 # --- Checks -------------------------------------------------------------------
 for p in $PROXIES; do
-  case $p in nginx|nginx-json|haproxy|rampart) ;; *) die "unknown proxy '$p' in PROXIES" ;; esac
+  case $p in nginx|nginx-same|haproxy|rampart) ;; *) die "unknown proxy '$p' in PROXIES" ;; esac
 done
 need_tools nginx haproxy wrk python3 curl taskset ps getconf
 setup_pinning
@@ -72,7 +74,7 @@ if (( NOFILE < 2 * HAPROXY_MAXCONN + 64 )); then
 fi
 CLK_TCK=$(getconf CLK_TCK)
 
-declare -A PORT=([nginx]=$((BASE_PORT + 1)) [haproxy]=$((BASE_PORT + 2)) [rampart]=$((BASE_PORT + 3)) [nginx-json]=$((BASE_PORT + 5)))
+declare -A PORT=([nginx]=$((BASE_PORT + 1)) [haproxy]=$((BASE_PORT + 2)) [rampart]=$((BASE_PORT + 3)) [nginx-same]=$((BASE_PORT + 5)))
 ORIGIN_PORT=$BASE_PORT
 ADMIN_PORT=$((BASE_PORT + 4))
 ports_free "$ORIGIN_PORT" "${PORT[@]}" "$ADMIN_PORT"
@@ -121,15 +123,15 @@ open(sys.argv[1], "w").write(json.dumps(meta, indent=2) + "\n")
 EOF
 
 # --- Configs ------------------------------------------------------------------
-mkdir -p "$WORK"/{origin,nginx,nginx-json,haproxy,rampart}
-for d in origin nginx nginx-json; do mkdir -p "$WORK/$d/tmp"; done
+mkdir -p "$WORK"/{origin,nginx,nginx-same,haproxy,rampart}
+for d in origin nginx nginx-same; do mkdir -p "$WORK/$d/tmp"; done
 
 # Origin: 1 KiB static file over keep-alive, cheap enough to stay out of the way.
 write_origin "$WORK/origin" "$ORIGIN_PORT"
 
 # nginx as reverse proxy (20,000 connections: the idle test holds 10,000).
 write_nginx_proxy "$WORK/nginx" "${PORT[nginx]}" 20000 "" "$ORIGIN_PORT"
-NGINX_LOG_FORMAT=json write_nginx_proxy "$WORK/nginx-json" "${PORT[nginx-json]}" 20000 "" "$ORIGIN_PORT"
+NGINX_SAME_WORK=1 write_nginx_proxy "$WORK/nginx-same" "${PORT[nginx-same]}" 20000 "" "$ORIGIN_PORT"
 
 # HAProxy: one thread, keep-alive both sides. Its file-like log target is
 # stdout (redirected to a file); each line is one write().
@@ -189,7 +191,7 @@ EOF
 
 nginx -t -q -e "$WORK/origin/error.log" -p "$WORK/origin" -c "$WORK/origin/nginx.conf" || die "origin nginx config rejected"
 nginx -t -q -e "$WORK/nginx/error.log" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" || die "nginx config rejected"
-nginx -t -q -e "$WORK/nginx-json/error.log" -p "$WORK/nginx-json" -c "$WORK/nginx-json/nginx.conf" || die "nginx-json config rejected"
+nginx -t -q -e "$WORK/nginx-same/error.log" -p "$WORK/nginx-same" -c "$WORK/nginx-same/nginx.conf" || die "nginx-same config rejected"
 haproxy -c -q -f "$WORK/haproxy/haproxy.cfg" || die "haproxy config rejected"
 "$RAMPART_BIN" check --config "$WORK/rampart/rampart.toml" >/dev/null || die "rampart config rejected"
 
@@ -200,7 +202,7 @@ wait_http origin "$ORIGIN_PORT"
 
 for p in $PROXIES; do
   case $p in
-    nginx|nginx-json) start_bg "$p" /dev/null "$WORK/$p/stderr.log" ${PIN_PROXY[@]+"${PIN_PROXY[@]}"} \
+    nginx|nginx-same) start_bg "$p" /dev/null "$WORK/$p/stderr.log" ${PIN_PROXY[@]+"${PIN_PROXY[@]}"} \
              nginx -e "$WORK/$p/error.log" -p "$WORK/$p" -c "$WORK/$p/nginx.conf" ;;
     # -db: stay in the foreground, single process (no master-worker).
     haproxy) start_bg haproxy "$WORK/haproxy/access.log" "$WORK/haproxy/stderr.log" ${PIN_PROXY[@]+"${PIN_PROXY[@]}"} \
@@ -270,8 +272,8 @@ EOF
 
 if (( IDLE_CONNS > 0 )); then
   note "memory: $IDLE_CONNS idle keep-alive connections per proxy"
-  # nginx-json is nginx with a longer log line: its idle connections are nginx's.
-  for p in $PROXIES; do [[ $p == nginx-json ]] || idle_test "$p"; done
+  # nginx-same is nginx with more fields and a longer log line: its idle connections are nginx's.
+  for p in $PROXIES; do [[ $p == nginx-same ]] || idle_test "$p"; done
 fi
 
 # --- Sanity: did every proxy log, did Rampart drop log lines? -------------------
