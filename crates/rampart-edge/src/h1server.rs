@@ -222,7 +222,7 @@ pub(crate) async fn serve(
         let mut limit = None;
         let mut resp = {
             let timer = Some(&mut upstream_timer);
-            let snap = Some(snapshots.load().clone());
+            let snap = Some(snapshots.load());
             let handled = std::pin::pin!(proxy::handle_request(shared, info, req, &mut limit, true, timer, snap));
             tokio::select! {
                 biased;

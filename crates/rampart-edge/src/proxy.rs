@@ -502,12 +502,18 @@ pub(crate) async fn handle_request(
     limit: &mut Option<(HeaderValue, HeaderValue)>,
     passthrough: bool,
     mut timer: Option<&mut crate::timer::LazyTimer>,
-    snap: Option<Arc<Snapshot>>,
+    snap: Option<&Arc<Snapshot>>,
 ) -> Result<Response<EdgeBody>, Infallible> {
     let start = Instant::now();
+    // Borrowed from the caller when it has one at hand: the record's is the only
+    // reference taken per request.
+    let loaded;
     let snap = match snap {
         Some(s) => s,
-        None => shared.snapshot.load_full(),
+        None => {
+            loaded = shared.snapshot.load_full();
+            &loaded
+        }
     };
     let peer = conn.peer.ip();
     let trusted_peer = headers::is_trusted(&snap.trusted, peer);
@@ -774,7 +780,7 @@ pub(crate) async fn handle_request(
 
     let cache_view = caching::View {
         shared,
-        snap: &snap,
+        snap,
         tls: conn.tls,
         host: &host_value,
         path: &path,
@@ -814,7 +820,7 @@ pub(crate) async fn handle_request(
             host: &host_value,
         };
         // Boxed, like the other rarely taken stages, to keep the pipeline's future small.
-        return Ok(Box::pin(serve_chain(shared, &snap, rec, target, h, body, explain, cached)).await);
+        return Ok(Box::pin(serve_chain(shared, snap, rec, target, h, body, explain, cached)).await);
     };
     // A pool with no healthy backend hands over to its fallback pool, if it has one.
     let (pool, fallback) = match &route.fallback {
@@ -1721,7 +1727,7 @@ mod tests {
                 &'static mut Option<(HeaderValue, HeaderValue)>,
                 bool,
                 Option<&'static mut crate::timer::LazyTimer>,
-                Option<Arc<Snapshot>>,
+                Option<&'static Arc<Snapshot>>,
             ) -> Fut,
         {
             std::mem::size_of::<Fut>()
