@@ -237,6 +237,9 @@ pub struct Server {
     pub runtime: RuntimeModel,
     /// Accept HTTP/2 with prior knowledge (h2c) on plain listeners.
     pub h2c: bool,
+    /// Bind listeners with `SO_REUSEPORT`, so that several processes can listen on
+    /// the same address (the kernel spreads new connections among them).
+    pub reuse_port: bool,
     /// Networks whose `X-Forwarded-*` and `x-request-id` headers are trusted.
     pub trusted_proxies: Vec<String>,
     /// Listeners (entries of `listen` or `tls.listen`) whose connections start with a
@@ -270,6 +273,7 @@ impl Default for Server {
             workers: None,
             runtime: RuntimeModel::Auto,
             h2c: false,
+            reuse_port: false,
             trusted_proxies: Vec::new(),
             proxy_protocol: Vec::new(),
             via: true,

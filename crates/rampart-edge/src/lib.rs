@@ -157,6 +157,7 @@ impl Shared {
 
         // Bind what is new before swapping, so a bind failure changes nothing.
         let wanted = listener_specs(&snap.validated);
+        let reuse_port = snap.validated.config.server.reuse_port;
         let current: Vec<(String, Kind)> = self
             .listeners
             .lock()
@@ -171,7 +172,7 @@ impl Shared {
             match spec
                 .parse::<SocketAddr>()
                 .map_err(|e| e.to_string())
-                .and_then(|a| listener::bind(a).map_err(|e| e.to_string()))
+                .and_then(|a| listener::bind(a, reuse_port).map_err(|e| e.to_string()))
             {
                 Ok(l) => fresh.push((spec.clone(), *kind, l)),
                 Err(e) => errs.push(path.clone(), format!("cannot listen on {spec}: {e}")),
@@ -322,6 +323,7 @@ impl Edge {
         );
         control.restore(&chain_health);
         let wanted = listener_specs(&snap.validated);
+        let reuse_port = snap.validated.config.server.reuse_port;
         let (shutdown, _) = watch::channel(false);
         let (lot, lot_poll) = park::Lot::new(metrics.parked_connections.clone())?;
         let shared = Arc::new_cyclic(|me| Shared {
@@ -349,7 +351,7 @@ impl Edge {
         let mut bound = Vec::new();
         for (_, spec, kind) in &wanted {
             let addr: SocketAddr = spec.parse()?;
-            let l = listener::bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {spec}: {e}"))?;
+            let l = listener::bind(addr, reuse_port).map_err(|e| anyhow::anyhow!("cannot listen on {spec}: {e}"))?;
             bound.push((spec.clone(), *kind, l));
         }
         let mut handles = Vec::new();
@@ -366,7 +368,8 @@ impl Edge {
         let admin_addr = match admin_cfg {
             Some(a) => {
                 let addr: SocketAddr = a.listen.parse()?;
-                let l = listener::bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr} (admin): {e}"))?;
+                let l =
+                    listener::bind(addr, false).map_err(|e| anyhow::anyhow!("cannot listen on {addr} (admin): {e}"))?;
                 let local = l.local_addr()?;
                 let app = admin::router(shared.clone());
                 tokio::spawn(async move {

@@ -136,11 +136,15 @@ impl Drop for ConnGuard {
     }
 }
 
-/// Bind a listening socket with `SO_REUSEADDR` and a deep backlog.
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Bind a listening socket with `SO_REUSEADDR` and a deep backlog; with
+/// `reuse_port`, also `SO_REUSEPORT` (`server.reuse_port`).
+pub fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
+    if reuse_port {
+        sock.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
     }
@@ -561,6 +565,20 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn reuse_port_lets_listeners_share_an_address_and_only_then() {
+        let first = bind(SocketAddr::from(([127, 0, 0, 1], 0)), true).unwrap();
+        let addr = first.local_addr().unwrap();
+        let second = bind(addr, true).expect("a second SO_REUSEPORT listener on the same address");
+        assert_eq!(second.local_addr().unwrap(), addr);
+        assert!(bind(addr, false).is_err(), "without it, the address is taken");
+        let plain = bind(SocketAddr::from(([127, 0, 0, 1], 0)), false).unwrap();
+        assert!(
+            bind(plain.local_addr().unwrap(), true).is_err(),
+            "nor can it join one bound without it"
+        );
+    }
 
     /// The task a resumed connection runs while it is served; a parked one has
     /// no task at all.

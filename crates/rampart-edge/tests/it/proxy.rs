@@ -761,3 +761,52 @@ fn field_names(head: &str) -> Vec<String> {
 fn const_str(parts: &[&str]) -> &'static [u8] {
     parts.concat().leak().as_bytes()
 }
+
+/// `server.reuse_port`: a second edge listens on the first one's address and the
+/// kernel spreads new connections over both; without it, the second cannot start.
+#[tokio::test]
+async fn edges_with_reuse_port_share_an_address() {
+    let a = Origin::start("a").await.unwrap();
+    let b = Origin::start("b").await.unwrap();
+    let config = |origin: &Origin, listen: &str| {
+        one_pool(
+            &[&origin.url()],
+            Parts {
+                server: "reuse_port = true",
+                ..Parts::default()
+            },
+        )
+        .replace("listen = [\"127.0.0.1:0\"]", &format!("listen = [\"{listen}\"]"))
+    };
+    let first = TestEdge::start(&config(&a, "127.0.0.1:0")).await;
+    let addr = first.http;
+    let second = TestEdge::start(&config(&b, &addr.to_string())).await;
+    assert_eq!(second.http, addr);
+
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..64 {
+        let answer = raw(
+            addr,
+            b"GET /hello HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        seen.insert(if answer.contains("hello from a") { "a" } else { "b" });
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "new connections reach both edges");
+
+    let without = config(&b, &addr.to_string()).replace("reuse_port = true", "");
+    let dir = temp_dir();
+    let path = dir.join("rampart.toml");
+    std::fs::write(&path, &without).unwrap();
+    let v = rampart_config::load_file(&path).unwrap();
+    let err = rampart_edge::Edge::start(v, Some(path))
+        .await
+        .err()
+        .expect("the address is taken");
+    assert!(err.to_string().contains("cannot listen on"), "{err}");
+}
