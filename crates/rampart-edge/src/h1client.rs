@@ -264,15 +264,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool, passthrough: bool) -> Resu
             continue;
         }
         // Field values are views into the head's one buffer, not copies.
-        // Most heads have a few fields: the full-size array is zeroed only for more.
-        let (mut few, mut all);
-        let spans: &mut [Span] = if res.headers.len() <= crate::headers::FEW_FIELDS {
-            few = [(0, 0, 0, 0); crate::headers::FEW_FIELDS];
-            &mut few
-        } else {
-            all = [(0, 0, 0, 0); MAX_HEADERS];
-            &mut all
-        };
+        let mut slots = crate::headers::SpanSlots::<MAX_HEADERS>::for_fields(res.headers.len());
+        let spans = slots.slots();
         crate::headers::spans(buf, res.headers, spans);
         let mut sorted = sort_fields(buf, res.headers, spans, passthrough);
         if sorted.names_others {

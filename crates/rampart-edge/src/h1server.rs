@@ -338,15 +338,8 @@ fn parse(buf: &mut BytesMut, max_headers: usize) -> Parsed {
         }
     }
     let n = req.headers.len();
-    // Most heads have a few fields: the full-size array is zeroed only for more.
-    let (mut few, mut all);
-    let spans: &mut [crate::headers::Span] = if n <= crate::headers::FEW_FIELDS {
-        few = [(0, 0, 0, 0); crate::headers::FEW_FIELDS];
-        &mut few
-    } else {
-        all = [(0, 0, 0, 0); MAX_HEADERS];
-        &mut all
-    };
+    let mut slots = crate::headers::SpanSlots::<MAX_HEADERS>::for_fields(n);
+    let spans = slots.slots();
     crate::headers::spans(buf, req.headers, spans);
     let base = buf.as_ptr() as usize;
     let path_at = path.as_ptr() as usize - base;

@@ -396,7 +396,36 @@ pub(crate) type Span = (u32, u32, u32, u32);
 
 /// A head with at most this many fields records their spans in a small array (no
 /// zeroing of a full-size one per message).
-pub(crate) const FEW_FIELDS: usize = 16;
+const FEW_FIELDS: usize = 16;
+
+/// Room for the spans of a head's fields: a small array for the usual few, an
+/// array of `N` (the most a head may have) only for a head with more. It lives on
+/// the stack for one parse (boxing the large variant would allocate per message).
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum SpanSlots<const N: usize> {
+    Few([Span; FEW_FIELDS]),
+    All([Span; N]),
+}
+
+impl<const N: usize> SpanSlots<N> {
+    /// Room for `fields` spans (at least; at most `N`).
+    #[inline]
+    pub(crate) fn for_fields(fields: usize) -> Self {
+        if fields <= FEW_FIELDS {
+            SpanSlots::Few([(0, 0, 0, 0); FEW_FIELDS])
+        } else {
+            SpanSlots::All([(0, 0, 0, 0); N])
+        }
+    }
+
+    #[inline]
+    pub(crate) fn slots(&mut self) -> &mut [Span] {
+        match self {
+            SpanSlots::Few(a) => a,
+            SpanSlots::All(a) => a,
+        }
+    }
+}
 
 /// Record where httparse found each of `fields` in `head` (the buffer it parsed),
 /// so the fields can be sliced out once the head is split off that buffer (a
