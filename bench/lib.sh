@@ -110,6 +110,26 @@ ports_free() {  # PORT...: die if anything already listens on one of them
   done
 }
 
+# --- Run setup ----------------------------------------------------------------
+new_run_dir() {  # SUFFIX: the temp dir (WORK) and bench/out/<date-time>SUFFIX (RUN_DIR, linked as latestSUFFIX)
+  WORK=$(mktemp -d /tmp/rampart-bench.XXXXXX)
+  chmod 755 "$WORK"   # nginx workers run as 'nobody' and must reach their temp dirs
+  RUN_DIR=$OUT_DIR/$(date +%Y%m%d-%H%M%S)$1
+  mkdir -p "$RUN_DIR"
+  ln -sfn "$(basename "$RUN_DIR")" "$OUT_DIR/latest$1"
+}
+
+peer_versions() {  # [LINE...]: set NGINX_, WRK_, RAMPART_VERSION and GIT_REV, print them with LINEs
+  NGINX_VERSION=$(nginx -v 2>&1)
+  WRK_VERSION=$(wrk -v 2>&1 | head -n1 || true)   # wrk -v prints its version then usage, exits 1
+  RAMPART_VERSION=$("$RAMPART_BIN" --version 2>&1 || true)
+  GIT_REV=$(git -C "$REPO_DIR" describe --always --dirty 2>/dev/null || echo unknown)
+  note "peers"
+  printf '   %s\n' "$NGINX_VERSION" "$@" "$WRK_VERSION" \
+    "$RAMPART_VERSION ($GIT_REV, $RAMPART_BIN)" "$(python3 --version)" \
+    "kernel $(uname -r), $(nproc) CPUs, fd limit $NOFILE, CLK_TCK $CLK_TCK"
+}
+
 # --- Configs ------------------------------------------------------------------
 # nginx keeps temp files under /var/lib/nginx by default; keep each instance self-contained.
 nginx_temp_paths() {

@@ -51,21 +51,10 @@ declare -A PORT=([nginx-pool]=$((BASE_PORT + 3)) [rampart-plain]=$((BASE_PORT + 
 declare -A ADMIN=([rampart-plain]=$((BASE_PORT + 6)) [rampart-pool]=$((BASE_PORT + 7)))
 ports_free "${ORIGIN_PORTS[@]}" "${PORT[@]}" "${ADMIN[@]}"
 
-WORK=$(mktemp -d /tmp/rampart-bench.XXXXXX)
-chmod 755 "$WORK"   # nginx workers run as 'nobody' and must reach their temp dirs
-RUN_DIR=$OUT_DIR/$(date +%Y%m%d-%H%M%S)-pool
-mkdir -p "$RUN_DIR"
-ln -sfn "$(basename "$RUN_DIR")" "$OUT_DIR/latest-pool"
+new_run_dir -pool
 
 # --- Versions -----------------------------------------------------------------
-NGINX_VERSION=$(nginx -v 2>&1)
-WRK_VERSION=$(wrk -v 2>&1 | head -n1 || true)   # wrk -v prints its version then usage, exits 1
-RAMPART_VERSION=$("$RAMPART_BIN" --version 2>&1 || true)
-GIT_REV=$(git -C "$REPO_DIR" describe --always --dirty 2>/dev/null || echo unknown)
-note "peers"
-printf '   %s\n' "$NGINX_VERSION" "$WRK_VERSION" \
-  "$RAMPART_VERSION ($GIT_REV, $RAMPART_BIN)" "$(python3 --version)" \
-  "kernel $(uname -r), $(nproc) CPUs, fd limit $NOFILE, CLK_TCK $CLK_TCK"
+peer_versions
 note "settings: wrk -t$THREADS -c$CONNS -d$DURATION (warm-up $WARMUP), $ROUNDS round(s), order: $PROXIES"
 note "pools: rampart-pool balance=$BALANCE, health checks every $HEALTH_INTERVAL; nginx-pool ${NGINX_BALANCE:-round robin}; 3 origins on ports ${ORIGIN_PORTS[*]}"
 note "pinning: proxies on CPU '${PROXY_CPU:-any}', wrk + origins on CPU '${LOAD_CPU:-any}'; access logs: $ACCESS_LOG"

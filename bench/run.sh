@@ -79,22 +79,11 @@ ORIGIN_PORT=$BASE_PORT
 ADMIN_PORT=$((BASE_PORT + 4))
 ports_free "$ORIGIN_PORT" "${PORT[@]}" "$ADMIN_PORT"
 
-WORK=$(mktemp -d /tmp/rampart-bench.XXXXXX)
-chmod 755 "$WORK"   # nginx workers run as 'nobody' and must reach their temp dirs
-RUN_DIR=$OUT_DIR/$(date +%Y%m%d-%H%M%S)
-mkdir -p "$RUN_DIR"
-ln -sfn "$(basename "$RUN_DIR")" "$OUT_DIR/latest"
+new_run_dir ""
 
 # --- Versions -----------------------------------------------------------------
-NGINX_VERSION=$(nginx -v 2>&1)
 HAPROXY_VERSION=$(haproxy -v 2>&1 | head -n1 || true)
-WRK_VERSION=$(wrk -v 2>&1 | head -n1 || true)   # wrk -v prints its version then usage, exits 1
-RAMPART_VERSION=$("$RAMPART_BIN" --version 2>&1 || true)
-GIT_REV=$(git -C "$REPO_DIR" describe --always --dirty 2>/dev/null || echo unknown)
-note "peers"
-printf '   %s\n' "$NGINX_VERSION" "$HAPROXY_VERSION" "$WRK_VERSION" \
-  "$RAMPART_VERSION ($GIT_REV, $RAMPART_BIN)" "$(python3 --version)" \
-  "kernel $(uname -r), $(nproc) CPUs, fd limit $NOFILE, CLK_TCK $CLK_TCK"
+peer_versions "$HAPROXY_VERSION"
 note "settings: wrk -t$THREADS -c$CONNS -d$DURATION (warm-up $WARMUP), $ROUNDS round(s), order: $PROXIES"
 note "pinning: proxies on CPU '${PROXY_CPU:-any}', wrk + origin + idle client on CPU '${LOAD_CPU:-any}'; access logs: $ACCESS_LOG"
 note "output: $RUN_DIR"

@@ -48,19 +48,8 @@ ORIGIN_PORT=$BASE_PORT
 declare -A PORT=([nginx]=$((BASE_PORT + 1)) [rampart-plain]=$((BASE_PORT + 2)) [rampart-waf]=$((BASE_PORT + 3)) [rampart-ratelimit]=$((BASE_PORT + 4)))
 ports_free "$ORIGIN_PORT" "${PORT[@]}"
 
-WORK=$(mktemp -d /tmp/rampart-bench.XXXXXX)
-chmod 755 "$WORK"
-RUN_DIR=$OUT_DIR/$(date +%Y%m%d-%H%M%S)-security
-mkdir -p "$RUN_DIR"
-ln -sfn "$(basename "$RUN_DIR")" "$OUT_DIR/latest-security"
-
-NGINX_VERSION=$(nginx -v 2>&1)
-WRK_VERSION=$(wrk -v 2>&1 | head -n1 || true)
-RAMPART_VERSION=$("$RAMPART_BIN" --version 2>&1 || true)
-GIT_REV=$(git -C "$REPO_DIR" describe --always --dirty 2>/dev/null || echo unknown)
-note "peers"
-printf '   %s\n' "$NGINX_VERSION" "$WRK_VERSION" "$RAMPART_VERSION ($GIT_REV, $RAMPART_BIN)" \
-  "kernel $(uname -r), $(nproc) CPUs, CLK_TCK $CLK_TCK"
+new_run_dir -security
+peer_versions
 note "settings: wrk -t$THREADS -c$CONNS -d$DURATION (warm-up $WARMUP), $ROUNDS round(s), order: $PROXIES; $RULES WAF rules"
 note "pinning: proxies on CPU '${PROXY_CPU:-any}', wrk + origin on CPU '${LOAD_CPU:-any}'; access logs: $ACCESS_LOG"
 note "output: $RUN_DIR"

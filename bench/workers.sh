@@ -53,21 +53,10 @@ declare -A PORT=([nginx]=$((BASE_PORT + 1)) [rampart-mt]=$((BASE_PORT + 2)) [ram
 ADMIN_BASE=$((BASE_PORT + 10))   # rampart-mt: +0; rampart-pp process i: +1+i
 ports_free "$ORIGIN_PORT" "${PORT[@]}" $(seq "$ADMIN_BASE" $((ADMIN_BASE + WORKERS)))
 
-WORK=$(mktemp -d /tmp/rampart-bench.XXXXXX)
-chmod 755 "$WORK"   # nginx workers run as 'nobody' and must reach their temp dirs
-RUN_DIR=$OUT_DIR/$(date +%Y%m%d-%H%M%S)-workers
-mkdir -p "$RUN_DIR"
-ln -sfn "$(basename "$RUN_DIR")" "$OUT_DIR/latest-workers"
+new_run_dir -workers
 
 # --- Versions -----------------------------------------------------------------
-NGINX_VERSION=$(nginx -v 2>&1)
-WRK_VERSION=$(wrk -v 2>&1 | head -n1 || true)   # wrk -v prints its version then usage, exits 1
-RAMPART_VERSION=$("$RAMPART_BIN" --version 2>&1 || true)
-GIT_REV=$(git -C "$REPO_DIR" describe --always --dirty 2>/dev/null || echo unknown)
-note "peers"
-printf '   %s\n' "$NGINX_VERSION" "$WRK_VERSION" \
-  "$RAMPART_VERSION ($GIT_REV, $RAMPART_BIN)" "$(python3 --version)" \
-  "kernel $(uname -r), $(nproc) CPUs, fd limit $NOFILE, CLK_TCK $CLK_TCK"
+peer_versions
 note "settings: $WORKERS workers per proxy, wrk -t$THREADS -c$CONNS -d$DURATION (warm-up $WARMUP), $ROUNDS round(s), order: $PROXIES"
 note "no pinning except rampart-pp's (process i on CPU i); access logs: $ACCESS_LOG"
 note "output: $RUN_DIR"
