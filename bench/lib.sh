@@ -148,6 +148,34 @@ rampart_access() {  # NAME: Rampart's `log.access` value for $WORK/NAME (ACCESS_
   if [[ $ACCESS_LOG == file ]]; then echo "$WORK/$1/access.log"; else echo off; fi
 }
 
+rampart_plain_config() {  # PORT ADMIN_PORT ACCESS ORIGIN_PORT [SERVER_LINE...]: Rampart as a
+  # one-backend proxy (the benches' plain Rampart; `workers = 1` unless a line sets it)
+  local port=$1 admin=$2 access=$3 origin=$4; shift 4
+  local server=("$@")
+  [[ " ${server[*]} " == *" workers = "* ]] || server=("workers = 1" ${server[@]+"${server[@]}"})
+  printf '[server]\nlisten = ["127.0.0.1:%s"]\n' "$port"
+  printf '%s\n' "${server[@]}"
+  cat <<EOF
+header_read_timeout = "120s"
+
+[log]
+access = "$access"
+
+[admin]
+listen = "127.0.0.1:$admin"
+
+[[pool]]
+name = "origin"
+backends = ["http://127.0.0.1:$origin"]
+
+[[site]]
+default = true
+  [[site.route]]
+  path = "/"
+  pool = "origin"
+EOF
+}
+
 # nginx doing the work Rampart does by default (NGINX_SAME_WORK=1): its nearest to
 # Rampart's access-log line, the same fields as JSON where nginx has them (no route
 # or attempt count; the upstream's status instead of a reason), and the same fields

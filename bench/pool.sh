@@ -98,28 +98,8 @@ write_nginx_proxy "$WORK/nginx-pool" "${PORT[nginx-pool]}" 4096 "$NGINX_BALANCE"
 
 
 # Rampart plain: exactly run.sh's config (one worker, one backend, no health checks).
-cat >"$WORK/rampart-plain/rampart.toml" <<EOF
-[server]
-listen = ["127.0.0.1:${PORT[rampart-plain]}"]
-workers = 1
-header_read_timeout = "120s"
-
-[log]
-access = "$(rampart_access rampart-plain)"
-
-[admin]
-listen = "127.0.0.1:${ADMIN[rampart-plain]}"
-
-[[pool]]
-name = "origin"
-backends = ["http://127.0.0.1:${ORIGIN_PORTS[0]}"]
-
-[[site]]
-default = true
-  [[site.route]]
-  path = "/"
-  pool = "origin"
-EOF
+rampart_plain_config "${PORT[rampart-plain]}" "${ADMIN[rampart-plain]}" "$(rampart_access rampart-plain)" \
+  "${ORIGIN_PORTS[0]}" >"$WORK/rampart-plain/rampart.toml"
 
 # Rampart pool: the same, with three backends, a balancer and active checks.
 # Passive health (outlier) and retries keep their defaults (on).

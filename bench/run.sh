@@ -155,28 +155,8 @@ backend origin
 EOF
 
 # Rampart: one worker thread; header_read_timeout also bounds idle keep-alive.
-cat >"$WORK/rampart/rampart.toml" <<EOF
-[server]
-listen = ["127.0.0.1:${PORT[rampart]}"]
-workers = 1
-header_read_timeout = "120s"
-
-[log]
-access = "$(rampart_access rampart)"
-
-[admin]
-listen = "127.0.0.1:$ADMIN_PORT"
-
-[[pool]]
-name = "origin"
-backends = ["http://127.0.0.1:$ORIGIN_PORT"]
-
-[[site]]
-default = true
-  [[site.route]]
-  path = "/"
-  pool = "origin"
-EOF
+rampart_plain_config "${PORT[rampart]}" "$ADMIN_PORT" "$(rampart_access rampart)" "$ORIGIN_PORT" \
+  >"$WORK/rampart/rampart.toml"
 
 nginx -t -q -e "$WORK/origin/error.log" -p "$WORK/origin" -c "$WORK/origin/nginx.conf" || die "origin nginx config rejected"
 nginx -t -q -e "$WORK/nginx/error.log" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" || die "nginx config rejected"

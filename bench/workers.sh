@@ -97,41 +97,17 @@ sed -i -e "s/^worker_processes 1;/worker_processes $WORKERS;/" \
 grep -q "^worker_processes $WORKERS;" "$WORK/nginx/nginx.conf" && grep -q " reuseport;" "$WORK/nginx/nginx.conf" \
   || die "could not set nginx's workers and reuseport"
 
-rampart_config() {  # PORT ADMIN_PORT LOG SERVER_LINES...
-  local port=$1 admin=$2 log=$3; shift 3
-  printf '[server]\nlisten = ["127.0.0.1:%s"]\n' "$port"
-  printf '%s\n' "$@"
-  cat <<EOF
-header_read_timeout = "120s"
-
-[log]
-access = "$log"
-
-[admin]
-listen = "127.0.0.1:$admin"
-
-[[pool]]
-name = "origin"
-backends = ["http://127.0.0.1:$ORIGIN_PORT"]
-
-[[site]]
-default = true
-  [[site.route]]
-  path = "/"
-  pool = "origin"
-EOF
-}
 log_of() {  # DIR FILE: a log.access value
   if [[ $ACCESS_LOG == file ]]; then echo "$1/$2"; else echo off; fi
 }
 
 # rampart-mt: one process, one work-stealing runtime of WORKERS threads.
-rampart_config "${PORT[rampart-mt]}" "$ADMIN_BASE" "$(log_of "$WORK/rampart-mt" access.log)" \
-  "workers = $WORKERS" 'runtime = "multi_thread"' >"$WORK/rampart-mt/rampart.toml"
+rampart_plain_config "${PORT[rampart-mt]}" "$ADMIN_BASE" "$(log_of "$WORK/rampart-mt" access.log)" \
+  "$ORIGIN_PORT" "workers = $WORKERS" 'runtime = "multi_thread"' >"$WORK/rampart-mt/rampart.toml"
 # rampart-pp: WORKERS processes of one worker (a current-thread runtime) on one port.
 for i in $(seq 0 $((WORKERS - 1))); do
-  rampart_config "${PORT[rampart-pp]}" $((ADMIN_BASE + 1 + i)) "$(log_of "$WORK/rampart-pp" "access-$i.log")" \
-    "workers = 1" "reuse_port = true" >"$WORK/rampart-pp/rampart-$i.toml"
+  rampart_plain_config "${PORT[rampart-pp]}" $((ADMIN_BASE + 1 + i)) "$(log_of "$WORK/rampart-pp" "access-$i.log")" \
+    "$ORIGIN_PORT" "workers = 1" "reuse_port = true" >"$WORK/rampart-pp/rampart-$i.toml"
 done
 
 nginx -t -q -e "$WORK/origin/error.log" -p "$WORK/origin" -c "$WORK/origin/nginx.conf" || die "origin nginx config rejected"
