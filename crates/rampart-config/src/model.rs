@@ -232,8 +232,9 @@ pub struct Server {
     pub tls: Option<Tls>,
     /// Worker threads of the runtime; `None` means the number of cores.
     pub workers: Option<usize>,
-    /// Runtime model: `auto` (one current-thread runtime when `workers = 1`, else a
-    /// work-stealing multi-threaded runtime), `multi_thread` or `current_thread`.
+    /// Runtime model: `auto` (one current-thread runtime when `workers = 1`, else
+    /// `per_core`), `multi_thread` (one work-stealing runtime), `current_thread`, or
+    /// `per_core` (one current-thread runtime per worker thread).
     pub runtime: RuntimeModel,
     /// Accept HTTP/2 with prior knowledge (h2c) on plain listeners.
     pub h2c: bool,
@@ -329,6 +330,9 @@ pub enum RuntimeModel {
     Auto,
     MultiThread,
     CurrentThread,
+    /// One current-thread runtime per worker thread, each with its own
+    /// `SO_REUSEPORT` listening sockets.
+    PerCore,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

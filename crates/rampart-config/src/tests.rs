@@ -192,6 +192,8 @@ fn current_thread_runtime_needs_one_worker() {
     );
     let ok = BASE.replace("[server]\n", "[server]\nruntime = \"multi_thread\"\nworkers = 1\n");
     assert!(load(&ok).is_ok());
+    let ok = BASE.replace("[server]\n", "[server]\nruntime = \"per_core\"\nworkers = 2\n");
+    assert_eq!(load(&ok).unwrap().config.server.runtime, crate::RuntimeModel::PerCore);
     let bad = BASE.replace("[server]\n", "[server]\nruntime = \"fibers\"\n");
     let e = errors(&bad);
     assert!(e[0].starts_with("server.runtime: unknown variant `fibers`"), "{e:?}");

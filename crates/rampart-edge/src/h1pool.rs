@@ -29,6 +29,7 @@ use http::{Request, Response, Uri};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
+use std::cell::Cell;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tower_service::Service;
@@ -36,10 +37,24 @@ use tower_service::Service;
 type Connector = HttpsConnector<HttpConnector<Resolver>>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+thread_local! {
+    /// Which worker runtime this thread runs (the per-core model); 0 elsewhere.
+    static WORKER_SLOT: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Mark the calling thread as worker runtime `slot`'s.
+pub(crate) fn set_worker_slot(slot: usize) {
+    WORKER_SLOT.with(|s| s.set(slot));
+}
+
 pub struct H1Pool {
     connector: Connector,
-    /// Idle connections per backend, most recently used last.
+    /// Idle connections per worker runtime and backend (`slot * backends + index`),
+    /// most recently used last. A connection is registered with the reactor of the
+    /// runtime that opened it, so each worker reuses its own.
     idle: Arc<Vec<Mutex<Lists>>>,
+    backends: usize,
+    slots: usize,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -124,8 +139,10 @@ impl Checkin {
 }
 
 impl H1Pool {
-    pub fn new(connector: Connector, backends: usize, max_idle: usize, idle_timeout: Duration) -> H1Pool {
-        let idle: Arc<Vec<Mutex<Lists>>> = Arc::new((0..backends).map(|_| Mutex::new(Lists::default())).collect());
+    pub fn new(connector: Connector, backends: usize, max_idle: usize, idle_timeout: Duration, slots: usize) -> H1Pool {
+        let slots = slots.max(1);
+        let idle: Arc<Vec<Mutex<Lists>>> =
+            Arc::new((0..backends * slots).map(|_| Mutex::new(Lists::default())).collect());
         // The reaper holds the lists weakly: it ends with the pool. Built outside a
         // runtime (config checks), there is nothing to reap.
         if max_idle > 0
@@ -149,13 +166,17 @@ impl H1Pool {
         H1Pool {
             connector,
             idle,
+            backends,
+            slots,
             max_idle,
             idle_timeout,
         }
     }
 
+    /// Backend `index`'s idle connections of the calling thread's worker runtime.
     fn list(&self, index: usize) -> Option<MutexGuard<'_, Lists>> {
-        Some(crate::lock(self.idle.get(index)?))
+        let slot = WORKER_SLOT.with(Cell::get).min(self.slots - 1);
+        Some(crate::lock(self.idle.get(slot * self.backends + index)?))
     }
 
     /// An idle connection to backend `index` that can take a request now.

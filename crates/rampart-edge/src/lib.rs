@@ -79,6 +79,12 @@ pub struct Shared {
     listeners: Mutex<Vec<ListenerHandle>>,
     reload_lock: tokio::sync::Mutex<()>,
     me: std::sync::Weak<Shared>,
+    /// With the per-core runtime model, the worker runtimes: each listens on its own
+    /// `SO_REUSEPORT` sockets and serves the connections it accepts. Empty: the
+    /// runtime the edge was started in does everything.
+    workers: Vec<tokio::runtime::Handle>,
+    /// Where the next resumed parked connection goes, among `workers`.
+    next_worker: std::sync::atomic::AtomicUsize,
 }
 
 /// What a successful reload reports.
@@ -89,6 +95,20 @@ pub struct Reloaded {
 }
 
 impl Shared {
+    /// Run a connection's task: on the next worker runtime (round robin), or on the
+    /// current runtime when there are none.
+    pub(crate) fn spawn_conn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        if self.workers.is_empty() {
+            drop(tokio::spawn(task));
+        } else {
+            let i = self.next_worker.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+            drop(self.workers[i].spawn(task));
+        }
+    }
+
     pub fn me_weak(&self) -> std::sync::Weak<Shared> {
         self.me.clone()
     }
@@ -172,9 +192,9 @@ impl Shared {
             match spec
                 .parse::<SocketAddr>()
                 .map_err(|e| e.to_string())
-                .and_then(|a| listener::bind(a, reuse_port).map_err(|e| e.to_string()))
+                .and_then(|a| bind_listeners(a, reuse_port, &self.workers).map_err(|e| e.to_string()))
             {
-                Ok(l) => fresh.push((spec.clone(), *kind, l)),
+                Ok(ls) => fresh.extend(ls.into_iter().map(|(l, on)| (spec.clone(), *kind, l, on))),
                 Err(e) => errs.push(path.clone(), format!("cannot listen on {spec}: {e}")),
             }
         }
@@ -216,8 +236,8 @@ impl Shared {
             }
             keep
         });
-        for (spec, kind, l) in fresh {
-            match listener::spawn(me.clone(), spec.clone(), kind, l) {
+        for (spec, kind, l, on) in fresh {
+            match listener::spawn(me.clone(), spec.clone(), kind, l, on.as_ref()) {
                 Ok(h) => {
                     tracing::info!(listen = %spec, address = %h.addr, kind = kind.as_str(), "listener added");
                     handles.push(h);
@@ -227,6 +247,28 @@ impl Shared {
         }
         Ok(report)
     }
+}
+
+/// Bind `addr` for each worker runtime, registered with that runtime, with
+/// `SO_REUSEPORT` and all on the first one's port (`addr` may ask for port 0); or,
+/// with no workers, once, in the current runtime.
+fn bind_listeners(
+    addr: SocketAddr,
+    reuse_port: bool,
+    workers: &[tokio::runtime::Handle],
+) -> std::io::Result<Vec<(tokio::net::TcpListener, Option<tokio::runtime::Handle>)>> {
+    if workers.is_empty() {
+        return Ok(vec![(listener::bind(addr, reuse_port)?, None)]);
+    }
+    let mut at = addr;
+    let mut out = Vec::with_capacity(workers.len());
+    for w in workers {
+        let _in = w.enter();
+        let l = listener::bind(at, true)?;
+        at = l.local_addr()?;
+        out.push((l, Some(w.clone())));
+    }
+    Ok(out)
 }
 
 /// `(field path, address, kind)` for every listener a config asks for.
@@ -283,12 +325,24 @@ pub struct ShutdownReport {
 impl Edge {
     /// Build the first snapshot, bind every listener and the admin API, and start serving.
     pub async fn start(validated: Validated, config_path: Option<PathBuf>) -> anyhow::Result<Edge> {
+        Self::start_on(validated, config_path, Vec::new()).await
+    }
+
+    /// Start with the per-core runtime model: every listener is bound once per worker
+    /// runtime (with `SO_REUSEPORT`) and served there; the runtime this is called in
+    /// keeps the admin listener, health checks and the parking lot. With no workers,
+    /// the same as [`Edge::start`].
+    pub async fn start_on(
+        validated: Validated,
+        config_path: Option<PathBuf>,
+        workers: Vec<tokio::runtime::Handle>,
+    ) -> anyhow::Result<Edge> {
         let metrics = Metrics::new();
         for w in &validated.warnings {
             tracing::warn!("{w}");
         }
         let admin_cfg = validated.config.admin.clone();
-        let backends = upstream::BackendRegistry::default();
+        let backends = upstream::BackendRegistry::with_worker_slots(workers.len());
         let mut snap = Snapshot::build(validated, 1, &metrics, &backends, None).map_err(|e| anyhow::anyhow!("{e}"))?;
         snap.log = Arc::new(open_access_log(&snap.validated, &metrics)?);
         let data_dir = snap
@@ -344,19 +398,27 @@ impl Edge {
             listeners: Mutex::new(Vec::new()),
             reload_lock: tokio::sync::Mutex::new(()),
             me: me.clone(),
+            workers,
+            next_worker: std::sync::atomic::AtomicUsize::new(0),
         });
 
         park::spawn(&shared, lot_poll);
+        // Each worker runtime's thread learns its slot before it accepts anything (a
+        // current-thread runtime runs its tasks in the order they were spawned).
+        for (i, w) in shared.workers.iter().enumerate() {
+            drop(w.spawn(async move { h1pool::set_worker_slot(i) }));
+        }
 
         let mut bound = Vec::new();
         for (_, spec, kind) in &wanted {
             let addr: SocketAddr = spec.parse()?;
-            let l = listener::bind(addr, reuse_port).map_err(|e| anyhow::anyhow!("cannot listen on {spec}: {e}"))?;
-            bound.push((spec.clone(), *kind, l));
+            let ls = bind_listeners(addr, reuse_port, &shared.workers)
+                .map_err(|e| anyhow::anyhow!("cannot listen on {spec}: {e}"))?;
+            bound.extend(ls.into_iter().map(|(l, on)| (spec.clone(), *kind, l, on)));
         }
         let mut handles = Vec::new();
-        for (spec, kind, l) in bound {
-            let h = listener::spawn(shared.clone(), spec, kind, l)?;
+        for (spec, kind, l, on) in bound {
+            let h = listener::spawn(shared.clone(), spec, kind, l, on.as_ref())?;
             tracing::info!(address = %h.addr, kind = kind.as_str(), "listening");
             handles.push(h);
         }

@@ -154,7 +154,15 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> 
     TcpListener::from_std(sock.into())
 }
 
-pub fn spawn(shared: Arc<Shared>, spec: String, kind: Kind, listener: TcpListener) -> std::io::Result<ListenerHandle> {
+/// Start accepting on `listener`, in the runtime of `on` (else the current one): the
+/// runtime the listener was registered with, whose tasks serve its connections.
+pub fn spawn(
+    shared: Arc<Shared>,
+    spec: String,
+    kind: Kind,
+    listener: TcpListener,
+    on: Option<&tokio::runtime::Handle>,
+) -> std::io::Result<ListenerHandle> {
     let addr = listener.local_addr()?;
     let (stop, stop_rx) = watch::channel(false);
     let labels = ListenerLabels {
@@ -162,15 +170,11 @@ pub fn spawn(shared: Arc<Shared>, spec: String, kind: Kind, listener: TcpListene
     };
     let open = shared.metrics.open_connections.get_or_create(&labels).clone();
     let total = shared.metrics.connections.get_or_create(&labels).clone();
-    tokio::spawn(accept_loop(
-        shared,
-        listener,
-        Arc::from(spec.as_str()),
-        kind,
-        stop_rx,
-        open,
-        total,
-    ));
+    let accepting = accept_loop(shared, listener, Arc::from(spec.as_str()), kind, stop_rx, open, total);
+    match on {
+        Some(h) => drop(h.spawn(accepting)),
+        None => drop(tokio::spawn(accepting)),
+    }
     Ok(ListenerHandle { spec, kind, addr, stop })
 }
 

@@ -241,7 +241,7 @@ async fn run(lot: &Lot, weak: Weak<Shared>, poll: Poll, mut shutdown: watch::Rec
                     let ready = lot.take_ready(&events);
                     let Some(shared) = weak.upgrade() else { return Ok(()) };
                     for e in ready {
-                        tokio::spawn(crate::listener::resume(shared.clone(), e.stream, e.conn, e.deadline));
+                        shared.spawn_conn(crate::listener::resume(shared.clone(), e.stream, e.conn, e.deadline));
                     }
                 }
             }

@@ -65,9 +65,23 @@ impl Candidate for Backend {
 #[derive(Default)]
 pub struct BackendRegistry {
     states: std::sync::Mutex<HashMap<(String, String), Arc<BackendState>>>,
+    /// Worker runtimes of the per-core model (0 or 1: one runtime): HTTP/1 pools
+    /// keep each one's idle connections apart.
+    worker_slots: usize,
 }
 
 impl BackendRegistry {
+    pub fn with_worker_slots(worker_slots: usize) -> BackendRegistry {
+        BackendRegistry {
+            worker_slots,
+            ..BackendRegistry::default()
+        }
+    }
+
+    pub fn worker_slots(&self) -> usize {
+        self.worker_slots.max(1)
+    }
+
     pub fn get(&self, pool: &str, url: &str) -> Arc<BackendState> {
         let mut m = crate::lock(&self.states);
         m.entry((pool.to_string(), url.to_string())).or_default().clone()
@@ -291,6 +305,7 @@ impl Pool {
                 backends.len(),
                 settings.max_idle,
                 settings.idle_timeout,
+                registry.worker_slots(),
             )),
             Protocol::Http2 => None,
         };

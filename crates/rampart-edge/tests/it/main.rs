@@ -13,6 +13,7 @@ mod chain;
 mod health;
 mod http1;
 mod keepalive;
+mod per_core;
 mod proxy;
 mod retry;
 mod security;

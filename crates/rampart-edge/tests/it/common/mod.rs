@@ -31,10 +31,19 @@ impl TestEdge {
     }
 
     pub async fn start_in(dir: PathBuf, config: &str) -> TestEdge {
+        Self::start_with_workers(dir, config, Vec::new()).await
+    }
+
+    /// Start an edge with the per-core runtime model on these worker runtimes.
+    pub async fn start_on(config: &str, workers: Vec<tokio::runtime::Handle>) -> TestEdge {
+        Self::start_with_workers(temp_dir(), config, workers).await
+    }
+
+    async fn start_with_workers(dir: PathBuf, config: &str, workers: Vec<tokio::runtime::Handle>) -> TestEdge {
         let path = dir.join("rampart.toml");
         std::fs::write(&path, config).unwrap();
         let v = rampart_config::load_file(&path).unwrap_or_else(|e| panic!("config: {e}"));
-        let edge = Edge::start(v, Some(path)).await.unwrap();
+        let edge = Edge::start_on(v, Some(path), workers).await.unwrap();
         let http = edge
             .http_addrs()
             .first()

@@ -1,0 +1,145 @@
+//! The per-core runtime model (`runtime = "per_core"`, which `rampart edge` sets up):
+//! every listener bound once per worker runtime with `SO_REUSEPORT`, connections
+//! served by the runtime that accepted them, parked ones resumed on a worker.
+
+use crate::common::*;
+use rampart_testkit::Origin;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Worker runtimes on their own threads, as `rampart edge` makes them; stopped and
+/// joined when dropped.
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    fn start(n: usize) -> Workers {
+        let mut w = Workers {
+            handles: Vec::new(),
+            stops: Vec::new(),
+            threads: Vec::new(),
+        };
+        for _ in 0..n {
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            w.threads.push(std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                ready_tx.send(rt.handle().clone()).unwrap();
+                rt.block_on(async {
+                    let _ = stop_rx.await;
+                });
+            }));
+            w.handles.push(ready_rx.recv().unwrap());
+            w.stops.push(stop_tx);
+        }
+        w
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stops.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn parked(e: &TestEdge) -> u64 {
+    let m = e.metrics().await;
+    m.lines()
+        .find_map(|l| l.strip_prefix("rampart_parked_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the parked_connections gauge")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_listen_on_one_port_serve_resume_parked_connections_and_reload() {
+    let workers = Workers::start(2);
+    let origin = Origin::start("o").await.unwrap();
+    let config = |listen: &str| {
+        one_pool(
+            &[&origin.url()],
+            Parts {
+                admin: Some(""),
+                ..Parts::default()
+            },
+        )
+        .replace("listen = [\"127.0.0.1:0\"]", &format!("listen = [{listen}]"))
+    };
+    let e = TestEdge::start_on(&config("\"127.0.0.1:0\""), workers.handles.clone()).await;
+
+    // One socket per worker, all on one port.
+    let addrs = e.edge().http_addrs();
+    assert_eq!(addrs, vec![e.http, e.http], "one listening socket per worker");
+
+    // New connections, wherever the kernel puts them, and keep-alive ones that reuse
+    // their worker's upstream connections.
+    for _ in 0..20 {
+        let answer = raw(
+            e.http,
+            b"GET /hello HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    let mut s = TcpStream::connect(e.http).await.unwrap();
+    for round in 0..3 {
+        s.write_all(b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+        let (head, body) = read_response(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, b"hello from o\n");
+        // Idle, it is parked by the control runtime's lot, and the next request
+        // resumes it on a worker.
+        let end = Instant::now() + Duration::from_secs(6);
+        while parked(&e).await < 1 {
+            assert!(
+                Instant::now() < end,
+                "round {round}: the idle connection was not parked"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert!(
+        origin.connections() < 23,
+        "upstream connections were reused: {}",
+        origin.connections()
+    );
+
+    // A reload binds a new address on every worker, and removing it stops them all.
+    e.rewrite_config(&config("\"127.0.0.1:0\", \"127.0.0.2:0\""));
+    e.edge().reload().await.unwrap();
+    let addrs = e.edge().http_addrs();
+    assert_eq!(addrs.len(), 4, "{addrs:?}");
+    let added = addrs.iter().copied().find(|a| *a != e.http).unwrap();
+    assert_eq!(addrs.iter().filter(|a| **a == added).count(), 2);
+    let answer = raw(
+        added,
+        b"GET /hello HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    e.rewrite_config(&config("\"127.0.0.1:0\""));
+    e.edge().reload().await.unwrap();
+    assert_eq!(e.edge().http_addrs().len(), 2);
+    assert!(
+        eventually(|| std::net::TcpStream::connect(added).is_err(), Duration::from_secs(5)).await,
+        "the removed address stops accepting on every worker"
+    );
+
+    // Shutdown drains through the workers' tasks.
+    drop(s);
+    let mut e = e;
+    let report = e.edge.take().unwrap().shutdown(Duration::from_secs(5)).await;
+    assert_eq!(report.abandoned, 0);
+    drop(workers);
+}
