@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runtime model with several workers: CPU per request of one Rampart process with a
-# work-stealing runtime of WORKERS threads, against WORKERS single-worker Rampart
-# processes sharing the port with SO_REUSEPORT (one current-thread runtime per
-# core, each process pinned to its core), against nginx with WORKERS worker
+# Runtime model with several workers: CPU per request of one Rampart process with
+# its per-core runtimes (one current-thread runtime per worker thread, each with its
+# own SO_REUSEPORT sockets; the default), one Rampart process with a work-stealing
+# runtime of WORKERS threads, WORKERS single-worker Rampart processes sharing the
+# port with SO_REUSEPORT (each pinned to its core), and nginx with WORKERS worker
 # processes (reuseport). Everything shares the machine's cores, wrk and the origin
 # included: compare CPU per request, not req/s. See bench/README.md.
 #
@@ -24,8 +25,8 @@ WARMUP=${WARMUP:-2s}               # unmeasured wrk run before each measured one
 ROUNDS=${ROUNDS:-3}                # rounds of A B C
 ACCESS_LOG=${ACCESS_LOG:-file}     # file: every proxy logs each request to a file; off: none do
 NGINX_LOG_BUFFER=${NGINX_LOG_BUFFER-64k}  # nginx access_log buffer=; empty = unbuffered
-BASE_PORT=${BASE_PORT:-18380}      # origin +0; nginx +1, rampart-mt +2, rampart-pp +3; admin ports from +10
-PROXIES=${PROXIES:-nginx rampart-mt rampart-pp}  # run order within a round; nginx is the ratio baseline
+BASE_PORT=${BASE_PORT:-18380}      # origin +0; nginx +1, rampart-mt +2, rampart-pp +3, rampart-pc +4; admin ports from +10
+PROXIES=${PROXIES:-nginx rampart-pc rampart-mt rampart-pp}  # run order within a round; nginx is the ratio baseline
 OUT_DIR=${OUT_DIR:-$BENCH_DIR/out}
 KEEP_TMP=${KEEP_TMP:-0}            # 1 = keep the temp dir (configs, logs, wrk output)
 PROXY_CPU=""                       # no pinning of the proxies as a whole (rampart-pp pins each process)
@@ -37,7 +38,7 @@ install_cleanup
 
 # --- Checks -------------------------------------------------------------------
 for p in $PROXIES; do
-  case $p in nginx|rampart-mt|rampart-pp) ;; *) die "unknown proxy '$p' in PROXIES" ;; esac
+  case $p in nginx|rampart-pc|rampart-mt|rampart-pp) ;; *) die "unknown proxy '$p' in PROXIES" ;; esac
 done
 need_tools nginx wrk python3 curl taskset ps getconf nproc
 setup_pinning
@@ -49,9 +50,9 @@ NOFILE=$(ulimit -n)
 CLK_TCK=$(getconf CLK_TCK)
 
 ORIGIN_PORT=$BASE_PORT
-declare -A PORT=([nginx]=$((BASE_PORT + 1)) [rampart-mt]=$((BASE_PORT + 2)) [rampart-pp]=$((BASE_PORT + 3)))
-ADMIN_BASE=$((BASE_PORT + 10))   # rampart-mt: +0; rampart-pp process i: +1+i
-ports_free "$ORIGIN_PORT" "${PORT[@]}" $(seq "$ADMIN_BASE" $((ADMIN_BASE + WORKERS)))
+declare -A PORT=([nginx]=$((BASE_PORT + 1)) [rampart-mt]=$((BASE_PORT + 2)) [rampart-pp]=$((BASE_PORT + 3)) [rampart-pc]=$((BASE_PORT + 4)))
+ADMIN_BASE=$((BASE_PORT + 10))   # rampart-mt: +0; rampart-pp process i: +1+i; rampart-pc: +1+WORKERS
+ports_free "$ORIGIN_PORT" "${PORT[@]}" $(seq "$ADMIN_BASE" $((ADMIN_BASE + WORKERS + 1)))
 
 new_run_dir -workers
 
@@ -84,7 +85,7 @@ open(sys.argv[1], "w").write(json.dumps(meta, indent=2) + "\n")
 EOF
 
 # --- Configs ------------------------------------------------------------------
-mkdir -p "$WORK"/{origin,nginx,rampart-mt,rampart-pp}
+mkdir -p "$WORK"/{origin,nginx,rampart-pc,rampart-mt,rampart-pp}
 for d in origin nginx; do mkdir -p "$WORK/$d/tmp"; done
 write_origin "$WORK/origin" "$ORIGIN_PORT"
 
@@ -101,6 +102,9 @@ log_of() {  # DIR FILE: a log.access value
   if [[ $ACCESS_LOG == file ]]; then echo "$1/$2"; else echo off; fi
 }
 
+# rampart-pc: one process, one current-thread runtime per worker thread.
+rampart_plain_config "${PORT[rampart-pc]}" $((ADMIN_BASE + 1 + WORKERS)) "$(log_of "$WORK/rampart-pc" access.log)" \
+  "$ORIGIN_PORT" "workers = $WORKERS" 'runtime = "per_core"' >"$WORK/rampart-pc/rampart.toml"
 # rampart-mt: one process, one work-stealing runtime of WORKERS threads.
 rampart_plain_config "${PORT[rampart-mt]}" "$ADMIN_BASE" "$(log_of "$WORK/rampart-mt" access.log)" \
   "$ORIGIN_PORT" "workers = $WORKERS" 'runtime = "multi_thread"' >"$WORK/rampart-mt/rampart.toml"
@@ -112,7 +116,7 @@ done
 
 nginx -t -q -e "$WORK/origin/error.log" -p "$WORK/origin" -c "$WORK/origin/nginx.conf" || die "origin nginx config rejected"
 nginx -t -q -e "$WORK/nginx/error.log" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" || die "nginx config rejected"
-for f in "$WORK"/rampart-mt/rampart.toml "$WORK"/rampart-pp/rampart-*.toml; do
+for f in "$WORK"/rampart-pc/rampart.toml "$WORK"/rampart-mt/rampart.toml "$WORK"/rampart-pp/rampart-*.toml; do
   "$RAMPART_BIN" check --config "$f" >/dev/null || die "$f rejected"
 done
 
@@ -125,8 +129,8 @@ for p in $PROXIES; do
   case $p in
     nginx) start_bg nginx /dev/null "$WORK/nginx/stderr.log" \
              nginx -e "$WORK/nginx/error.log" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" ;;
-    rampart-mt) start_bg rampart-mt /dev/null "$WORK/rampart-mt/stderr.log" \
-                  "$RAMPART_BIN" edge --config "$WORK/rampart-mt/rampart.toml" ;;
+    rampart-pc|rampart-mt) start_bg "$p" /dev/null "$WORK/$p/stderr.log" \
+                  "$RAMPART_BIN" edge --config "$WORK/$p/rampart.toml" ;;
     # One parent shell for the processes, so that their CPU is summed under one
     # root and a TERM to it reaches them all.
     rampart-pp) start_bg rampart-pp /dev/null "$WORK/rampart-pp/stderr.log" \
