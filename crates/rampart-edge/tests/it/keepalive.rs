@@ -7,19 +7,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// The `rampart_parked_connections` gauge.
-async fn parked(e: &TestEdge) -> u64 {
-    let m = e.metrics().await;
-    m.lines()
-        .find_map(|l| l.strip_prefix("rampart_parked_connections "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("the parked_connections gauge")
-}
-
 async fn until_parked(e: &TestEdge, n: u64) -> bool {
     let end = Instant::now() + Duration::from_secs(6);
     while Instant::now() < end {
-        if parked(e).await == n {
+        if e.parked().await == n {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -84,7 +75,7 @@ async fn a_request_body_and_a_partial_head_are_never_parked() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(2200)).await;
-    assert_eq!(parked(&e).await, 0);
+    assert_eq!(e.parked().await, 0);
     s.write_all(b"world").await.unwrap();
     let (head, body) = read_response(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
@@ -101,7 +92,7 @@ async fn a_request_body_and_a_partial_head_are_never_parked() {
         waited < Duration::from_secs(6),
         "closed by the header timeout, after {waited:?}"
     );
-    assert_eq!(parked(&e).await, 0);
+    assert_eq!(e.parked().await, 0);
 }
 
 #[tokio::test]

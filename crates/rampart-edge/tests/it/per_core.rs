@@ -52,14 +52,6 @@ impl Drop for Workers {
     }
 }
 
-async fn parked(e: &TestEdge) -> u64 {
-    let m = e.metrics().await;
-    m.lines()
-        .find_map(|l| l.strip_prefix("rampart_parked_connections "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("the parked_connections gauge")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_listen_on_one_port_serve_resume_parked_connections_and_reload() {
     let workers = Workers::start(2);
@@ -100,7 +92,7 @@ async fn workers_listen_on_one_port_serve_resume_parked_connections_and_reload()
         // Idle, it is parked by the control runtime's lot, and the next request
         // resumes it on a worker.
         let end = Instant::now() + Duration::from_secs(6);
-        while parked(&e).await < 1 {
+        while e.parked().await < 1 {
             assert!(
                 Instant::now() < end,
                 "round {round}: the idle connection was not parked"

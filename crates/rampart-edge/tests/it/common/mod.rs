@@ -88,6 +88,15 @@ impl TestEdge {
             .unwrap()
     }
 
+    /// The `rampart_parked_connections` gauge.
+    pub async fn parked(&self) -> u64 {
+        let m = self.metrics().await;
+        m.lines()
+            .find_map(|l| l.strip_prefix("rampart_parked_connections "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("the parked_connections gauge")
+    }
+
     /// GET an admin path (with the bearer token, if given) and parse the JSON answer.
     pub async fn admin_json(&self, path: &str, token: Option<&str>) -> serde_json::Value {
         let mut r = client().get(self.admin(path));
