@@ -106,6 +106,20 @@ async fn workers_listen_on_one_port_serve_resume_parked_connections_and_reload()
         origin.connections()
     );
 
+    // Requests with a body go through hyper's server and client on whichever worker
+    // took the connection; hyper's pooled upstream connections are shared, their
+    // tasks on the runtime that opened them.
+    for i in 0..20 {
+        let body = format!("body {i}");
+        let request = format!(
+            "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let answer = raw(e.http, request.as_bytes(), Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains(&format!("\"body_length\":{}", body.len())), "{answer}");
+    }
+
     // A reload binds a new address on every worker, and removing it stops them all.
     e.rewrite_config(&config("\"127.0.0.1:0\", \"127.0.0.2:0\""));
     e.edge().reload().await.unwrap();
