@@ -29,6 +29,7 @@ pub mod snapshot;
 mod timer;
 pub mod tls;
 pub mod upstream;
+pub mod workers;
 
 use access_log::{AccessLog, Target};
 use arc_swap::ArcSwap;

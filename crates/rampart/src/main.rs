@@ -173,36 +173,10 @@ async fn run_edge(
 /// worker runtimes are stopped and their threads joined.
 fn per_core(workers: usize, validated: rampart_config::Validated, path: PathBuf) -> anyhow::Result<()> {
     let control = runtime(1, true)?;
-    let mut handles = Vec::with_capacity(workers);
-    let mut stops = Vec::with_capacity(workers);
-    let mut threads = Vec::with_capacity(workers);
-    for i in 0..workers {
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name(format!("rampart-worker-{i}"))
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(rt.handle().clone()));
-                rt.block_on(async {
-                    let _ = stop_rx.await;
-                });
-            })?;
-        handles.push(ready_rx.recv()??);
-        stops.push(stop_tx);
-        threads.push(thread);
-    }
-    let result = control.block_on(run_edge(validated, path, handles));
-    drop(stops);
-    for t in threads {
-        let _ = t.join();
-    }
+    let workers = rampart_edge::workers::Workers::start(workers)?;
+    let result = control.block_on(run_edge(validated, path, workers.handles()));
+    // Stops the worker runtimes and joins their threads.
+    drop(workers);
     result
 }
 

@@ -8,53 +8,9 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-/// Worker runtimes on their own threads, as `rampart edge` makes them; stopped and
-/// joined when dropped.
-struct Workers {
-    handles: Vec<tokio::runtime::Handle>,
-    stops: Vec<tokio::sync::oneshot::Sender<()>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Workers {
-    fn start(n: usize) -> Workers {
-        let mut w = Workers {
-            handles: Vec::new(),
-            stops: Vec::new(),
-            threads: Vec::new(),
-        };
-        for _ in 0..n {
-            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            w.threads.push(std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                ready_tx.send(rt.handle().clone()).unwrap();
-                rt.block_on(async {
-                    let _ = stop_rx.await;
-                });
-            }));
-            w.handles.push(ready_rx.recv().unwrap());
-            w.stops.push(stop_tx);
-        }
-        w
-    }
-}
-
-impl Drop for Workers {
-    fn drop(&mut self) {
-        self.stops.clear();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_listen_on_one_port_serve_resume_parked_connections_and_reload() {
-    let workers = Workers::start(2);
+    let workers = rampart_edge::workers::Workers::start(2).unwrap();
     let origin = Origin::start("o").await.unwrap();
     let config = |listen: &str| {
         one_pool(
@@ -66,7 +22,7 @@ async fn workers_listen_on_one_port_serve_resume_parked_connections_and_reload()
         )
         .replace("listen = [\"127.0.0.1:0\"]", &format!("listen = [{listen}]"))
     };
-    let e = TestEdge::start_on(&config("\"127.0.0.1:0\""), workers.handles.clone()).await;
+    let e = TestEdge::start_on(&config("\"127.0.0.1:0\""), workers.handles()).await;
 
     // One socket per worker, all on one port.
     let addrs = e.edge().http_addrs();
