@@ -272,7 +272,7 @@ pub enum RequestId {
 
 impl RequestId {
     /// A new id from a fast random source.
-    pub fn new() -> RequestId {
+    pub fn generate() -> RequestId {
         // Each byte's two digits, looked up whole.
         const PAIRS: [[u8; 2]; 256] = {
             const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -295,7 +295,7 @@ impl RequestId {
     pub fn given_or_new(given: Option<&HeaderValue>) -> RequestId {
         match given {
             Some(v) if acceptable_request_id(v) => RequestId::Given(v.clone()),
-            _ => RequestId::new(),
+            _ => RequestId::generate(),
         }
     }
 
@@ -318,12 +318,6 @@ impl RequestId {
             RequestId::Made(b) => HeaderValue::from_bytes(b).unwrap_or(HeaderValue::from_static("-")),
             RequestId::Given(v) => v.clone(),
         }
-    }
-}
-
-impl Default for RequestId {
-    fn default() -> Self {
-        RequestId::new()
     }
 }
 
@@ -636,9 +630,9 @@ mod tests {
 
     #[test]
     fn ids() {
-        let a = RequestId::new();
+        let a = RequestId::generate();
         assert_eq!(a.as_bytes().len(), 32);
-        assert_ne!(a.as_bytes(), RequestId::new().as_bytes());
+        assert_ne!(a.as_bytes(), RequestId::generate().as_bytes());
         assert!(acceptable_request_id(&a.header_value()));
         assert_eq!(a.header_value(), a.as_str());
         assert!(!acceptable_request_id(&HeaderValue::from_static("a b")));
@@ -647,7 +641,7 @@ mod tests {
             fastrand::seed(seed);
             let expected = format!("{:032x}", fastrand::u128(..));
             fastrand::seed(seed);
-            assert_eq!(RequestId::new().as_str(), expected);
+            assert_eq!(RequestId::generate().as_str(), expected);
         }
         // A trusted proxy's id is kept when sane, replaced when not.
         let given = HeaderValue::from_static("edge-1:abc_2.x");

@@ -682,7 +682,7 @@ fn rewrite_hyper_answer(buf: &[u8]) -> Option<(Vec<u8>, Refusal)> {
         _ => crate::reason::Reason::BadRequest,
     };
     let reason = kind.as_str();
-    let request_id = crate::headers::RequestId::new();
+    let request_id = crate::headers::RequestId::generate();
     let id = request_id.as_str();
     let body = kind.json_body(code, id, None);
     let mut out = Vec::with_capacity(256 + body.len());
