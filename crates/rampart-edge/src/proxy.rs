@@ -1302,27 +1302,31 @@ struct Added<'a> {
 }
 
 impl Added<'_> {
-    /// The fields in the order they are sent.
-    fn fields(&self) -> impl Iterator<Item = (&'static header::HeaderName, &[u8])> {
+    /// The fields held as header values, in the order they are sent (`x-request-id`
+    /// follows them).
+    fn header_fields(&self) -> impl Iterator<Item = (&'static header::HeaderName, &HeaderValue)> {
         [
-            (&X_FORWARDED_FOR, Some(self.forwarded_for.as_bytes())),
-            (&X_FORWARDED_PROTO, Some(self.forwarded_proto.as_bytes())),
-            (&X_FORWARDED_HOST, Some(self.forwarded_host.as_bytes())),
-            (&VIA, self.via.as_ref().map(HeaderValue::as_bytes)),
-            (&X_REQUEST_ID, Some(self.request_id.as_bytes())),
+            (&X_FORWARDED_FOR, Some(self.forwarded_for)),
+            (&X_FORWARDED_PROTO, Some(&self.forwarded_proto)),
+            (&X_FORWARDED_HOST, Some(self.forwarded_host)),
+            (&VIA, self.via.as_ref()),
         ]
         .into_iter()
         .filter_map(|(k, v)| Some((k, v?)))
     }
 
+    /// All the fields in the order they are sent, as bytes (for the own client's head).
+    fn fields(&self) -> impl Iterator<Item = (&'static header::HeaderName, &[u8])> {
+        self.header_fields()
+            .map(|(k, v)| (k, v.as_bytes()))
+            .chain(std::iter::once((&X_REQUEST_ID, self.request_id.as_bytes())))
+    }
+
     /// Put them in `h` (a request for hyper's client).
     fn insert_into(&self, h: &mut http::HeaderMap) {
         h.reserve(5);
-        h.insert(&X_FORWARDED_FOR, self.forwarded_for.clone());
-        h.insert(&X_FORWARDED_PROTO, self.forwarded_proto.clone());
-        h.insert(&X_FORWARDED_HOST, self.forwarded_host.clone());
-        if let Some(v) = &self.via {
-            h.insert(&VIA, v.clone());
+        for (k, v) in self.header_fields() {
+            h.insert(k, v.clone());
         }
         h.insert(&X_REQUEST_ID, self.request_id.header_value());
     }
