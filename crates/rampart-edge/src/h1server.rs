@@ -24,6 +24,7 @@
 
 use crate::Shared;
 use crate::body::{ClientIn, EdgeBody};
+use crate::io::Transport;
 use crate::proxy::{self, ConnInfo};
 use crate::timer::LazyTimer;
 use bytes::{Bytes, BytesMut};
@@ -37,7 +38,6 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -54,14 +54,14 @@ const READ_SIZE: usize = 8 * 1024;
 const COPY_LIMIT: usize = 16 * 1024;
 
 /// How serving a connection here ended.
-pub(crate) enum Ended {
+pub(crate) enum Ended<T> {
     /// Quiet at a message boundary for a tick: park the socket until `deadline`.
-    Park(TcpStream, Instant),
+    Park(T, Instant),
     /// Closed (by either side, a timeout, an error, or shutdown).
     Close,
     /// A request this path does not serve: hyper serves the connection from here,
     /// these bytes first.
-    Handoff(TcpStream, Vec<u8>),
+    Handoff(T, Vec<u8>),
 }
 
 /// What the response needs to know about its request.
@@ -84,17 +84,17 @@ enum Parsed {
     Other,
 }
 
-/// Serve requests on `tcp` (with `read` already read from it) until it parks,
+/// Serve requests on `io` (with `read` already read from it) until it parks,
 /// closes or needs hyper. `deadline`: when a connection that sends nothing is closed.
-pub(crate) async fn serve(
+pub(crate) async fn serve<T: Transport>(
     shared: &Arc<Shared>,
     info: &Arc<ConnInfo>,
-    mut tcp: TcpStream,
+    mut io: T,
     read: Vec<u8>,
     shutdown: &mut watch::Receiver<bool>,
     park_after: Duration,
     deadline: Instant,
-) -> Ended {
+) -> Ended<T> {
     let (budget, max_headers, idle) = {
         let snap = shared.snapshot.load();
         (
@@ -148,12 +148,12 @@ pub(crate) async fn serve(
         };
         let (req, asked) = match parsed {
             Parsed::Request(req, asked) => (req, asked),
-            Parsed::Other => return Ended::Handoff(tcp, buf.to_vec()),
-            Parsed::Partial if buf.len() >= budget => return Ended::Handoff(tcp, buf.to_vec()),
+            Parsed::Other => return Ended::Handoff(io, buf.to_vec()),
+            Parsed::Partial if buf.len() >= budget => return Ended::Handoff(io, buf.to_vec()),
             Parsed::Partial if buf.is_empty() => {
                 // Between requests: wait for the next, park when quiet.
                 let woke = poll_fn(|cx| {
-                    if let Poll::Ready(r) = tcp.poll_read_ready(cx) {
+                    if let Poll::Ready(r) = io.poll_readable(cx) {
                         return Poll::Ready(Between::Readable(r.is_ok()));
                     }
                     if tick.poll_expired(cx).is_ready() {
@@ -182,14 +182,14 @@ pub(crate) async fn serve(
                             if now >= deadline {
                                 return Ended::Close;
                             }
-                            return Ended::Park(tcp, deadline);
+                            return Ended::Park(io, deadline);
                         }
                         served_at_tick = served;
                         tick.set(now + park_after);
                         continue;
                     }
                 }
-                if let Got::End = read_now(&mut tcp, &mut buf, budget) {
+                if let Got::End = read_now(&mut io, &mut buf, budget) {
                     return Ended::Close;
                 }
                 continue;
@@ -198,7 +198,7 @@ pub(crate) async fn serve(
                 // Part of a head: the rest within the header timeout.
                 let began = *head_began.get_or_insert_with(Instant::now);
                 tokio::select! {
-                    r = tokio::time::timeout_at(began + idle, poll_fn(|cx| tcp.poll_read_ready(cx))) => match r {
+                    r = tokio::time::timeout_at(began + idle, poll_fn(|cx| io.poll_readable(cx))) => match r {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => return Ended::Close,
                         Err(_) => {
@@ -208,7 +208,7 @@ pub(crate) async fn serve(
                     },
                     _ = stop.as_mut() => return Ended::Close,
                 }
-                if let Got::End = read_now(&mut tcp, &mut buf, budget) {
+                if let Got::End = read_now(&mut io, &mut buf, budget) {
                     return Ended::Close;
                 }
                 continue;
@@ -229,11 +229,11 @@ pub(crate) async fn serve(
                 r = handled => match r {
                     Ok(resp) => resp,
                 },
-                () = client_gone(&mut tcp, &mut buf, budget) => return Ended::Close,
+                () = client_gone(&mut io, &mut buf, budget) => return Ended::Close,
             }
         };
         proxy::add_rate_limit(&mut resp, limit);
-        let keep = match respond(&mut tcp, &mut buf, budget, &mut out, resp, &asked).await {
+        let keep = match respond(&mut io, &mut buf, budget, &mut out, resp, &asked).await {
             Ok(keep) => keep,
             Err(e) => {
                 tracing::trace!(error = %e, "response not sent whole: closed");
@@ -241,7 +241,7 @@ pub(crate) async fn serve(
             }
         };
         if !keep || stopping.has_changed().unwrap_or(true) {
-            let _ = tcp.shutdown().await;
+            let _ = io.shutdown().await;
             return Ended::Close;
         }
         deadline = None;
@@ -272,10 +272,10 @@ enum Got {
 /// Read what the socket has now into `buf` (up to `budget` buffered), without
 /// waiting. tokio's read, not `try_read`: a short read clears the socket's
 /// readiness, so the next wait costs no system call.
-fn read_now(tcp: &mut TcpStream, buf: &mut BytesMut, budget: usize) -> Got {
+fn read_now<T: Transport>(io: &mut T, buf: &mut BytesMut, budget: usize) -> Got {
     use futures_util::FutureExt;
     buf.reserve(READ_SIZE.min(budget.saturating_sub(buf.len()).max(1)));
-    match tcp.read_buf(buf).now_or_never() {
+    match io.read_buf(buf).now_or_never() {
         None => Got::Nothing,
         Some(Ok(0) | Err(_)) => Got::End,
         Some(Ok(_)) => Got::Bytes,
@@ -285,14 +285,14 @@ fn read_now(tcp: &mut TcpStream, buf: &mut BytesMut, budget: usize) -> Got {
 /// Resolves when the client closes its end while a response is being prepared.
 /// Bytes it sends meanwhile (a pipelined request) are kept in `buf`, up to
 /// `budget`; past that, the socket is left unread until the response is out.
-async fn client_gone(tcp: &mut TcpStream, buf: &mut BytesMut, budget: usize) {
+async fn client_gone<T: Transport>(io: &mut T, buf: &mut BytesMut, budget: usize) {
     loop {
         // The socket's own read waker, not `readable()`'s list of waiters: this
         // task is the socket's only reader.
-        if buf.len() >= budget || poll_fn(|cx| tcp.poll_read_ready(cx)).await.is_err() {
+        if buf.len() >= budget || poll_fn(|cx| io.poll_readable(cx)).await.is_err() {
             return std::future::pending().await;
         }
-        if let Got::End = read_now(tcp, buf, budget) {
+        if let Got::End = read_now(io, buf, budget) {
             return;
         }
     }
@@ -540,8 +540,8 @@ fn encode_head(
 }
 
 /// Send the response; true when the connection may carry another request.
-async fn respond(
-    tcp: &mut TcpStream,
+async fn respond<T: Transport>(
+    io: &mut T,
     buf: &mut BytesMut,
     budget: usize,
     out: &mut Vec<u8>,
@@ -573,13 +573,15 @@ async fn respond(
             Poll::Ready(f) => f,
             Poll::Pending => {
                 if !out.is_empty() {
-                    tcp.write_all(out).await?;
+                    io.write_all(out).await?;
                     out.clear();
                 }
+                // A TLS stream may still hold part of what was written.
+                io.flush().await?;
                 tokio::select! {
                     biased;
                     f = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => f,
-                    () = client_gone(tcp, buf, budget) => return Err(Box::new(Unsendable("client went away"))),
+                    () = client_gone(io, buf, budget) => return Err(Box::new(Unsendable("client went away"))),
                 }
             }
         };
@@ -614,10 +616,10 @@ async fn respond(
             out.extend_from_slice(&data);
         } else {
             if !out.is_empty() {
-                tcp.write_all(out).await?;
+                io.write_all(out).await?;
                 out.clear();
             }
-            tcp.write_all(&data).await?;
+            io.write_all(&data).await?;
         }
         if framing == Framing::Chunked {
             out.extend_from_slice(b"\r\n");
@@ -628,17 +630,19 @@ async fn respond(
         // Cut short: the client sees the connection close before the length is
         // reached, and cannot take what follows for a next response.
         if !out.is_empty() {
-            tcp.write_all(out).await?;
+            io.write_all(out).await?;
         }
+        io.flush().await?;
         return Err(Box::new(Unsendable("body shorter than its Content-Length")));
     }
     if framing == Framing::Chunked {
         out.extend_from_slice(b"0\r\n\r\n");
     }
     if !out.is_empty() {
-        tcp.write_all(out).await?;
+        io.write_all(out).await?;
         out.clear();
     }
+    io.flush().await?;
     Ok(keep)
 }
 

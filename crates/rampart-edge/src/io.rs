@@ -45,3 +45,44 @@ macro_rules! delegate_write {
 }
 
 pub(crate) use delegate_write;
+
+/// A client connection the lean HTTP/1 server ([`crate::h1server`]) can serve: a
+/// stream that can also say, without reading, when a read may make progress.
+pub(crate) trait Transport: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
+    /// Ready when a read would not wait: the socket is readable, or bytes read
+    /// before are held in this layer. Registers `cx` with the socket otherwise.
+    fn poll_readable(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>>;
+}
+
+impl Transport for tokio::net::TcpStream {
+    fn poll_readable(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
+
+impl<T: Transport> Transport for Box<T> {
+    fn poll_readable(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        (**self).poll_readable(cx)
+    }
+}
+
+impl<T: Transport> Transport for crate::security::proxy_protocol::Prefixed<T> {
+    fn poll_readable(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        if self.has_prefix() {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        self.inner_mut().poll_readable(cx)
+    }
+}
+
+impl<T: Transport> Transport for tokio_rustls::server::TlsStream<T> {
+    fn poll_readable(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        let (io, tls) = self.get_mut();
+        // Records read along with earlier ones are decrypted here; a closed or
+        // failed session is reported by the read that follows.
+        match tls.process_new_packets() {
+            Ok(state) if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => io.poll_readable(cx),
+            _ => std::task::Poll::Ready(Ok(())),
+        }
+    }
+}

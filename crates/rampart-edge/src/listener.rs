@@ -265,6 +265,12 @@ fn builder(shared: &Shared, kind: Kind) -> Protocols {
     Protocols::Both(Box::new(b))
 }
 
+/// A client connection after its TLS handshake, if any.
+enum Client {
+    Plain(Prefixed<TcpStream>),
+    Tls(Box<tokio_rustls::server::TlsStream<Prefixed<TcpStream>>>),
+}
+
 async fn serve_conn(
     shared: Arc<Shared>,
     stream: TcpStream,
@@ -307,8 +313,40 @@ async fn serve_conn(
     let stream = Prefixed::new(stream, prefix);
     let info = Arc::new(ConnInfo::new(peer, kind == Kind::Tls));
     if kind == Kind::Plain && !h2c {
-        return serve_http1(shared, stream, info, guard, idle_deadline).await;
+        let (tcp, read) = stream.into_parts();
+        return serve_http1(shared, tcp, read, info, guard, idle_deadline).await;
     }
+    let client = match kind {
+        Kind::Plain => Client::Plain(stream),
+        // The TLS state is large: boxed, so plain connections do not carry room for it.
+        Kind::Tls => {
+            let snap = shared.snapshot.load();
+            let Some(cfg) = snap.tls.clone() else { return };
+            drop(snap);
+            let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+            match Box::pin(tokio::time::timeout(timeout, acceptor.accept(stream))).await {
+                Ok(Ok(tls)) => Client::Tls(Box::new(tls)),
+                Ok(Err(e)) => {
+                    shared.metrics.tls_handshake_failures.inc();
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    shared.metrics.tls_handshake_failures.inc();
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            }
+        }
+    };
+    let client = match client {
+        // HTTP/1.1 over TLS (ALPN `http/1.1`, or none) is served as plain HTTP/1 is:
+        // the lean path, hyper for the rest, and no HTTP state while idle.
+        Client::Tls(tls) if tls.get_ref().1.alpn_protocol() != Some(b"h2") => {
+            return Box::pin(serve_http1(shared, tls, Vec::new(), info, guard, idle_deadline)).await;
+        }
+        c => c,
+    };
     let _guard = guard;
     // The framing guard reads along with hyper's HTTP/1 parser (see security::guard).
     let verdicts = info.verdicts.clone();
@@ -317,37 +355,16 @@ async fn serve_conn(
     let svc = service_fn(move |req| proxy::handle(svc_shared.clone(), info.clone(), req.map(ClientIn::Hyper)));
     let b = builder(&shared, kind);
     let mut shutdown = shared.shutdown_rx();
-    match kind {
+    match client {
         // h2c: HTTP/1 and HTTP/2 builders and state, boxed like TLS.
-        Kind::Plain => {
+        Client::Plain(stream) => {
             let io = Guarded::new(stream, head_budget, verdicts);
             Box::pin(serve(&b, TokioIo::new(io), svc, &mut shutdown)).await;
         }
-        // The TLS state is large: boxed, so plain connections do not carry room for it.
-        Kind::Tls => {
-            // The handshake task takes its own handle; the refusal log below needs one.
-            let shared = shared.clone();
-            let snap = shared.snapshot.load();
-            let Some(cfg) = snap.tls.clone() else { return };
-            drop(snap);
-            let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-            Box::pin(async move {
-                match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        let io = Guarded::new(tls, head_budget, verdicts);
-                        serve(&b, TokioIo::new(io), svc, &mut shutdown).await;
-                    }
-                    Ok(Err(e)) => {
-                        shared.metrics.tls_handshake_failures.inc();
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    }
-                    Err(_) => {
-                        shared.metrics.tls_handshake_failures.inc();
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                    }
-                }
-            })
-            .await;
+        // HTTP/2 over TLS.
+        Client::Tls(tls) => {
+            let io = Guarded::new(*tls, head_budget, verdicts);
+            Box::pin(serve(&b, TokioIo::new(io), svc, &mut shutdown)).await;
         }
     }
     if let Some(r) = refusals.take_refusal() {
@@ -388,7 +405,7 @@ pub(crate) async fn resume(shared: Arc<Shared>, stream: std::net::TcpStream, con
     match TcpStream::from_std(stream) {
         Ok(tcp) => {
             let (info, guard) = conn.resume();
-            serve_http1(shared, Prefixed::new(tcp, Vec::new()), info, guard, deadline).await;
+            serve_http1(shared, tcp, Vec::new(), info, guard, deadline).await;
         }
         Err(e) => tracing::debug!(error = %e, "a parked connection could not be resumed: closed"),
     }
@@ -409,25 +426,35 @@ pub(crate) async fn resume(shared: Arc<Shared>, stream: std::net::TcpStream, con
 /// It is parked only when the framing guard says the stream is exactly between
 /// messages; otherwise it is closed, as hyper would. A connection that sends
 /// nothing before `deadline` is closed.
-async fn serve_http1(
+async fn serve_http1<T: Idle>(
     shared: Arc<Shared>,
-    stream: Prefixed<TcpStream>,
+    mut io: T,
+    mut read: Vec<u8>,
     info: Arc<ConnInfo>,
     guard: ConnGuard,
     mut deadline: Instant,
 ) {
     let mut shutdown = shared.shutdown_rx();
     let verdicts = info.verdicts.clone();
-    let (mut tcp, mut read) = stream.into_parts();
+    let mut guard = guard;
+    // Set when the connection is quiet at a message boundary with nothing read:
+    // it waits (parks) before it is served again.
+    let mut quiet = false;
     loop {
-        let lean = crate::h1server::serve(&shared, &info, tcp, read, &mut shutdown, PARK_AFTER, deadline);
+        if quiet {
+            match io.park(&shared, &info, guard, deadline, &mut shutdown).await {
+                Some((t, g)) => (io, guard) = (t, g),
+                None => return,
+            }
+        }
+        let lean = crate::h1server::serve(&shared, &info, io, read, &mut shutdown, PARK_AFTER, deadline);
         let stream = match Box::pin(lean).await {
-            crate::h1server::Ended::Park(tcp, deadline) => {
-                shared.lot.park(tcp, Parked::new(&info, guard), deadline);
-                return;
+            crate::h1server::Ended::Park(t, d) => {
+                (io, read, deadline, quiet) = (t, Vec::new(), d, true);
+                continue;
             }
             crate::h1server::Ended::Close => break,
-            crate::h1server::Ended::Handoff(tcp, read) => Prefixed::new(tcp, read),
+            crate::h1server::Ended::Handoff(t, read) => Prefixed::new(t, read),
         };
         let (http1, head_budget, idle) = {
             let snap = shared.snapshot.load();
@@ -443,9 +470,9 @@ async fn serve_http1(
             let info = info.clone();
             service_fn(move |req| proxy::handle(shared.clone(), info.clone(), req.map(ClientIn::Hyper)))
         };
-        let io = TokioIo::new(Guarded::new(stream, head_budget, verdicts.clone()));
+        let io_in = TokioIo::new(Guarded::new(stream, head_budget, verdicts.clone()));
         // Boxed: hyper's state is dropped when the connection is parked.
-        let mut hyper_conn = Box::new(http1.serve_connection(io, svc).with_upgrades());
+        let mut hyper_conn = Box::new(http1.serve_connection(io_in, svc).with_upgrades());
         let parkable = drive_parkable(&verdicts, &mut hyper_conn, &mut shutdown, idle, |c| {
             c.graceful_shutdown()
         });
@@ -461,16 +488,80 @@ async fn serve_http1(
         let (t, unread) = guarded.into_inner().into_parts();
         // hyper's connection had been quiet for a tick.
         deadline = Instant::now() + idle.saturating_sub(PARK_AFTER);
-        if parts.read_buf.is_empty() && unread.is_empty() {
-            shared.lot.park(t, Parked::new(&info, guard), deadline);
-            return;
-        }
         read = parts.read_buf.to_vec();
         read.extend_from_slice(&unread);
-        tcp = t;
+        io = t;
+        quiet = read.is_empty();
     }
     if let Some(r) = verdicts.take_refusal() {
         proxy::log_refusal(&shared, info.peer, &r);
+    }
+}
+
+/// How an idle HTTP/1 client connection waits for its next request, holding as
+/// little as it can: no HTTP state, no buffers.
+pub(crate) trait Idle: crate::io::Transport + Sized {
+    /// Wait until the client sends again (`Some`: serve it in this task) or the
+    /// connection is done with here (`None`: closed at `deadline` or on shutdown,
+    /// or handed to the parking lot, which serves it again in a new task).
+    fn park(
+        self,
+        shared: &Arc<Shared>,
+        info: &Arc<ConnInfo>,
+        guard: ConnGuard,
+        deadline: Instant,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> impl Future<Output = Option<(Self, ConnGuard)>> + Send;
+}
+
+/// A plain connection goes to the parking lot: only its socket is kept, and this
+/// task ends.
+impl Idle for TcpStream {
+    fn park(
+        self,
+        shared: &Arc<Shared>,
+        info: &Arc<ConnInfo>,
+        guard: ConnGuard,
+        deadline: Instant,
+        _: &mut watch::Receiver<bool>,
+    ) -> impl Future<Output = Option<(Self, ConnGuard)>> + Send {
+        shared.lot.park(self, Parked::new(info, guard), deadline);
+        std::future::ready(None)
+    }
+}
+
+/// How long closing an idle TLS connection may wait to send its `close_notify`.
+const CLOSE_NOTIFY_WAIT: Duration = Duration::from_secs(1);
+
+/// A TLS connection keeps its session (keys and sequence numbers live in rustls),
+/// so it waits in its own task, which then holds only the TLS stream and a timer.
+/// Boxed: the stream (1.2 KiB) is moved between the serving loop and its parts.
+impl Idle for Box<tokio_rustls::server::TlsStream<Prefixed<TcpStream>>> {
+    async fn park(
+        mut self,
+        shared: &Arc<Shared>,
+        _: &Arc<ConnInfo>,
+        guard: ConnGuard,
+        deadline: Instant,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<(Self, ConnGuard)> {
+        use crate::io::Transport;
+        if *shutdown.borrow() {
+            return None;
+        }
+        shared.metrics.parked_connections.inc();
+        let woke = tokio::select! {
+            r = std::future::poll_fn(|cx| self.poll_readable(cx)) => r.is_ok(),
+            () = tokio::time::sleep_until(deadline) => false,
+            _ = shutdown.changed() => false,
+        };
+        shared.metrics.parked_connections.dec();
+        if woke {
+            return Some((self, guard));
+        }
+        // Closed as nginx closes an idle TLS connection: with a `close_notify`.
+        let _ = tokio::time::timeout(CLOSE_NOTIFY_WAIT, tokio::io::AsyncWriteExt::shutdown(&mut self)).await;
+        None
     }
 }
 
@@ -597,6 +688,17 @@ mod tests {
         let size = future_size(resume);
         println!("a resumed connection's future is {size} bytes");
         // hyper's state is boxed, and dropped when the connection parks.
+        assert!(size <= 832, "{size} bytes");
+        type Tls = Box<tokio_rustls::server::TlsStream<Prefixed<TcpStream>>>;
+        fn tls_future_size<F, Fut>(_: F) -> usize
+        where
+            F: FnOnce(Arc<Shared>, Tls, Vec<u8>, Arc<ConnInfo>, ConnGuard, Instant) -> Fut,
+        {
+            std::mem::size_of::<Fut>()
+        }
+        let size = tls_future_size(serve_http1::<Tls>);
+        println!("a TLS HTTP/1 connection's future is {size} bytes");
+        // The TLS stream is boxed: moving it between the loop's parts costs a pointer.
         assert!(size <= 832, "{size} bytes");
     }
 }

@@ -205,7 +205,7 @@ impl Metrics {
         let parked_connections = Gauge::default();
         registry.register(
             "parked_connections",
-            "Idle HTTP/1 connections waiting for a request with no HTTP state, only the socket",
+            "Idle HTTP/1 connections waiting for a request with no HTTP state: plain ones keep only the socket, TLS ones their session",
             parked_connections.clone(),
         );
         let connections = Family::<ListenerLabels, Counter>::default();

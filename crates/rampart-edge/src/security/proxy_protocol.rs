@@ -81,6 +81,15 @@ impl<T> Prefixed<T> {
         let rest = self.prefix.split_off(self.pos.min(self.prefix.len()));
         (self.inner, rest)
     }
+
+    /// Bytes of the prefix are still to be read.
+    pub fn has_prefix(&self) -> bool {
+        self.pos < self.prefix.len()
+    }
+
+    pub fn inner_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {

@@ -197,3 +197,196 @@ async fn upstream_tls_is_verified_against_the_configured_ca() {
     let e3 = TestEdge::start(&simple(&upstream, "tls = { insecure = true }")).await;
     assert_eq!(client().get(e3.url("/")).send().await.unwrap().status(), 200);
 }
+
+/// A TLS client connection to the edge's TLS listener, trusting `pem`, offering
+/// only `http/1.1` in ALPN.
+async fn tls_connect(t: &Tls, pem: &str, host: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    roots.add(der).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(t.edge.edge().tls_addrs()[0])
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from(host.to_string()).unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// `config` with an admin listener (for the parked gauge) and `server` fields.
+async fn start_with_admin(backend: &str, server: &str) -> Tls {
+    let dir = temp_dir();
+    let a_pem = self_signed(&dir, "a", &["a.test"]);
+    let b_pem = self_signed(&dir, "b", &["b.test", "*.b.test"]);
+    let config = tls_config(backend, "")
+        .replace("[server.tls]", &format!("{server}\n[server.tls]"))
+        .replace("[log]", "[admin]\nlisten = \"127.0.0.1:0\"\n[log]");
+    let edge = TestEdge::start_in(dir, &config).await;
+    Tls { edge, a_pem, b_pem }
+}
+
+async fn until_parked(e: &TestEdge, n: u64) -> bool {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    while std::time::Instant::now() < end {
+        if e.parked().await == n {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// HTTP/1.1 over TLS takes the plain HTTP/1 path: requests without a body on the
+/// lean server, one with a body through hyper and back, and an idle connection
+/// keeps only its TLS session until the client sends again.
+#[tokio::test]
+async fn http1_over_tls_is_parked_when_idle_and_served_again() {
+    use tokio::io::AsyncWriteExt;
+    let origin = Origin::start("o").await.unwrap();
+    let t = start_with_admin(&origin.url(), "").await;
+    let mut s = tls_connect(&t, &t.a_pem, "a.test").await;
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    assert!(until_parked(&t.edge, 1).await, "a new TLS connection waits parked");
+
+    s.write_all(b"GET /echo HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(j["headers"]["x-forwarded-proto"][0], "https");
+    assert!(until_parked(&t.edge, 1).await, "parked after its request");
+
+    // A request with a body goes to hyper; the connection comes back after it.
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(j["body_length"], 5);
+    assert!(until_parked(&t.edge, 1).await, "parked after hyper served it");
+
+    // Two pipelined requests in one write, after the park.
+    s.write_all(b"GET /status/204 HTTP/1.1\r\nHost: a.test\r\n\r\nGET /echo HTTP/1.1\r\nHost: a.test\r\nX-Probe: second\r\n\r\n")
+        .await
+        .unwrap();
+    let (first, rest) = read_head(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 204"), "{first}");
+    assert!(rest.is_empty() || rest.starts_with(b"HTTP/1.1 200"));
+    let mut s2 = Prefixed { first: rest, s: &mut s };
+    let (second, body) = read_response(&mut s2).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    assert!(String::from_utf8_lossy(&body).contains("second"));
+    assert_eq!(origin.requests(), 4);
+
+    // A body sent in pauses arrives whole.
+    let r = client_trusting(&t, &t.a_pem, "a.test", false)
+        .get(https(&t, "a.test", "/slow?chunks=3&interval=50ms"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+    assert_eq!(r.text().await.unwrap(), "chunk 0\nchunk 1\nchunk 2\n");
+
+    drop(s);
+    assert!(
+        until_parked(&t.edge, 0).await,
+        "closed connections leave nothing parked"
+    );
+}
+
+/// Bytes read before the stream's own (what `read_head` read past a head).
+struct Prefixed<'a, S> {
+    first: Vec<u8>,
+    s: &'a mut S,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<'_, S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.first.is_empty() {
+            let n = self.first.len().min(buf.remaining());
+            buf.put_slice(&self.first[..n]);
+            self.first.drain(..n);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut *self.s).poll_read(cx, buf)
+    }
+}
+
+/// An idle TLS connection is closed at the keep-alive deadline with a
+/// `close_notify` (a clean end for the client), and at once by shutdown.
+#[tokio::test]
+async fn idle_tls_connections_close_cleanly_at_the_deadline_and_on_shutdown() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::start("o").await.unwrap();
+    let mut t = start_with_admin(&origin.url(), "header_read_timeout = \"1s\"").await;
+    let mut s = tls_connect(&t, &t.a_pem, "a.test").await;
+    s.write_all(b"GET /status/200 HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(matches!(n, Ok(Ok(0))), "a clean close (close_notify): {n:?}");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let mut s = tls_connect(&t, &t.a_pem, "a.test").await;
+    s.write_all(b"GET /status/200 HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    read_response(&mut s).await;
+    assert!(until_parked(&t.edge, 1).await);
+    let start = std::time::Instant::now();
+    let report = t
+        .edge
+        .edge
+        .take()
+        .unwrap()
+        .shutdown(std::time::Duration::from_secs(10))
+        .await;
+    assert_eq!(report.abandoned, 0);
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    let n = tokio::time::timeout(std::time::Duration::from_secs(2), s.read_to_end(&mut rest)).await;
+    assert!(matches!(n, Ok(Ok(0))), "closed: {n:?}");
+}
+
+/// A WebSocket over TLS (`wss://`, HTTP/1.1): the upgrade is handed to hyper from
+/// the lean path and tunnelled both ways.
+#[tokio::test]
+async fn websocket_over_tls_is_tunnelled() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let origin = Origin::start("o").await.unwrap();
+    let t = start_with_admin(&origin.url(), "").await;
+    let s = tls_connect(&t, &t.a_pem, "a.test").await;
+    let (mut ws, resp) = tokio_tungstenite::client_async("wss://a.test/ws", s).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("over tls")).await.unwrap();
+    let back = ws.next().await.unwrap().unwrap();
+    assert_eq!(back, Message::text("over tls"));
+    ws.close(None).await.unwrap();
+}

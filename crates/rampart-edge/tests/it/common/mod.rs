@@ -246,7 +246,7 @@ pub fn header_str(r: &reqwest::Response, name: &str) -> String {
 }
 
 /// Read one response with a Content-Length body: (head, body).
-pub async fn read_response(s: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (String, Vec<u8>) {
     use tokio::io::AsyncReadExt;
     let (head, mut body) = read_head(s).await;
     let len: usize = head
@@ -268,7 +268,7 @@ pub async fn read_response(s: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
 }
 
 /// Read one response head: (head, the bytes read after it).
-pub async fn read_head(s: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (String, Vec<u8>) {
     use tokio::io::AsyncReadExt;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
