@@ -15,6 +15,7 @@ import asyncio
 import json
 import resource
 import signal
+import ssl
 import sys
 import time
 
@@ -92,6 +93,8 @@ async def main() -> int:
     ap.add_argument("--concurrency", type=int, default=200,
                     help="connections being opened at once (bounds in-flight requests)")
     ap.add_argument("--timeout", type=float, default=10.0, help="per-connection connect+response timeout")
+    ap.add_argument("--tls", action="store_true",
+                    help="connect over TLS (certificate not verified: loopback benchmarks only)")
     ap.add_argument("--hold-max", type=float, default=180.0,
                     help="exit by itself after holding this long (safety bound)")
     args = ap.parse_args()
@@ -106,6 +109,13 @@ async def main() -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    tls = None
+    if args.tls:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
+        tls.set_alpn_protocols(["http/1.1"])
+
     request = (f"GET / HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n"
                "User-Agent: rampart-bench-idle\r\nAccept: */*\r\n\r\n").encode()
     stats = {"closed_by_server": 0, "unexpected_bytes": 0}
@@ -118,7 +128,7 @@ async def main() -> int:
             proto = None
             try:
                 _, proto = await asyncio.wait_for(
-                    loop.create_connection(lambda: Conn(request, stats), args.host, args.port),
+                    loop.create_connection(lambda: Conn(request, stats), args.host, args.port, ssl=tls),
                     args.timeout)
                 status = await asyncio.wait_for(proto.done, args.timeout)
                 if status != 200:

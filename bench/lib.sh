@@ -148,15 +148,35 @@ rampart_access() {  # NAME: Rampart's `log.access` value for $WORK/NAME (ACCESS_
   if [[ $ACCESS_LOG == file ]]; then echo "$WORK/$1/access.log"; else echo off; fi
 }
 
+# The scheme clients use towards the proxies: https once make_tls_cert has run.
+SCHEME=http
+
+make_tls_cert() {  # DIR: a self-signed P-256 certificate for the proxies' TLS listeners;
+  # sets TLS_CERT, TLS_KEY and TLS_PEM (both in one file, for HAProxy) and SCHEME=https
+  local dir=$1
+  mkdir -p "$dir"
+  openssl req -x509 -nodes -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -days 2 \
+    -subj /CN=bench.test -addext subjectAltName=DNS:bench.test \
+    -keyout "$dir/key.pem" -out "$dir/cert.pem" 2>/dev/null || die "openssl could not make a certificate"
+  cat "$dir/cert.pem" "$dir/key.pem" >"$dir/both.pem"
+  TLS_CERT=$dir/cert.pem TLS_KEY=$dir/key.pem TLS_PEM=$dir/both.pem SCHEME=https
+}
+
 rampart_plain_config() {  # PORT ADMIN_PORT ACCESS ORIGIN_PORT [SERVER_LINE...]: Rampart as a
-  # one-backend proxy (the benches' plain Rampart; `workers = 1` unless a line sets it)
+  # one-backend proxy (the benches' plain Rampart; `workers = 1` unless a line sets it),
+  # listening with TLS when make_tls_cert has run
   local port=$1 admin=$2 access=$3 origin=$4; shift 4
   local server=("$@")
   [[ " ${server[*]} " == *" workers = "* ]] || server=("workers = 1" ${server[@]+"${server[@]}"})
-  printf '[server]\nlisten = ["127.0.0.1:%s"]\n' "$port"
+  printf '[server]\n'
+  if [[ -z ${TLS_CERT:-} ]]; then printf 'listen = ["127.0.0.1:%s"]\n' "$port"; fi
   printf '%s\n' "${server[@]}"
+  echo 'header_read_timeout = "120s"'
+  if [[ -n ${TLS_CERT:-} ]]; then
+    printf '[server.tls]\nlisten = ["127.0.0.1:%s"]\ncertificates = [{ cert = "%s", key = "%s" }]\n' \
+      "$port" "$TLS_CERT" "$TLS_KEY"
+  fi
   cat <<EOF
-header_read_timeout = "120s"
 
 [log]
 access = "$access"
@@ -230,7 +250,9 @@ $(nginx_temp_paths "$dir/tmp")
         keepalive 64;
     }
     server {
-        listen 127.0.0.1:$port backlog=4096;
+        listen 127.0.0.1:$port${TLS_CERT:+ ssl} backlog=4096;${TLS_CERT:+
+        ssl_certificate $TLS_CERT;
+        ssl_certificate_key $TLS_KEY;}
         location / {
             proxy_pass http://origin;
             proxy_http_version 1.1;
@@ -284,11 +306,11 @@ start_bg() {  # NAME STDOUT STDERR CMD...: start in the background, remember its
   PIDS+=("$!")
 }
 
-wait_http() {  # NAME PORT: wait until GET / answers 200 with the 1 KiB body
-  local name=$1 port=$2 i
+wait_http() {  # NAME PORT [SCHEME]: wait until GET / answers 200 with the 1 KiB body
+  local name=$1 port=$2 scheme=${3:-$SCHEME} i
   for i in $(seq 100); do
     alive "${ROOT_PID[$name]}" || { tail -n 20 "${LOG[$name]}" >&2; die "$name exited during startup"; }
-    if [[ $(curl -s -o /dev/null -w '%{http_code} %{size_download}' --max-time 1 "http://127.0.0.1:$port/" || true) == "200 1024" ]]; then
+    if [[ $(curl -sk -o /dev/null -w '%{http_code} %{size_download}' --max-time 1 "$scheme://127.0.0.1:$port/" || true) == "200 1024" ]]; then
       return 0
     fi
     sleep 0.1
@@ -319,7 +341,7 @@ rss_kib() {  # VmRSS (KiB) summed over a PID and its descendants
 }
 
 measure() {  # PROXY ROUND: one warm-up and one measured wrk run -> RUN_DIR/runs.jsonl
-  local p=$1 round=$2 url="http://127.0.0.1:${PORT[$1]}/" out="$WORK/wrk-$1-$2.txt"
+  local p=$1 round=$2 url="$SCHEME://127.0.0.1:${PORT[$1]}/" out="$WORK/wrk-$1-$2.txt"
   local before after json rec
   if declare -F before_measure >/dev/null; then before_measure "$p"; fi
   if [[ $WARMUP != 0 ]]; then

@@ -137,10 +137,11 @@ def summary(run_dir: Path) -> int:
         m["ratio_vs_nginx"] = ratio(m["kib_per_conn"], mbase.get("kib_per_conn"))
 
     s = meta["settings"]
+    over = ", clients over HTTPS (HTTP/1.1)" if s.get("tls") else ""
     print()
     print(f"Throughput and CPU  (wrk -t{s['threads']} -c{s['conns']} -d{s['duration']}, "
           f"median of {s['rounds']} round(s); proxy on CPU {s['proxy_cpu']}, wrk+origin on CPU {s['load_cpu']}; "
-          f"access logs: {s['access_log']})")
+          f"access logs: {s['access_log']}{over})")
     rows = [[p, fmt(t["rps"], ",.0f"), fmt(t["p99_ms"], ".2f"),
              fmt(t["cpu_us_per_req"], ".2f"),
              f"{fmt(t['cpu_us_per_req_min'], '.2f')}..{fmt(t['cpu_us_per_req_max'], '.2f')}",
@@ -158,7 +159,7 @@ def summary(run_dir: Path) -> int:
         capped = ""
         if s.get("idle_conns_requested", s["idle_conns"]) != s["idle_conns"]:
             capped = f", capped from {s['idle_conns_requested']} by the fd limit {s['fd_limit']}"
-        print(f"Memory with idle keep-alive connections  ({s['idle_conns']} opened per proxy{capped}; "
+        print(f"Memory with idle keep-alive connections  ({s['idle_conns']} opened per proxy{capped}{over}; "
               "RSS summed over the proxy's processes)")
         rows = [[p, m["conns_ok"], m["closed_by_server"] if m["closed_by_server"] is not None else "-",
                  fmt(m["rss_before_kib"] / 1024, ".1f"), fmt(m["rss_after_kib"] / 1024, ".1f"),
