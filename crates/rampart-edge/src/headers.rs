@@ -312,12 +312,18 @@ impl RequestId {
         std::str::from_utf8(self.as_bytes()).unwrap_or("-")
     }
 
-    /// As a value for a header map (a made id is copied into one).
+    /// As a value for a header map (a made id is copied into one). Marked
+    /// sensitive: an HTTP/2 encoder then sends it as a literal that is never
+    /// indexed. An id is new on every message, so a table entry for it would only
+    /// push out entries that repeat (h2's encoder spent a tenth of an HTTP/2
+    /// proxy's CPU on that churn).
     pub fn header_value(&self) -> HeaderValue {
-        match self {
+        let mut v = match self {
             RequestId::Made(b) => HeaderValue::from_bytes(b).unwrap_or(HeaderValue::from_static("-")),
             RequestId::Given(v) => v.clone(),
-        }
+        };
+        v.set_sensitive(true);
+        v
     }
 }
 
@@ -635,6 +641,10 @@ mod tests {
         assert_ne!(a.as_bytes(), RequestId::generate().as_bytes());
         assert!(acceptable_request_id(&a.header_value()));
         assert_eq!(a.header_value(), a.as_str());
+        // Never indexed by an HTTP/2 encoder, made or given.
+        assert!(a.header_value().is_sensitive());
+        let given = RequestId::given_or_new(Some(&HeaderValue::from_static("edge-1")));
+        assert!(given.header_value().is_sensitive());
         assert!(!acceptable_request_id(&HeaderValue::from_static("a b")));
         // The digits are the random value's, in order.
         for seed in [0, 7, u64::MAX] {
