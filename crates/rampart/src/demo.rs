@@ -14,7 +14,8 @@ fn free_or_any(port: u16) -> u16 {
     }
 }
 
-pub async fn run(port: u16, admin_port: u16) -> anyhow::Result<()> {
+/// `workers`: the per-core worker runtimes the edge serves on (empty: this one).
+pub async fn run(port: u16, admin_port: u16, workers: Vec<tokio::runtime::Handle>) -> anyhow::Result<()> {
     let origin = Origin::start_at(SocketAddr::from(([127, 0, 0, 1], 0)), "demo-origin").await?;
     let dead = closed_port().await?;
     // Three simulated CDNs for the provider chain: one too slow, one blocking, one healthy.
@@ -110,7 +111,7 @@ explain = true
     std::fs::write(&path, &config)?;
     let validated = rampart_config::load_file(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let signals = crate::Signals::install()?;
-    let edge = rampart_edge::Edge::start(validated, Some(path.clone())).await?;
+    let edge = rampart_edge::Edge::start_on(validated, Some(path.clone()), workers).await?;
     let edge_addr = edge
         .http_addrs()
         .first()

@@ -100,11 +100,12 @@ fn main() -> ExitCode {
         }
         Cmd::Demo { port, admin_port } => {
             init_logging();
-            let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-            match runtime(workers, workers == 1) {
-                Ok(rt) => exit(rt.block_on(demo::run(port, admin_port))),
-                Err(e) => exit(Err(e)),
-            }
+            // The runtime `rampart edge` chooses by default (`runtime = "auto"`): one
+            // current-thread runtime with one core, per-core runtimes with more. The
+            // demo's origins run on this thread's runtime.
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let workers = if cores > 1 { cores } else { 0 };
+            exit(with_workers(workers, |handles| demo::run(port, admin_port, handles)))
         }
     }
 }
@@ -172,10 +173,25 @@ async fn run_edge(
 /// listener, health checks and the parking lot. When the edge has drained, the
 /// worker runtimes are stopped and their threads joined.
 fn per_core(workers: usize, validated: rampart_config::Validated, path: PathBuf) -> anyhow::Result<()> {
+    with_workers(workers, |handles| run_edge(validated, path, handles))
+}
+
+/// Run `f` on this thread's current-thread runtime, given the handles of `workers`
+/// per-core worker runtimes (`0`: none, and the edge serves on this runtime too).
+/// The worker runtimes are stopped and their threads joined after.
+fn with_workers<F, Fut>(workers: usize, f: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Vec<tokio::runtime::Handle>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let control = runtime(1, true)?;
-    let workers = rampart_edge::workers::Workers::start(workers)?;
-    let result = control.block_on(run_edge(validated, path, workers.handles()));
-    // Stops the worker runtimes and joins their threads.
+    let workers = if workers > 0 {
+        Some(rampart_edge::workers::Workers::start(workers)?)
+    } else {
+        None
+    };
+    let handles = workers.as_ref().map(|w| w.handles()).unwrap_or_default();
+    let result = control.block_on(f(handles));
     drop(workers);
     result
 }
