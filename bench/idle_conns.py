@@ -85,6 +85,76 @@ class Conn(asyncio.Protocol):
             self.stats["closed_by_server"] += 1
 
 
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def h2_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+class H2Conn(asyncio.Protocol):
+    """One HTTP/2 connection (TLS, ALPN h2): the preface, one `GET /` on stream 1,
+    its whole response, then idle. SETTINGS and PINGs are acknowledged."""
+
+    DATA, HEADERS, SETTINGS, PING, GOAWAY = 0, 1, 4, 6, 7
+    END_STREAM, ACK = 0x1, 0x1
+
+    def __init__(self, authority: str, stats: dict):
+        self.authority = authority.encode()
+        self.stats = stats
+        self.buf = bytearray()
+        self.done = asyncio.get_running_loop().create_future()
+        self.transport = None
+        self.status = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
+            self.done.set_exception(ValueError("h2 not negotiated by ALPN"))
+            return
+        # :method GET, :scheme https, :path / (static table 2, 7, 4), :authority as a
+        # literal with indexed name 1, not Huffman-coded.
+        block = bytes([0x82, 0x87, 0x84, 0x41, len(self.authority)]) + self.authority
+        transport.write(H2_PREFACE + h2_frame(self.SETTINGS, 0, 0)
+                        + h2_frame(self.HEADERS, 0x4 | self.END_STREAM, 1, block))
+
+    def data_received(self, data):
+        self.buf += data
+        while len(self.buf) >= 9:
+            n = int.from_bytes(self.buf[:3], "big")
+            if len(self.buf) < 9 + n:
+                return
+            kind, flags = self.buf[3], self.buf[4]
+            stream = int.from_bytes(self.buf[5:9], "big") & 0x7FFF_FFFF
+            payload = bytes(self.buf[9:9 + n])
+            del self.buf[:9 + n]
+            self.frame(kind, flags, stream, payload)
+
+    def frame(self, kind, flags, stream, payload):
+        if kind == self.SETTINGS and not flags & self.ACK:
+            self.transport.write(h2_frame(self.SETTINGS, self.ACK, 0))
+        elif kind == self.PING and not flags & self.ACK:
+            self.transport.write(h2_frame(self.PING, self.ACK, 0, payload))
+        elif kind == self.GOAWAY:
+            if not self.done.done():
+                self.done.set_exception(ConnectionError("GOAWAY before the response"))
+        elif stream == 1 and kind in (self.HEADERS, self.DATA):
+            if kind == self.HEADERS and self.status is None:
+                # Both servers send :status 200 as static table entry 8.
+                self.status = 200 if payload[:1] == b"\x88" else -1
+            if flags & self.END_STREAM and not self.done.done():
+                self.done.set_result(self.status)
+        elif self.done.done() and kind not in (self.SETTINGS, self.PING):
+            self.stats["unexpected_bytes"] += 9 + len(payload)
+
+    def connection_lost(self, exc):
+        if not self.done.done():
+            self.done.set_exception(ConnectionError(f"closed before response: {exc}"))
+        else:
+            self.stats["closed_by_server"] += 1
+
+
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1")
@@ -95,6 +165,8 @@ async def main() -> int:
     ap.add_argument("--timeout", type=float, default=10.0, help="per-connection connect+response timeout")
     ap.add_argument("--tls", action="store_true",
                     help="connect over TLS (certificate not verified: loopback benchmarks only)")
+    ap.add_argument("--h2", action="store_true",
+                    help="HTTP/2 over TLS (ALPN h2) instead of HTTP/1.1; implies --tls")
     ap.add_argument("--hold-max", type=float, default=180.0,
                     help="exit by itself after holding this long (safety bound)")
     args = ap.parse_args()
@@ -110,15 +182,17 @@ async def main() -> int:
         loop.add_signal_handler(sig, stop.set)
 
     tls = None
-    if args.tls:
+    if args.tls or args.h2:
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         tls.check_hostname = False
         tls.verify_mode = ssl.CERT_NONE
-        tls.set_alpn_protocols(["http/1.1"])
+        tls.set_alpn_protocols(["h2" if args.h2 else "http/1.1"])
 
     request = (f"GET / HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n"
                "User-Agent: rampart-bench-idle\r\nAccept: */*\r\n\r\n").encode()
     stats = {"closed_by_server": 0, "unexpected_bytes": 0}
+    authority = f"{args.host}:{args.port}"
+    make = (lambda: H2Conn(authority, stats)) if args.h2 else (lambda: Conn(request, stats))
     errors: dict[str, int] = {}
     held: list[Conn] = []
     sem = asyncio.Semaphore(args.concurrency)
@@ -128,7 +202,7 @@ async def main() -> int:
             proto = None
             try:
                 _, proto = await asyncio.wait_for(
-                    loop.create_connection(lambda: Conn(request, stats), args.host, args.port, ssl=tls),
+                    loop.create_connection(make, args.host, args.port, ssl=tls),
                     args.timeout)
                 status = await asyncio.wait_for(proto.done, args.timeout)
                 if status != 200:

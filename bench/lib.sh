@@ -250,7 +250,7 @@ $(nginx_temp_paths "$dir/tmp")
         keepalive 64;
     }
     server {
-        listen 127.0.0.1:$port${TLS_CERT:+ ssl} backlog=4096;${TLS_CERT:+
+        listen 127.0.0.1:$port${TLS_CERT:+ ssl}$([[ ${H2:-0} == 1 ]] && echo " http2") backlog=4096;${TLS_CERT:+
         ssl_certificate $TLS_CERT;
         ssl_certificate_key $TLS_KEY;}
         location / {
@@ -340,17 +340,31 @@ rss_kib() {  # VmRSS (KiB) summed over a PID and its descendants
   echo "$total"
 }
 
+load() {  # DURATION URL OUT: drive URL for DURATION; OUT gets a `WRK_JSON {...}` line.
+  # wrk (HTTP/1.1, report.lua prints the line), or with H2=1 h2load (HTTP/2, one stream
+  # in flight per connection as wrk has one request; h2load_json.py prints the line
+  # from h2load's summary and its per-request log)
+  local duration=$1 url=$2 out=$3
+  if [[ ${H2:-0} == 1 ]]; then
+    local log="$WORK/h2load-requests.tsv"
+    ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} h2load -c"$CONNS" -t"$THREADS" -m1 -D"$duration" \
+      --log-file="$log" "$url" >"$out.h2load" 2>&1 || return 1
+    python3 "$BENCH_DIR/h2load_json.py" "$out.h2load" "$log" >"$out" || return 1
+    rm -f "$log"
+  else
+    ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} wrk -t"$THREADS" -c"$CONNS" -d"$duration" --latency \
+      -s "$BENCH_DIR/report.lua" "$url" >"$out" 2>&1
+  fi
+}
+
 measure() {  # PROXY ROUND: one warm-up and one measured wrk run -> RUN_DIR/runs.jsonl
   local p=$1 round=$2 url="$SCHEME://127.0.0.1:${PORT[$1]}/" out="$WORK/wrk-$1-$2.txt"
   local before after json rec
   if declare -F before_measure >/dev/null; then before_measure "$p"; fi
-  if [[ $WARMUP != 0 ]]; then
-    ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} wrk -t"$THREADS" -c"$CONNS" -d"$WARMUP" "$url" >/dev/null
-  fi
+  if [[ $WARMUP != 0 ]]; then load "$WARMUP" "$url" /dev/null; fi
   alive "${ROOT_PID[$p]}" || die "$p is not running"
   before=$(cpu_ticks "${ROOT_PID[$p]}")
-  ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency \
-    -s "$BENCH_DIR/report.lua" "$url" >"$out" 2>&1 || { cat "$out" >&2; die "wrk failed against $p"; }
+  load "$DURATION" "$url" "$out" || { cat "$out" >&2; die "the load generator failed against $p"; }
   after=$(cpu_ticks "${ROOT_PID[$p]}")
   json=$(sed -n 's/^WRK_JSON //p' "$out")
   [[ -n $json ]] || { cat "$out" >&2; die "wrk printed no result for $p"; }

@@ -138,6 +138,8 @@ def summary(run_dir: Path) -> int:
 
     s = meta["settings"]
     over = ", clients over HTTPS (HTTP/1.1)" if s.get("tls") else ""
+    if s.get("h2"):
+        over = ", HTTP/2 over TLS (h2load -m 1 in wrk's place)"
     print()
     print(f"Throughput and CPU  (wrk -t{s['threads']} -c{s['conns']} -d{s['duration']}, "
           f"median of {s['rounds']} round(s); proxy on CPU {s['proxy_cpu']}, wrk+origin on CPU {s['load_cpu']}; "

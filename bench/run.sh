@@ -23,6 +23,8 @@ ACCESS_LOG=${ACCESS_LOG:-file}     # file: every proxy logs each request to a fi
 NGINX_LOG_BUFFER=${NGINX_LOG_BUFFER-64k}  # nginx access_log buffer= (Rampart batches too); empty = unbuffered
 ROTATE_LOGS=${ROTATE_LOGS:-1}      # 1: empty a proxy's access log before each of its runs (see bench/README.md)
 TLS=${TLS:-0}                      # 1: clients (wrk, the idle test) talk HTTPS to every proxy (HTTP/1.1; a self-signed P-256 certificate)
+H2=${H2:-0}                        # 1: HTTP/2 over TLS (sets TLS=1): h2load -m 1 instead of wrk, HTTP/2 idle connections
+if [[ $H2 == 1 ]]; then TLS=1; fi
 IDLE_CONNS=${IDLE_CONNS:-10000}    # idle keep-alive connections per proxy; 0 skips the memory test
 IDLE_CONCURRENCY=${IDLE_CONCURRENCY:-200}  # connections being opened at once by idle_conns.py
 IDLE_SETTLE=${IDLE_SETTLE:-3}      # seconds to wait after the last connection is open before reading RSS (Rampart parks idle connections after 250-500 ms)
@@ -48,6 +50,7 @@ for p in $PROXIES; do
 done
 need_tools nginx haproxy wrk python3 curl taskset ps getconf
 if [[ $TLS == 1 ]]; then need_tools openssl; fi
+if [[ $H2 == 1 ]]; then need_tools h2load; fi
 setup_pinning
 ensure_rampart
 
@@ -81,7 +84,7 @@ ORIGIN_PORT=$BASE_PORT
 ADMIN_PORT=$((BASE_PORT + 4))
 ports_free "$ORIGIN_PORT" "${PORT[@]}" "$ADMIN_PORT"
 
-new_run_dir "$([[ $TLS == 1 ]] && echo -tls)"
+new_run_dir "$(if [[ $H2 == 1 ]]; then echo -h2; elif [[ $TLS == 1 ]]; then echo -tls; fi)"
 if [[ $TLS == 1 ]]; then make_tls_cert "$WORK/tls"; fi
 
 # --- Versions -----------------------------------------------------------------
@@ -92,7 +95,7 @@ note "pinning: proxies on CPU '${PROXY_CPU:-any}', wrk + origin + idle client on
 note "output: $RUN_DIR"
 
 export NGINX_VERSION HAPROXY_VERSION WRK_VERSION RAMPART_VERSION GIT_REV RAMPART_BIN THREADS CONNS \
-  DURATION WARMUP ROUNDS PROXY_CPU LOAD_CPU ACCESS_LOG NGINX_LOG_BUFFER ROTATE_LOGS TLS IDLE_CONNS IDLE_CONNS_REQUESTED HAPROXY_MAXCONN PROXIES NOFILE CLK_TCK
+  DURATION WARMUP ROUNDS PROXY_CPU LOAD_CPU ACCESS_LOG NGINX_LOG_BUFFER ROTATE_LOGS TLS H2 IDLE_CONNS IDLE_CONNS_REQUESTED HAPROXY_MAXCONN PROXIES NOFILE CLK_TCK
 python3 - "$RUN_DIR/meta.json" <<'EOF'
 import json, os, sys, time
 e = os.environ
@@ -105,7 +108,7 @@ meta = {
         "threads": int(e["THREADS"]), "conns": int(e["CONNS"]), "duration": e["DURATION"],
         "warmup": e["WARMUP"], "rounds": int(e["ROUNDS"]), "proxy_cpu": e["PROXY_CPU"],
         "load_cpu": e["LOAD_CPU"], "access_log": e["ACCESS_LOG"],
-        "nginx_log_buffer": e["NGINX_LOG_BUFFER"], "rotate_logs": e["ROTATE_LOGS"] == "1", "tls": e["TLS"] == "1",
+        "nginx_log_buffer": e["NGINX_LOG_BUFFER"], "rotate_logs": e["ROTATE_LOGS"] == "1", "tls": e["TLS"] == "1", "h2": e["H2"] == "1",
         "idle_conns": int(e["IDLE_CONNS"]),
         "idle_conns_requested": int(e["IDLE_CONNS_REQUESTED"]), "haproxy_maxconn": int(e["HAPROXY_MAXCONN"]),
         "fd_limit": int(e["NOFILE"]), "clk_tck": int(e["CLK_TCK"]),
@@ -151,7 +154,7 @@ defaults
     timeout http-request 120s
     timeout http-keep-alive 120s
 frontend bench
-    bind 127.0.0.1:${PORT[haproxy]}${TLS_PEM:+ ssl crt $TLS_PEM}
+    bind 127.0.0.1:${PORT[haproxy]}${TLS_PEM:+ ssl crt $TLS_PEM}$([[ $H2 == 1 ]] && echo " alpn h2,http/1.1")
     default_backend origin
 backend origin
     server origin 127.0.0.1:$ORIGIN_PORT
@@ -212,7 +215,7 @@ idle_test() {  # PROXY: RSS before and while IDLE_CONNS idle keep-alive connecti
   sleep 1   # let the previous test's connections finish closing
   before=$(rss_kib "${ROOT_PID[$p]}")
   ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} python3 "$BENCH_DIR/idle_conns.py" --port "${PORT[$p]}" \
-    --count "$IDLE_CONNS" --concurrency "$IDLE_CONCURRENCY" --hold-max 300 ${TLS_CERT:+--tls} >"$out" 2>"$out.err" &
+    --count "$IDLE_CONNS" --concurrency "$IDLE_CONCURRENCY" --hold-max 300 ${TLS_CERT:+--tls} $([[ $H2 == 1 ]] && echo --h2) >"$out" 2>"$out.err" &
   IDLE_PID=$!
   for i in $(seq 600); do   # at most 5 minutes to open them all
     grep -q '^READY ' "$out" && break
