@@ -147,6 +147,30 @@ pub fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
     h.get(header::UPGRADE).cloned()
 }
 
+/// Give the map's values memory of their own: one allocation for all of them,
+/// each value a view into it. Values parsed from an upstream's response are views
+/// into that connection's read buffer (16 KiB); an HTTP/2 encoder keeps the values
+/// it indexes in its dynamic table for as long as the client's connection lasts,
+/// and with them that whole buffer.
+pub fn detach_values(map: &mut HeaderMap) {
+    let total: usize = map.values().map(HeaderValue::len).sum();
+    let mut all = bytes::BytesMut::with_capacity(total);
+    for v in map.values() {
+        all.extend_from_slice(v.as_bytes());
+    }
+    let all = all.freeze();
+    let mut at = 0;
+    for v in map.values_mut() {
+        let n = v.len();
+        // The same bytes, valid as they were.
+        if let Ok(mut own) = HeaderValue::from_maybe_shared(all.slice(at..at + n)) {
+            own.set_sensitive(v.is_sensitive());
+            *v = own;
+        }
+        at += n;
+    }
+}
+
 pub fn is_trusted(trusted: &[Cidr], ip: IpAddr) -> bool {
     trusted.iter().any(|c| c.contains(ip))
 }
@@ -632,6 +656,32 @@ mod tests {
         );
         assert_eq!(p & HOP_ANY, HOP_TE);
         assert_eq!(fields_present(&map(&[("x-other", "o")])), 0);
+    }
+
+    #[test]
+    fn detached_values_no_longer_share_the_buffer_they_were_read_from() {
+        let buf = bytes::Bytes::from_static(b"xx\"abc\"yyMon, 1 Jan").slice(0..);
+        let mut m = HeaderMap::new();
+        m.insert(header::ETAG, HeaderValue::from_maybe_shared(buf.slice(2..7)).unwrap());
+        m.append(header::VARY, HeaderValue::from_static("a"));
+        m.append(header::VARY, HeaderValue::from_static("b"));
+        let mut id = HeaderValue::from_static("id-1");
+        id.set_sensitive(true);
+        m.insert(&X_REQUEST_ID, id);
+        m.insert(header::DATE, HeaderValue::from_maybe_shared(buf.slice(9..)).unwrap());
+        let before: Vec<(String, Vec<u8>)> = m.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
+        detach_values(&mut m);
+        let after: Vec<(String, Vec<u8>)> = m.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
+        assert_eq!(before, after);
+        let range = buf.as_ptr_range();
+        for v in m.values() {
+            assert!(
+                !range.contains(&v.as_bytes().as_ptr()),
+                "{v:?} still points into the buffer"
+            );
+        }
+        assert!(m[&X_REQUEST_ID].is_sensitive());
+        assert!(!m[header::ETAG].is_sensitive());
     }
 
     #[test]
