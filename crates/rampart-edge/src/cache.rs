@@ -213,6 +213,8 @@ impl Entry {
         // Never replay cookies (when storing is allowed at all) or hop-by-hop fields.
         headers.remove(header::SET_COOKIE);
         headers.remove(header::AGE);
+        // Values read from an upstream share its connection's read buffer.
+        crate::headers::detach_values(&mut headers);
         let freshness = freshness_lifetime(status.as_u16(), &headers, &cc, heuristic_max);
         let date_value = http_date(&headers, header::DATE).unwrap_or(response_time);
         Entry {

@@ -326,6 +326,34 @@ fn stored_entries_never_keep_cookies() {
     assert!(!e.headers.contains_key(header::SET_COOKIE));
 }
 
+/// Header values read from an upstream are views into its connection's read
+/// buffer; a stored entry must not keep that buffer (16 KiB per entry) alive.
+#[test]
+fn stored_entries_own_their_header_values() {
+    let mut head = vec![b'x'; 16 * 1024];
+    head[..15].copy_from_slice(b"max-age=60\"abc\"");
+    let read = Bytes::from(head);
+    let mut m = HeaderMap::new();
+    m.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_maybe_shared(read.slice(0..10)).unwrap(),
+    );
+    m.insert(
+        header::ETAG,
+        HeaderValue::from_maybe_shared(read.slice(10..15)).unwrap(),
+    );
+    let e = Entry::new(StatusCode::OK, m, Bytes::new(), 0.0, 0.0, &HeaderMap::new(), DAY);
+    assert_eq!(e.headers[header::ETAG], "\"abc\"");
+    assert_eq!(e.freshness, 60.0);
+    let range = read.as_ptr_range();
+    for v in e.headers.values() {
+        assert!(
+            !range.contains(&v.as_bytes().as_ptr()),
+            "{v:?} points into the read buffer"
+        );
+    }
+}
+
 #[test]
 fn ranges_rfc_9110_section_14() {
     let r = |spec: &str, len: u64| range(&h(&[("range", spec)]), &HeaderMap::new(), len);
