@@ -14,7 +14,7 @@
 //! while sibling routes keep their ranking. Latency is tracked as an EWMA.
 
 use crate::body::UpstreamBody;
-use crate::upstream::{ClientSettings, UpstreamClient, build_client_with, classify};
+use crate::upstream::{ClientSettings, Clients, build_clients, classify};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -50,7 +50,8 @@ pub struct Chain {
     cooldown_after: u32,
     cooldown: Duration,
     pub replay_limit: usize,
-    client: UpstreamClient,
+    /// One per worker runtime.
+    client: Clients,
 }
 
 fn provider(name: &str, url: &str, timeout: Duration) -> Result<Provider, String> {
@@ -67,7 +68,8 @@ fn provider(name: &str, url: &str, timeout: Duration) -> Result<Provider, String
 }
 
 impl Chain {
-    pub fn build(cfg: &ChainConfig, base_dir: &Path) -> Result<Chain, String> {
+    /// `slots`: worker runtimes (the per-core model), each given its own client.
+    pub fn build(cfg: &ChainConfig, base_dir: &Path, slots: usize) -> Result<Chain, String> {
         let providers = cfg
             .providers
             .iter()
@@ -77,7 +79,7 @@ impl Chain {
             Some(o) => Some(provider("origin", &o.url, cfg.timeout.get())?),
             None => None,
         };
-        let (client, _) = build_client_with(
+        let (client, _) = build_clients(
             &ClientSettings {
                 tls: &cfg.tls,
                 connect: cfg.timeout.get(),
@@ -86,6 +88,7 @@ impl Chain {
                 idle_timeout: Duration::from_secs(90),
             },
             base_dir,
+            slots,
         )?;
         Ok(Chain {
             name: Arc::from(cfg.name.as_str()),
@@ -538,7 +541,7 @@ async fn attempt(
     if let Some(d) = req.deadline {
         wait = wait.min(d);
     }
-    let out = match tokio::time::timeout_at(wait, chain.client.request(r)).await {
+    let out = match tokio::time::timeout_at(wait, chain.client.get().request(r)).await {
         Err(_) => Err("PROVIDER_TIMEOUT"),
         Ok(Err(e)) => {
             tracing::debug!(provider = %p.name, error = ?e, reason = classify(&e).as_str(), "provider fetch failed");

@@ -47,6 +47,11 @@ pub(crate) fn set_worker_slot(slot: usize) {
     WORKER_SLOT.with(|s| s.set(slot));
 }
 
+/// The worker runtime the calling thread runs (0 off the per-core model).
+pub(crate) fn worker_slot() -> usize {
+    WORKER_SLOT.with(Cell::get)
+}
+
 pub struct H1Pool {
     connector: Connector,
     /// Idle connections per worker runtime and backend (`slot * backends + index`),
@@ -175,7 +180,7 @@ impl H1Pool {
 
     /// Backend `index`'s idle connections of the calling thread's worker runtime.
     fn list(&self, index: usize) -> Option<MutexGuard<'_, Lists>> {
-        let slot = WORKER_SLOT.with(Cell::get).min(self.slots - 1);
+        let slot = worker_slot().min(self.slots - 1);
         Some(crate::lock(self.idle.get(slot * self.backends + index)?))
     }
 

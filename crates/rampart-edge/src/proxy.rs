@@ -1223,7 +1223,7 @@ async fn send_upstream(
             Ok((resp, checkin)) => Ok((resp, checkin)),
             Err(e) => Err((crate::upstream::classify_send(&e), format!("{e:?}"))),
         },
-        None => match pool.client.request(up).await {
+        None => match pool.client.get().request(up).await {
             Ok(resp) => Ok((resp.map(crate::body::UpBody::Hyper), None)),
             Err(e) => Err((classify(&e), format!("{e:?}"))),
         },

@@ -146,7 +146,7 @@ impl Snapshot {
 
         let mut chains = HashMap::new();
         for (i, c) in cfg.chain.iter().enumerate() {
-            match Chain::build(c, &base) {
+            match Chain::build(c, &base, registry.worker_slots()) {
                 Ok(chain) => {
                     chains.insert(c.name.clone(), Arc::new(chain));
                 }

@@ -250,7 +250,8 @@ pub struct Pool {
     in_panic: AtomicBool,
     /// TLS settings towards the backends (also used by active checks).
     pub tls: Arc<rustls::ClientConfig>,
-    pub client: UpstreamClient,
+    /// HTTP/2 pools' clients (and cache refreshes'), one per worker runtime.
+    pub client: Clients,
     /// HTTP/1.1 connections per backend, for `protocol = "http1"` pools.
     pub h1: Option<crate::h1pool::H1Pool>,
     pub timeouts: Timeouts,
@@ -296,7 +297,7 @@ impl Pool {
             });
         }
         let settings = client_settings(cfg);
-        let (client, tls) = build_client_with(&settings, base_dir)?;
+        let (client, tls) = build_clients(&settings, base_dir, registry.worker_slots())?;
         // HTTP/1.1 requests through the pool's own per-backend connections (see
         // h1pool); hyper-util's client stays for HTTP/2 and cache refreshes.
         let h1 = match cfg.protocol {
@@ -567,19 +568,41 @@ fn client_settings(cfg: &PoolConfig) -> ClientSettings<'_> {
     }
 }
 
-/// Build a pooled HTTP client with TLS towards upstreams.
-pub fn build_client_with(
+/// hyper-util clients towards upstreams, one per worker runtime (the per-core
+/// model; one otherwise), each with its own connection pool. A connection's task
+/// runs on the runtime that opened it, so a request from another worker would wait
+/// for that runtime and cost a cross-thread wake each way (as `h1pool`'s idle
+/// lists are kept per worker for the same reason).
+pub struct Clients(Box<[UpstreamClient]>);
+
+impl Clients {
+    /// The calling worker's client.
+    pub fn get(&self) -> &UpstreamClient {
+        // Never empty (see `build_clients`).
+        &self.0[crate::h1pool::worker_slot().min(self.0.len() - 1)]
+    }
+}
+
+/// Build `slots` pooled HTTP clients (at least one) with TLS towards upstreams,
+/// sharing one connector.
+pub fn build_clients(
     cfg: &ClientSettings<'_>,
     base_dir: &Path,
-) -> Result<(UpstreamClient, Arc<rustls::ClientConfig>), String> {
+    slots: usize,
+) -> Result<(Clients, Arc<rustls::ClientConfig>), String> {
     let (connector, tls) = build_connector(cfg, base_dir)?;
-    let mut cb = Client::builder(TokioExecutor::new());
-    cb.pool_max_idle_per_host(cfg.max_idle)
-        .pool_idle_timeout(cfg.idle_timeout)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .http2_only(cfg.protocol == Protocol::Http2);
-    Ok((cb.build(connector), tls))
+    let clients = (0..slots.max(1))
+        .map(|_| {
+            let mut cb = Client::builder(TokioExecutor::new());
+            cb.pool_max_idle_per_host(cfg.max_idle)
+                .pool_idle_timeout(cfg.idle_timeout)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .http2_only(cfg.protocol == Protocol::Http2);
+            cb.build(connector.clone())
+        })
+        .collect();
+    Ok((Clients(clients), tls))
 }
 
 pub type Connector = HttpsConnector<HttpConnector<Resolver>>;

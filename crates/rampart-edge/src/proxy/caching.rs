@@ -533,7 +533,7 @@ impl Refresh {
                 *req.headers_mut() = self.headers.clone();
                 req.headers_mut()
                     .insert(header::HOST, host.clone().unwrap_or_else(|| backend.host_value.clone()));
-                pool.client.request(req).await.ok()
+                pool.client.get().request(req).await.ok()
             }
             RefreshVia::Chain(chain) => {
                 let (path, query) = match self.path_and_query.split_once('?') {

@@ -105,3 +105,27 @@ async fn workers_listen_on_one_port_serve_resume_parked_connections_and_reload()
     assert_eq!(report.abandoned, 0);
     drop(workers);
 }
+
+/// An HTTP/2 pool's connections are kept per worker: each worker runtime opens its
+/// own connection to the backend and multiplexes its requests over it, rather
+/// than sending them to a connection another runtime drives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_worker_keeps_its_own_http2_upstream_connection() {
+    let workers = rampart_edge::workers::Workers::start(2).unwrap();
+    let origin = Origin::start_h2("h2o").await.unwrap();
+    let e = TestEdge::start_on(&simple(&origin.url(), "protocol = \"http2\""), workers.handles()).await;
+    // New client connections, one request each, in turn: the kernel spreads them
+    // over both workers' sockets (all on one worker: 2 in 2^40).
+    for _ in 0..40 {
+        let answer = raw(
+            e.http,
+            b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("HTTP/2.0"), "{answer}");
+    }
+    assert_eq!(origin.requests(), 40);
+    assert_eq!(origin.connections(), 2, "one upstream connection per worker");
+}
