@@ -84,13 +84,31 @@ fn load_pair(
     Ok(ck)
 }
 
+/// The server's crypto provider: rustls' defaults, with AES-128-GCM suites first.
+/// With `ignore_client_order` the server's order wins, as Go's crypto/tls and
+/// Cloudflare do: AES-128-GCM is as safe in practice as AES-256-GCM and cheaper
+/// (a full TLS 1.3 handshake measured 125 → 113 µs of server CPU; see
+/// docs/architecture.md), and every suite rustls offers stays available to
+/// clients that lack it.
+fn server_provider() -> rustls::crypto::CryptoProvider {
+    use rustls::CipherSuite as S;
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.sort_by_key(|s| match s.suite() {
+        S::TLS13_AES_128_GCM_SHA256
+        | S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 0,
+        _ => 1,
+    });
+    provider
+}
+
 /// Build the rustls server config for the TLS listeners.
 pub fn server_config(
     certs: &[Certificate],
     http2: bool,
     base: &Path,
 ) -> Result<Arc<rustls::ServerConfig>, Vec<(String, String)>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(server_provider());
     let mut loaded = Vec::new();
     let mut errors = Vec::new();
     for (i, c) in certs.iter().enumerate() {
@@ -107,6 +125,7 @@ pub fn server_config(
         .map_err(|e| vec![("server.tls".to_string(), e.to_string())])?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SniResolver { certs: loaded }));
+    cfg.ignore_client_order = true;
     cfg.alpn_protocols = if http2 {
         vec![b"h2".to_vec(), b"http/1.1".to_vec()]
     } else {

@@ -201,12 +201,20 @@ async fn upstream_tls_is_verified_against_the_configured_ca() {
 /// A TLS client connection to the edge's TLS listener, trusting `pem`, offering
 /// only `http/1.1` in ALPN.
 async fn tls_connect(t: &Tls, pem: &str, host: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tls_connect_with(t, pem, host, rustls::crypto::ring::default_provider()).await
+}
+
+async fn tls_connect_with(
+    t: &Tls,
+    pem: &str,
+    host: &str,
+    provider: rustls::crypto::CryptoProvider,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     use rustls_pki_types::pem::PemObject;
     let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
     roots.add(der).unwrap();
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
@@ -220,6 +228,36 @@ async fn tls_connect(t: &Tls, pem: &str, host: &str) -> tokio_rustls::client::Tl
         .connect(name, tcp)
         .await
         .unwrap()
+}
+
+/// The server's suite order wins: a client that lists AES-256-GCM first (as
+/// rustls and OpenSSL do) gets the cheaper AES-128-GCM, and a client offering
+/// only ChaCha20-Poly1305 (TLS 1.3 or 1.2) still gets it.
+#[tokio::test]
+async fn server_prefers_aes_128_gcm_and_keeps_the_other_suites() {
+    use rustls::CipherSuite as S;
+    let origin = Origin::start("o").await.unwrap();
+    let t = start(&origin.url(), "").await;
+    let default = rustls::crypto::ring::default_provider();
+    assert_eq!(default.cipher_suites[0].suite(), S::TLS13_AES_256_GCM_SHA384);
+    let s = tls_connect(&t, &t.a_pem, "a.test").await;
+    let suite = s.get_ref().1.negotiated_cipher_suite().unwrap().suite();
+    assert_eq!(suite, S::TLS13_AES_128_GCM_SHA256);
+
+    for (only, version) in [
+        (S::TLS13_CHACHA20_POLY1305_SHA256, &rustls::version::TLS13),
+        (
+            S::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            &rustls::version::TLS12,
+        ),
+    ] {
+        let mut p = rustls::crypto::ring::default_provider();
+        p.cipher_suites.retain(|s| s.suite() == only);
+        let s = tls_connect_with(&t, &t.a_pem, "a.test", p).await;
+        let conn = s.get_ref().1;
+        assert_eq!(conn.negotiated_cipher_suite().unwrap().suite(), only);
+        assert_eq!(conn.protocol_version(), Some(version.version));
+    }
 }
 
 /// `config` with an admin listener (for the parked gauge) and `server` fields.
