@@ -252,7 +252,8 @@ $(nginx_temp_paths "$dir/tmp")
     server {
         listen 127.0.0.1:$port${TLS_CERT:+ ssl}$([[ ${H2:-0} == 1 ]] && echo " http2") backlog=4096;${TLS_CERT:+
         ssl_certificate $TLS_CERT;
-        ssl_certificate_key $TLS_KEY;}
+        ssl_certificate_key $TLS_KEY;
+        ssl_protocols TLSv1.2 TLSv1.3;}
         location / {
             proxy_pass http://origin;
             proxy_http_version 1.1;

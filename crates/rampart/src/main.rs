@@ -58,9 +58,15 @@ enum Cmd {
     },
 }
 
+/// Log level from `RUST_LOG`; by default `info`, with rustls at `error`: rustls warns
+/// about a client's protocol slips (an IP address sent as SNI, as wrk and some
+/// bots do), one line per connection that any client can cause. Failed handshakes
+/// are counted in `rampart_tls_handshake_failures_total` and logged at debug.
+const DEFAULT_LOG_FILTER: &str = "info,rustls=error";
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
