@@ -20,14 +20,18 @@ use tokio::time::{Instant, Sleep};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A client's request body as the pipeline receives it: hyper's, or none at all
-/// (a body-less request read by the lean HTTP/1 server, [`crate::h1server`]).
+/// A client's request body as the pipeline receives it: hyper's, none at all (a
+/// body-less request read by the lean HTTP/1 server, [`crate::h1server`]), or a
+/// small body the lean server found whole behind its head.
 /// `Empty` also tells the pipeline that the head has no `Content-Length`,
 /// `Transfer-Encoding`, `Upgrade` or `Expect` field: the lean server hands every
-/// such request to hyper.
+/// such request to hyper, except one `Content-Length` whose body it has (`Full`).
 pub enum ClientIn {
     Hyper(Incoming),
     Empty,
+    /// The whole body, exactly as long as the head's one `Content-Length` says
+    /// (`None` once it has been read).
+    Full(Option<Bytes>),
 }
 
 impl Body for ClientIn {
@@ -38,6 +42,7 @@ impl Body for ClientIn {
         match self.get_mut() {
             ClientIn::Hyper(b) => Pin::new(b).poll_frame(cx),
             ClientIn::Empty => Poll::Ready(None),
+            ClientIn::Full(b) => Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
         }
     }
 
@@ -45,6 +50,7 @@ impl Body for ClientIn {
         match self {
             ClientIn::Hyper(b) => b.is_end_stream(),
             ClientIn::Empty => true,
+            ClientIn::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
         }
     }
 
@@ -52,6 +58,7 @@ impl Body for ClientIn {
         match self {
             ClientIn::Hyper(b) => b.size_hint(),
             ClientIn::Empty => SizeHint::with_exact(0),
+            ClientIn::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
 }
@@ -232,7 +239,9 @@ impl Body for UpstreamBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let (inner, limit, state, idle, timer, armed) = match self.get_mut() {
             UpstreamBody::Empty => return Poll::Ready(None),
-            UpstreamBody::Full(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            UpstreamBody::Full(b) => {
+                return Poll::Ready(b.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))));
+            }
             UpstreamBody::Stream(s) if s.prefix.is_some() => {
                 return Poll::Ready(s.prefix.take().map(|b| Ok(Frame::data(b))));
             }
@@ -293,7 +302,7 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Empty => true,
-            UpstreamBody::Full(b) => b.is_none(),
+            UpstreamBody::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
             UpstreamBody::Stream(s) => s.prefix.is_none() && s.inner.is_end_stream(),
         }
     }

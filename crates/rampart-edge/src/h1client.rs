@@ -109,6 +109,18 @@ pub fn eligible_without_fields(method: &Method, version: Version, has_body: bool
     (method == Method::GET || method == Method::HEAD) && !has_body && version == Version::HTTP_11
 }
 
+/// Whether a request with a body held whole (`len` bytes) may go through the own
+/// client: HTTP/1.1, no `Upgrade` or `Transfer-Encoding`, and one `Content-Length`
+/// that says `len` (the head is sent as it is, with the body behind it).
+pub fn eligible_with_body(method: &Method, version: Version, headers: &HeaderMap, len: usize) -> bool {
+    version == Version::HTTP_11
+        && method != Method::CONNECT
+        && !headers.contains_key(header::UPGRADE)
+        && !headers.contains_key(header::TRANSFER_ENCODING)
+        && headers.get_all(header::CONTENT_LENGTH).iter().count() == 1
+        && crate::headers::content_length(headers) == Ok(Some(len as u64))
+}
+
 /// The request head as it goes on the wire (`target` in origin form): `headers`,
 /// then `more`.
 pub fn encode<'n, 'v>(
@@ -142,17 +154,22 @@ pub enum Failure {
     Invalid(InvalidResponse),
 }
 
-/// Send `wire` (an encoded head) on `conn` and read the response head; with
-/// `passthrough`, the fields no stage uses stay lines, for the body to carry.
+/// Send `wire` (an encoded head, and the body if any) on `conn` and read the
+/// response head; with `passthrough`, the fields no stage uses stay lines, for the
+/// body to carry. `idempotent`: a reused connection that closes after the request
+/// went out, before any response, is `Stale` (the request may be sent again);
+/// otherwise the upstream may have acted on it, and it is an error.
 pub async fn exchange(
     mut conn: Box<Conn>,
     wire: &[u8],
     head_request: bool,
     passthrough: bool,
+    idempotent: bool,
 ) -> Result<(http::response::Parts, Body), Failure> {
     if let Err(e) = conn.stream.write_all(wire).await {
         return Err(if conn.reused { Failure::Stale } else { Failure::Io(e) });
     }
+    let may_resend = conn.reused && idempotent;
     loop {
         match parse_head(&mut conn.buf, head_request, passthrough) {
             Ok(Some(head)) => {
@@ -174,7 +191,7 @@ pub async fn exchange(
         conn.buf.reserve(READ_SIZE);
         let nothing_yet = conn.buf.is_empty();
         match conn.stream.read_buf(&mut conn.buf).await {
-            Ok(0) if conn.reused && nothing_yet => return Err(Failure::Stale),
+            Ok(0) if may_resend && nothing_yet => return Err(Failure::Stale),
             Ok(0) => {
                 return Err(Failure::Io(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
@@ -182,7 +199,7 @@ pub async fn exchange(
                 )));
             }
             Ok(_) => {}
-            Err(e) if conn.reused && nothing_yet && e.kind() == std::io::ErrorKind::ConnectionReset => {
+            Err(e) if may_resend && nothing_yet && e.kind() == std::io::ErrorKind::ConnectionReset => {
                 return Err(Failure::Stale);
             }
             Err(e) => return Err(Failure::Io(e)),

@@ -119,7 +119,7 @@ impl std::fmt::Debug for SendError {
 
 /// A request for the own client ([`h1client`]).
 pub struct Own {
-    /// Its head as it goes on the wire ([`h1client::encode`]).
+    /// Its head as it goes on the wire ([`h1client::encode`]), and its body, if any.
     pub head: Vec<u8>,
     /// The response's fields no stage uses may stay lines ([`h1client::Passthrough`]).
     pub passthrough: bool,
@@ -266,7 +266,8 @@ impl H1Pool {
         }
     }
 
-    /// A body-less GET or HEAD to a plain-HTTP backend, through the own client.
+    /// A body-less GET or HEAD, or a request with a body held whole, to a
+    /// plain-HTTP backend, through the own client.
     async fn send_own(
         &self,
         pool: &Arc<crate::upstream::Pool>,
@@ -277,15 +278,17 @@ impl H1Pool {
     ) -> Result<Response<UpBody>, SendError> {
         let (wire, passthrough) = (&own.head[..], own.passthrough);
         let head_request = req.method() == http::Method::HEAD;
+        let idempotent = req.method().is_idempotent();
         let failed = |f: h1client::Failure| match f {
             h1client::Failure::Io(e) => SendError::Io(e),
             h1client::Failure::Invalid(e) => SendError::Invalid(e),
             h1client::Failure::Stale => SendError::Io(std::io::ErrorKind::ConnectionReset.into()),
         };
         // A pooled connection the upstream had closed gets the request again, once,
-        // on a new connection (GET and HEAD are idempotent).
+        // on a new connection: when the write failed, or, for an idempotent
+        // method, when it closed with no response.
         let pooled = match self.checkout_own(index, own.now) {
-            Some(conn) => match h1client::exchange(conn, wire, head_request, passthrough).await {
+            Some(conn) => match h1client::exchange(conn, wire, head_request, passthrough, idempotent).await {
                 Err(h1client::Failure::Stale) => None,
                 other => Some(other),
             },
@@ -296,7 +299,7 @@ impl H1Pool {
             // Boxed: connecting (DNS, TCP, handshake) is the rare path.
             None => {
                 let conn = Box::pin(self.connect_own(target)).await?;
-                h1client::exchange(conn, wire, head_request, passthrough).await
+                h1client::exchange(conn, wire, head_request, passthrough, idempotent).await
             }
         };
         let (parts, body) = exchanged.map_err(failed)?;

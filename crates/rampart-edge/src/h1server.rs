@@ -1,5 +1,7 @@
 //! Rampart's own HTTP/1.1 server path for the common request: a plain keep-alive
-//! request with no body and no upgrade (a GET, a HEAD, a DELETE without content).
+//! request with no upgrade and no body (a GET, a HEAD, a DELETE without content), or
+//! a small body that came whole with its head (one `Content-Length`, up to
+//! [`MAX_BODY`]; a form post, an API call).
 //!
 //! hyper's server runs a dispatcher per connection that parses every head into its
 //! own structures, polls the socket about nine times per request and encodes the
@@ -8,9 +10,10 @@
 //! with `httparse` (header values are views into one buffer), calls the pipeline,
 //! writes the response head and body itself, and loops.
 //!
-//! Everything else is hyper's: a head with `Content-Length` or `Transfer-Encoding`,
-//! `Upgrade`, `Expect`, `CONNECT`, a head httparse refuses or that outgrows the head
-//! budget. The connection is *handed off*: hyper gets the socket with the bytes read
+//! Everything else is hyper's: a head with `Transfer-Encoding`, `Upgrade`, `Expect`,
+//! `CONNECT`, more than one `Content-Length` or one that is not plain digits, a body
+//! larger than [`MAX_BODY`] or not all read yet, a head httparse refuses or that
+//! outgrows the head budget. The connection is *handed off*: hyper gets the socket with the bytes read
 //! so far in front of it, serves that request and the framing guard watches it
 //! (see `listener::serve_http1`), and the connection comes back here once hyper
 //! has been quiet long enough to park it.
@@ -47,6 +50,10 @@ const MAX_HEADERS: usize = 128;
 /// Room for the fields the pipeline adds to a request on its way upstream
 /// (`X-Forwarded-For`, `-Proto`, `-Host`, `Via`, `x-request-id`, a cookie's pin).
 const ADDED_FIELDS: usize = 6;
+/// The longest request body served here: one this size or smaller that arrived
+/// with its head (in the same reads) is taken whole; a larger one, or one still on
+/// its way, goes to hyper, which streams it.
+const MAX_BODY: usize = 16 * 1024;
 /// How much room a read asks for.
 const READ_SIZE: usize = 8 * 1024;
 /// Body chunks up to this size are copied behind the head or the chunk line, so a
@@ -321,10 +328,25 @@ fn parse(buf: &mut BytesMut, max_headers: usize) -> Parsed {
     let http11 = version == 1;
     let mut keep_alive = http11;
     let mut close = false;
+    let mut body_len = None;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
-        if is("content-length") || is("transfer-encoding") || is("upgrade") || is("expect") {
+        if is("content-length") {
+            // One field of plain digits, for a body small enough to hold; anything
+            // else (a list, a second field, a sign, a large body) is hyper's.
+            if body_len.is_some() || h.value.is_empty() || h.value.len() > 6 || !h.value.iter().all(u8::is_ascii_digit)
+            {
+                return Parsed::Other;
+            }
+            let n = h.value.iter().fold(0usize, |n, d| n * 10 + usize::from(d - b'0'));
+            if n > MAX_BODY {
+                return Parsed::Other;
+            }
+            body_len = Some(n);
+            continue;
+        }
+        if is("transfer-encoding") || is("upgrade") || is("expect") {
             return Parsed::Other;
         }
         if is("connection") {
@@ -344,6 +366,10 @@ fn parse(buf: &mut BytesMut, max_headers: usize) -> Parsed {
     let base = buf.as_ptr() as usize;
     let path_at = path.as_ptr() as usize - base;
     let path_range = path_at..path_at + path.len();
+    // A body must be here whole, behind the head; one still on its way is hyper's.
+    if body_len.is_some_and(|n| buf.len() - len < n) {
+        return Parsed::Other;
+    }
     let head = buf.split_to(len).freeze();
     let built = http::Uri::from_maybe_shared(head.slice(path_range))
         .ok()
@@ -359,7 +385,11 @@ fn parse(buf: &mut BytesMut, max_headers: usize) -> Parsed {
         version,
         keep_alive,
     };
-    let mut r = Request::new(ClientIn::Empty);
+    let body = match body_len {
+        None => ClientIn::Empty,
+        Some(n) => ClientIn::Full(Some(buf.split_to(n).freeze())),
+    };
+    let mut r = Request::new(body);
     *r.method_mut() = method;
     *r.uri_mut() = uri;
     *r.version_mut() = version;
@@ -708,8 +738,44 @@ mod tests {
         assert!(asked.keep_alive);
         assert_eq!(&rest[..], b"GET /next", "a pipelined request stays in the buffer");
 
+        // One Content-Length with the whole body behind the head: the body is split
+        // off with it (even an empty one), and what follows stays.
+        for (text, body) in [
+            (
+                "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhelloGET /next",
+                &b"hello"[..],
+            ),
+            ("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\nGET /next", b""),
+            (
+                "POST / HTTP/1.1\r\nHost: t\r\ncontent-length: 003\r\n\r\nabcGET /next",
+                b"abc",
+            ),
+        ] {
+            let (Parsed::Request(req, _), rest) = parse_text(text) else {
+                panic!("{text:?}: a request")
+            };
+            let ClientIn::Full(Some(got)) = req.body() else {
+                panic!("{text:?}: a whole body")
+            };
+            assert_eq!(&got[..], body, "{text:?}");
+            assert_eq!(&rest[..], b"GET /next", "{text:?}");
+        }
+
+        let big = format!("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n", MAX_BODY + 1);
         for text in [
-            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n",
+            // The body is not all here yet.
+            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhell",
+            // Larger than the lean path holds.
+            big.as_str(),
+            // Two fields, a list, a sign, no digits, or too many digits.
+            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nab",
+            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1, 1\r\n\r\nab",
+            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: +1\r\n\r\nab",
+            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: \r\n\r\nab",
+            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 0000001\r\n\r\nab",
+            // With Transfer-Encoding, either way round.
+            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n0\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             "PUT / HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n\r\n",

@@ -111,6 +111,9 @@ struct Record {
     upstream: Served,
     reason: Reason,
     body_state: Option<Arc<RequestBodyState>>,
+    /// The length of a request body that came whole with its head (no
+    /// `body_state` then: it was read before the pipeline began).
+    body_whole: u64,
     /// Counts the request against its backend until the response body ends.
     in_flight: Option<crate::balance::InFlight>,
     /// The route's pool that served: its own (`Some(false)`) or its fallback
@@ -145,7 +148,10 @@ impl Completion for Record {
         }
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.start);
-        let bytes_in = self.body_state.as_ref().map_or(0, |s| s.bytes.load(Ordering::Relaxed));
+        let bytes_in = self
+            .body_state
+            .as_ref()
+            .map_or(self.body_whole, |s| s.bytes.load(Ordering::Relaxed));
         let m = self.route.as_ref().map_or(&self.snap.unmatched, |r| &r.metrics);
         m.count_status(self.status);
         m.duration.observe(elapsed.as_secs_f64());
@@ -562,6 +568,7 @@ pub(crate) async fn handle_request(
         upstream: Served::Nobody,
         reason: Reason::Proxied,
         body_state: None,
+        body_whole: 0,
         in_flight: None,
         pool: None,
         tries: 0,
@@ -886,6 +893,15 @@ pub(crate) async fn handle_request(
     let mut body = match body {
         // Already read for the WAF (whole, or a prefix and the rest streaming).
         ClientBody::Read(b) => Some(b),
+        // Whole already (its head's one `Content-Length` says how long, perhaps 0),
+        // and within the limit (that length was checked above). Past the replay
+        // bound it is not retried, as it would not be had it streamed in.
+        ClientBody::Unread(ClientIn::Full(b))
+            if !may_retry || b.as_ref().is_none_or(|b| b.len() <= policy.replay_limit) =>
+        {
+            rec.body_whole = b.as_ref().map_or(0, |b| b.len() as u64);
+            Some(UpstreamBody::Full(b))
+        }
         ClientBody::Unread(body) if body.is_end_stream() => Some(UpstreamBody::Empty),
         ClientBody::Unread(body) => {
             let state = Arc::new(RequestBodyState::new());
@@ -984,20 +1000,30 @@ pub(crate) async fn handle_request(
         if !(host_in_map && matches!(route.host, HostMode::Preserve)) {
             h.insert(header::HOST, upstream_host(&route.host, &host_value, backend));
         }
-        // Rampart's own HTTP/1 client (body-less GET and HEAD to plain HTTP) encodes
-        // the headers where they are; hyper's client takes them, so a request that may
-        // be retried gives it a copy.
+        // Rampart's own HTTP/1 client (body-less GET and HEAD, and requests whose
+        // body is held whole, to plain HTTP) encodes the headers where they are;
+        // hyper's client takes them, so a request that may be retried gives it a copy.
+        let whole = match up.body() {
+            UpstreamBody::Full(Some(b)) => Some(b),
+            _ => None,
+        };
         let own = pool.h1.is_some()
             && backend.target.scheme() == Some(&http::uri::Scheme::HTTP)
-            && if lean_head {
-                crate::h1client::eligible_without_fields(up.method(), up.version(), !up.body().is_end_stream())
-            } else {
-                crate::h1client::eligible(up.method(), up.version(), &h, !up.body().is_end_stream())
+            && match whole {
+                Some(b) => crate::h1client::eligible_with_body(up.method(), up.version(), &h, b.len()),
+                None if lean_head => {
+                    crate::h1client::eligible_without_fields(up.method(), up.version(), !up.body().is_end_stream())
+                }
+                None => crate::h1client::eligible(up.method(), up.version(), &h, !up.body().is_end_stream()),
             };
-        // The own client's head: the map's fields, then the deferred ones.
+        // The own client's head: the map's fields, then the deferred ones; then the body.
         let own_head = own.then(|| {
             let added = added.iter().flat_map(Added::fields);
-            crate::h1client::encode(up.method(), pq_sent.as_str(), &h, added)
+            let mut wire = crate::h1client::encode(up.method(), pq_sent.as_str(), &h, added);
+            if let Some(b) = whole {
+                wire.extend_from_slice(b);
+            }
+            wire
         });
         if !own {
             // hyper's HTTP/1 pool sends origin-form and connects to the backend's

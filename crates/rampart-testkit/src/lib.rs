@@ -8,10 +8,11 @@
 //! | `/status/{code}` | respond with that status |
 //! | `?delay=200ms` (any path) | wait before sending the response head |
 //! | `/hang` | accept the request and never answer |
+//! | `/drop` | read the request head, then close the connection without an answer (HTTP/1.1) |
 //! | `/slow?chunks=5&interval=100ms` | a body sent in chunks with pauses between them |
 //! | `/stall?after=N` | send N body bytes, then stop sending (connection kept open) |
 //! | `/large?size=1048576` | a body of that many bytes, streamed |
-//! | `/echo`, `…/echo` | JSON with method, path, query, headers and body length received |
+//! | `/echo`, `…/echo` | JSON with method, path, query, headers, body length and (up to 64 KiB) the body received |
 //! | `/ws` | WebSocket echo |
 //! | `/cache/…?cc=max-age%3D60&etag=v1&vary=accept-encoding&cookie=1&lm=…&tag=t1&status=200&pad=N` | a cacheable response with those headers; body `n=<origin hit count> ae=<accept-encoding>` and N dots; `If-None-Match` matching `etag` gets 304; `Range: bytes=A-B` gets 206 |
 //! | anything else | `200`, body `hello from {name}` |
@@ -320,7 +321,24 @@ async fn raw_reply(mut stream: TcpStream, state: State, bytes: &[u8]) {
 
 async fn serve_http(stream: TcpStream, state: State, h2: bool) {
     let io = TokioIo::new(stream);
-    let svc = service_fn(move |req| handle(req, state.clone()));
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let state = state.clone();
+        async move {
+            // `/drop`: read the head, then close the connection without an answer
+            // (hyper closes a connection whose service fails).
+            if req.uri().path() == "/drop" {
+                state.requests.fetch_add(1, Ordering::SeqCst);
+                if let Ok(mut p) = state.paths.lock() {
+                    if p.len() >= 1000 {
+                        p.pop_front();
+                    }
+                    p.push_back("/drop".to_string());
+                }
+                return Err(std::io::Error::other("dropped without an answer"));
+            }
+            handle(req, state).await.map_err(|e| match e {})
+        }
+    });
     if h2 {
         let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .serve_connection(io, svc)
@@ -589,9 +607,14 @@ async fn echo(req: Request<Incoming>, name: &str) -> Response<Body> {
             }
         }
     }
-    let (body_len, body_error) = match body.collect().await {
-        Ok(b) => (b.to_bytes().len(), None),
-        Err(e) => (0, Some(e.to_string())),
+    let (body_len, body_text, body_error) = match body.collect().await {
+        Ok(b) => {
+            let b = b.to_bytes();
+            // The body itself when it is short enough to compare.
+            let text = (b.len() <= 64 * 1024).then(|| String::from_utf8_lossy(&b).into_owned());
+            (b.len(), text, None)
+        }
+        Err(e) => (0, None, Some(e.to_string())),
     };
     let j = serde_json::json!({
         "origin": name,
@@ -601,6 +624,7 @@ async fn echo(req: Request<Incoming>, name: &str) -> Response<Body> {
         "version": format!("{:?}", parts.version),
         "headers": headers,
         "body_length": body_len,
+        "body": body_text,
         "body_error": body_error,
     });
     let mut r = text(StatusCode::OK, name, j.to_string());

@@ -1,5 +1,6 @@
-//! Rampart's own HTTP/1.1 server path (body-less requests) answers as hyper's
-//! would, and hands a connection to hyper mid-stream for what it does not serve.
+//! Rampart's own HTTP/1.1 server path (body-less requests, and small bodies that
+//! come with their head) answers as hyper's would, and hands a connection to hyper
+//! mid-stream for what it does not serve.
 
 use crate::common::*;
 use rampart_testkit::Origin;
@@ -175,7 +176,7 @@ async fn requests_with_bodies_go_to_hyper_mid_connection_and_come_back() {
     let origin = Origin::start("o").await.unwrap();
     let e = edge(&origin, "").await;
     let mut s = TcpStream::connect(e.http).await.unwrap();
-    // Pipelined: a lean GET, a POST with a body (hyper's), a lean GET again.
+    // Pipelined: a lean GET, a POST with a body (whole: lean too), a lean GET again.
     s.write_all(
         b"GET /echo HTTP/1.1\r\nHost: t\r\nX-Probe: one\r\n\r\n\
           POST /echo HTTP/1.1\r\nHost: t\r\nX-Probe: two\r\nContent-Length: 5\r\n\r\nhello\
@@ -204,6 +205,82 @@ async fn requests_with_bodies_go_to_hyper_mid_connection_and_come_back() {
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
     assert_eq!(body, b"status 200 from o\n");
     assert_eq!(origin.requests(), 5);
+}
+
+/// A small body that arrives with its head is served on the lean path and sent
+/// upstream by the own client, behind its head, on the connection body-less
+/// requests use; one that is still on its way, or too large to hold, is streamed
+/// by hyper. Either way the origin gets the same bytes and length.
+#[tokio::test]
+async fn small_bodies_with_their_head_are_sent_whole_and_the_rest_streamed() {
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&one_pool(
+        &[&origin.url()],
+        Parts {
+            server: "limits = { max_request_body = \"32KiB\" }",
+            pool: "timeouts = { response_header = \"60s\" }",
+            ..Parts::default()
+        },
+    ))
+    .await;
+    let mut s = TcpStream::connect(e.http).await.unwrap();
+    // Pipelined behind a GET: a POST with its body, an empty PUT, a GET.
+    s.write_all(
+        b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n\
+          POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\n\r\nhello world\
+          PUT /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n\
+          GET /echo HTTP/1.1\r\nHost: t\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for (method, body, length) in [
+        ("GET", None, None),
+        ("POST", Some("hello world"), Some("11")),
+        ("PUT", Some(""), Some("0")),
+        ("GET", None, None),
+    ] {
+        let (head, reply) = read_response(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        let j: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+        assert_eq!(j["method"], method, "{j}");
+        assert_eq!(j["body"], body.unwrap_or(""), "{j}");
+        assert_eq!(j["headers"]["content-length"][0].as_str(), length, "{j}");
+        assert!(j["headers"]["transfer-encoding"].is_null(), "{j}");
+    }
+    // The own client carried them all on one upstream connection.
+    assert_eq!(origin.connections(), 1);
+
+    // A head whose body follows later: hyper reads it as it comes.
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"later").await.unwrap();
+    let (_, reply) = read_response(&mut s).await;
+    let j: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+    assert_eq!(j["body"], "later", "{j}");
+
+    // Larger than the lean path holds (16 KiB), and within the limit.
+    let big = "x".repeat(20 * 1024);
+    let req = format!(
+        "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{big}",
+        big.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let (_, reply) = read_response(&mut s).await;
+    let j: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+    assert_eq!(j["body_length"], big.len(), "{j}");
+    assert_eq!(j["body"], big.as_str());
+
+    // Over the limit: 413 before any upstream is asked, whole body or not.
+    let before = origin.requests();
+    let mut s = TcpStream::connect(e.http).await.unwrap();
+    let over = "y".repeat(10);
+    let req = format!("POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 40000\r\n\r\n{over}");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 413 "), "{head}");
+    assert_eq!(origin.requests(), before);
 }
 
 /// The `rampart_open_connections` gauge of the edge's HTTP listener.

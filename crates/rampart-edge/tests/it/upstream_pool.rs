@@ -45,6 +45,41 @@ async fn a_connection_whose_response_was_cut_short_is_not_reused() {
     assert_eq!(origin.connections(), 2, "the cut connection was dropped");
 }
 
+/// A reused connection that closes after a request went out, before any answer:
+/// the upstream may have acted on it, so only an idempotent request is sent again
+/// (once, on a new connection). A POST gets 502; its body reached the origin once.
+#[tokio::test]
+async fn a_request_the_upstream_dropped_is_sent_again_only_when_idempotent() {
+    let origin = Origin::start("o").await.unwrap();
+    let e = TestEdge::start(&simple(&origin.url(), "retry = { retries = 0 }")).await;
+    let c = client();
+    let warm = |c: reqwest::Client| {
+        let url = e.url("/echo");
+        async move {
+            let r = c.get(url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap();
+        }
+    };
+    warm(c.clone()).await;
+    assert_eq!(origin.connections(), 1);
+
+    // A POST with a small body: on the pooled connection, which the origin drops.
+    let r = c.post(e.url("/drop")).body("once").send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(header_str(&r, "x-rampart-reason"), "UPSTREAM_RESET");
+    let drops = |o: &Origin| o.paths().iter().filter(|p| *p == "/drop").count();
+    assert_eq!(drops(&origin), 1, "sent once");
+
+    // A PUT on a pooled connection: sent again on a new one, dropped there too.
+    warm(c.clone()).await;
+    let conns = origin.connections();
+    let r = c.put(e.url("/drop")).body("twice").send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(drops(&origin), 3, "sent on the pooled connection, then on a new one");
+    assert_eq!(origin.connections(), conns + 1);
+}
+
 #[tokio::test]
 async fn a_pooled_connection_the_upstream_closed_is_replaced_without_an_error() {
     // One answer per connection, then the origin closes it without saying so: the
