@@ -276,6 +276,9 @@ write_origin() {  # DIR PORT...: the origin nginx (1 worker) serving DIR/html/1k
         root $dir/html;
         add_header X-Origin-Port \$server_port;
         location / { try_files /1k.html =404; }
+        # A POST (bench/run.sh POST=N) gets the page too: nginx's static files
+        # answer POST with 405, which this turns into the page, read with GET.
+        error_page 405 =200 \$uri;
     }"
   done
   cat >"$dir/nginx.conf" <<EOF
@@ -346,9 +349,14 @@ load() {  # DURATION URL OUT: drive URL for DURATION; OUT gets a `WRK_JSON {...}
   # in flight per connection as wrk has one request; h2load_json.py prints the line
   # from h2load's summary and its per-request log)
   local duration=$1 url=$2 out=$3
+  # With POST=N (N > 0) every request is a POST with an N-byte body.
   if [[ ${H2:-0} == 1 ]]; then
-    local log="$WORK/h2load-requests.tsv"
-    ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} h2load -c"$CONNS" -t"$THREADS" -m1 -D"$duration" \
+    local log="$WORK/h2load-requests.tsv" data=()
+    if (( ${POST:-0} > 0 )); then
+      head -c "$POST" /dev/zero | tr '\0' x >"$WORK/post-body"
+      data=(-d "$WORK/post-body")
+    fi
+    ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} h2load -c"$CONNS" -t"$THREADS" -m1 -D"$duration" "${data[@]}" \
       --log-file="$log" "$url" >"$out.h2load" 2>&1 || return 1
     python3 "$BENCH_DIR/h2load_json.py" "$out.h2load" "$log" >"$out" || return 1
     rm -f "$log"

@@ -2,6 +2,15 @@
 -- "WRK_JSON ", so bench/run.sh does not have to parse wrk's human output.
 -- Latencies are in microseconds, duration too (that is what wrk gives).
 
+-- With POST=N in the environment (bench/run.sh POST=N), every request is a POST with an
+-- N-byte body.
+local post = tonumber(os.getenv("POST") or "0") or 0
+if post > 0 then
+  wrk.method = "POST"
+  wrk.body = string.rep("x", post)
+  wrk.headers["Content-Type"] = "application/octet-stream"
+end
+
 done = function(summary, latency, requests)
   local e = summary.errors
   local function int(x) return math.floor(x + 0.5) end

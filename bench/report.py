@@ -140,6 +140,8 @@ def summary(run_dir: Path) -> int:
     over = ", clients over HTTPS (HTTP/1.1)" if s.get("tls") else ""
     if s.get("h2"):
         over = ", HTTP/2 over TLS (h2load -m 1 in wrk's place)"
+    if s.get("post_bytes"):
+        over += f", every request a POST with a {s['post_bytes']}-byte body"
     print()
     print(f"Throughput and CPU  (wrk -t{s['threads']} -c{s['conns']} -d{s['duration']}, "
           f"median of {s['rounds']} round(s); proxy on CPU {s['proxy_cpu']}, wrk+origin on CPU {s['load_cpu']}; "
