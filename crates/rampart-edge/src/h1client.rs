@@ -121,16 +121,17 @@ pub fn eligible_with_body(method: &Method, version: Version, headers: &HeaderMap
         && crate::headers::content_length(headers) == Ok(Some(len as u64))
 }
 
-/// The request head as it goes on the wire (`target` in origin form): `headers`,
-/// then `more`.
+/// The request as it goes on the wire (`target` in origin form): the head with
+/// `headers`, then `more`; then `body` (a body held whole, or empty).
 pub fn encode<'n, 'v>(
     method: &Method,
     target: &str,
     headers: &HeaderMap,
     more: impl Iterator<Item = (&'n HeaderName, &'v [u8])>,
+    body: &[u8],
 ) -> Vec<u8> {
     // Room for typical fields (one pass over the map; a head that needs more grows).
-    let mut out = Vec::with_capacity(method.as_str().len() + target.len() + 15 + (headers.len() + 5) * 48);
+    let mut out = Vec::with_capacity(method.as_str().len() + target.len() + 15 + (headers.len() + 5) * 48 + body.len());
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
@@ -142,6 +143,7 @@ pub fn encode<'n, 'v>(
         crate::headers::write_field(&mut out, k, v);
     }
     out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
     out
 }
 
@@ -1207,8 +1209,46 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(
-            encode(req.method(), "/p?q=1", req.headers(), std::iter::empty()),
+            encode(req.method(), "/p?q=1", req.headers(), std::iter::empty(), b""),
             b"GET /p?q=1 HTTP/1.1\r\nhost: h\r\nx-a: 1\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn whole_bodies_need_one_matching_length() {
+        let ok = |r: &Request<()>, len: usize| eligible_with_body(r.method(), r.version(), r.headers(), len);
+        let post = |fields: &[(&str, &str)]| {
+            let mut b = Request::post("/");
+            for (k, v) in fields {
+                b = b.header(*k, *v);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(ok(&post(&[("content-length", "5")]), 5));
+        assert!(ok(&post(&[("content-length", "0")]), 0));
+        assert!(!ok(&post(&[("content-length", "5")]), 4), "a length that differs");
+        assert!(!ok(&post(&[]), 5), "no length");
+        assert!(
+            !ok(&post(&[("content-length", "5"), ("content-length", "5")]), 5),
+            "two fields"
+        );
+        assert!(!ok(
+            &post(&[("content-length", "5"), ("transfer-encoding", "chunked")]),
+            5
+        ));
+        assert!(!ok(&post(&[("content-length", "5"), ("upgrade", "websocket")]), 5));
+        let mut h10 = post(&[("content-length", "5")]);
+        *h10.version_mut() = Version::HTTP_10;
+        assert!(!ok(&h10, 5), "the own client speaks HTTP/1.1");
+        let connect = Request::connect("h:443")
+            .header("content-length", "5")
+            .body(())
+            .unwrap();
+        assert!(!ok(&connect, 5));
+        let req = post(&[("host", "h"), ("content-length", "5")]);
+        assert_eq!(
+            encode(req.method(), "/", req.headers(), std::iter::empty(), b"hello"),
+            b"POST / HTTP/1.1\r\nhost: h\r\ncontent-length: 5\r\n\r\nhello"
         );
     }
 }

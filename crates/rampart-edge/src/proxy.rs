@@ -1019,11 +1019,13 @@ pub(crate) async fn handle_request(
         // The own client's head: the map's fields, then the deferred ones; then the body.
         let own_head = own.then(|| {
             let added = added.iter().flat_map(Added::fields);
-            let mut wire = crate::h1client::encode(up.method(), pq_sent.as_str(), &h, added);
-            if let Some(b) = whole {
-                wire.extend_from_slice(b);
-            }
-            wire
+            crate::h1client::encode(
+                up.method(),
+                pq_sent.as_str(),
+                &h,
+                added,
+                whole.map_or(&[][..], |b| &b[..]),
+            )
         });
         if !own {
             // hyper's HTTP/1 pool sends origin-form and connects to the backend's
