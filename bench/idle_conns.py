@@ -29,16 +29,31 @@ def raise_fd_limit(want: int) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-class Conn(asyncio.Protocol):
-    """One client connection: send a GET, read one response, then idle."""
+class Held(asyncio.Protocol):
+    """A connection that gets one response and is then held idle: `done` resolves
+    with the response's status; a close by the server after that is counted."""
 
-    def __init__(self, request: bytes, stats: dict):
-        self.request = request
+    def __init__(self, stats: dict):
         self.stats = stats
         self.buf = bytearray()
         self.done = asyncio.get_running_loop().create_future()
         self.transport = None
         self.status = None
+
+    def connection_lost(self, exc):
+        if not self.done.done():
+            self.done.set_exception(ConnectionError(f"closed before response: {exc}"))
+        else:
+            # The server closed an idle connection we were still holding.
+            self.stats["closed_by_server"] += 1
+
+
+class Conn(Held):
+    """One client connection: send a GET, read one response, then idle."""
+
+    def __init__(self, request: bytes, stats: dict):
+        super().__init__(stats)
+        self.request = request
 
     def connection_made(self, transport):
         self.transport = transport
@@ -77,13 +92,6 @@ class Conn(asyncio.Protocol):
                 self.done.set_result(self.status)
             self.buf = bytearray()
 
-    def connection_lost(self, exc):
-        if not self.done.done():
-            self.done.set_exception(ConnectionError(f"closed before response: {exc}"))
-        else:
-            # The server closed an idle connection we were still holding.
-            self.stats["closed_by_server"] += 1
-
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -92,7 +100,7 @@ def h2_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
     return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
 
 
-class H2Conn(asyncio.Protocol):
+class H2Conn(Held):
     """One HTTP/2 connection (TLS, ALPN h2): the preface, one `GET /` on stream 1,
     its whole response, then idle. SETTINGS and PINGs are acknowledged."""
 
@@ -100,12 +108,8 @@ class H2Conn(asyncio.Protocol):
     END_STREAM, ACK = 0x1, 0x1
 
     def __init__(self, authority: str, stats: dict):
+        super().__init__(stats)
         self.authority = authority.encode()
-        self.stats = stats
-        self.buf = bytearray()
-        self.done = asyncio.get_running_loop().create_future()
-        self.transport = None
-        self.status = None
 
     def connection_made(self, transport):
         self.transport = transport
@@ -147,12 +151,6 @@ class H2Conn(asyncio.Protocol):
                 self.done.set_result(self.status)
         elif self.done.done() and kind not in (self.SETTINGS, self.PING):
             self.stats["unexpected_bytes"] += 9 + len(payload)
-
-    def connection_lost(self, exc):
-        if not self.done.done():
-            self.done.set_exception(ConnectionError(f"closed before response: {exc}"))
-        else:
-            self.stats["closed_by_server"] += 1
 
 
 async def main() -> int:
