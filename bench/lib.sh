@@ -361,7 +361,9 @@ load() {  # DURATION URL OUT: drive URL for DURATION; OUT gets a `WRK_JSON {...}
     python3 "$BENCH_DIR/h2load_json.py" "$out.h2load" "$log" >"$out" || return 1
     rm -f "$log"
   else
-    ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} wrk -t"$THREADS" -c"$CONNS" -d"$duration" --latency \
+    local close=()
+    if [[ ${CLOSE:-0} == 1 ]]; then close=(-H "Connection: close"); fi
+    ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} wrk -t"$THREADS" -c"$CONNS" -d"$duration" --latency "${close[@]}" \
       -s "$BENCH_DIR/report.lua" "$url" >"$out" 2>&1
   fi
 }

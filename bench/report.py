@@ -140,6 +140,8 @@ def summary(run_dir: Path) -> int:
     over = ", clients over HTTPS (HTTP/1.1)" if s.get("tls") else ""
     if s.get("h2"):
         over = ", HTTP/2 over TLS (h2load -m 1 in wrk's place)"
+    if s.get("close"):
+        over += ", a new connection per request"
     if s.get("post_bytes"):
         over += f", every request a POST with a {s['post_bytes']}-byte body"
     print()

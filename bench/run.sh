@@ -26,7 +26,9 @@ TLS=${TLS:-0}                      # 1: clients (wrk, the idle test) talk HTTPS 
 H2=${H2:-0}                        # 1: HTTP/2 over TLS (sets TLS=1): h2load -m 1 instead of wrk, HTTP/2 idle connections
 if [[ $H2 == 1 ]]; then TLS=1; fi
 POST=${POST:-0}                    # N > 0: every load request is a POST with an N-byte body (wrk and h2load); the origin answers it with its 1 KiB page
-export POST
+CLOSE=${CLOSE:-0}                  # 1: a new connection for every request (wrk sends Connection: close); with TLS=1, a handshake per request (TLS 1.3, resumed with a ticket)
+if [[ $CLOSE == 1 && $H2 == 1 ]]; then echo "CLOSE=1 is for HTTP/1.1 (wrk); h2load keeps its connections" >&2; exit 2; fi
+export POST CLOSE
 IDLE_CONNS=${IDLE_CONNS:-10000}    # idle keep-alive connections per proxy; 0 skips the memory test
 IDLE_CONCURRENCY=${IDLE_CONCURRENCY:-200}  # connections being opened at once by idle_conns.py
 IDLE_SETTLE=${IDLE_SETTLE:-3}      # seconds to wait after the last connection is open before reading RSS (Rampart parks idle connections after 250-500 ms)
@@ -86,7 +88,7 @@ ORIGIN_PORT=$BASE_PORT
 ADMIN_PORT=$((BASE_PORT + 4))
 ports_free "$ORIGIN_PORT" "${PORT[@]}" "$ADMIN_PORT"
 
-new_run_dir "$(if [[ $H2 == 1 ]]; then echo -h2; elif [[ $TLS == 1 ]]; then echo -tls; fi)$(if ((POST > 0)); then echo "-post$POST"; fi)"
+new_run_dir "$(if [[ $H2 == 1 ]]; then echo -h2; elif [[ $TLS == 1 ]]; then echo -tls; fi)$(if ((POST > 0)); then echo "-post$POST"; fi)$(if [[ $CLOSE == 1 ]]; then echo -close; fi)"
 if [[ $TLS == 1 ]]; then make_tls_cert "$WORK/tls"; fi
 
 # --- Versions -----------------------------------------------------------------
@@ -111,7 +113,7 @@ meta = {
         "warmup": e["WARMUP"], "rounds": int(e["ROUNDS"]), "proxy_cpu": e["PROXY_CPU"],
         "load_cpu": e["LOAD_CPU"], "access_log": e["ACCESS_LOG"],
         "nginx_log_buffer": e["NGINX_LOG_BUFFER"], "rotate_logs": e["ROTATE_LOGS"] == "1", "tls": e["TLS"] == "1", "h2": e["H2"] == "1",
-        "post_bytes": int(e["POST"]),
+        "post_bytes": int(e["POST"]), "close": e["CLOSE"] == "1",
         "idle_conns": int(e["IDLE_CONNS"]),
         "idle_conns_requested": int(e["IDLE_CONNS_REQUESTED"]), "haproxy_maxconn": int(e["HAPROXY_MAXCONN"]),
         "fd_limit": int(e["NOFILE"]), "clk_tck": int(e["CLK_TCK"]),

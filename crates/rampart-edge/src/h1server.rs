@@ -54,6 +54,8 @@ const ADDED_FIELDS: usize = 6;
 /// with its head (in the same reads) is taken whole; a larger one, or one still on
 /// its way, goes to hyper, which streams it.
 const MAX_BODY: usize = 16 * 1024;
+/// The response buffer's first size.
+const OUT_CAPACITY: usize = 4 * 1024;
 /// How much room a read asks for.
 const READ_SIZE: usize = 8 * 1024;
 /// Body chunks up to this size are copied behind the head or the chunk line, so a
@@ -111,7 +113,9 @@ pub(crate) async fn serve<T: Transport>(
         )
     };
     let mut buf = BytesMut::from(&read[..]);
-    let mut out: Vec<u8> = Vec::new();
+    // Room for a typical head and a small body: grown a step at a time from empty,
+    // it was reallocated about eight times on each connection's first response.
+    let mut out: Vec<u8> = Vec::with_capacity(OUT_CAPACITY);
     // The parking tick: a connection that started no request for a whole tick,
     // waiting for its next one, is parked.
     // (Lazy timers: polled again only when their registration may have lapsed, and
@@ -248,7 +252,9 @@ pub(crate) async fn serve<T: Transport>(
             }
         };
         if !keep || stopping.has_changed().unwrap_or(true) {
-            let _ = io.shutdown().await;
+            if T::SHUTDOWN_BEFORE_CLOSE {
+                let _ = io.shutdown().await;
+            }
             return Ended::Close;
         }
         deadline = None;

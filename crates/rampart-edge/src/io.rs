@@ -52,21 +52,32 @@ pub(crate) trait Transport: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin
     /// Ready when a read would not wait: the socket is readable, or bytes read
     /// before are held in this layer. Registers `cx` with the socket otherwise.
     fn poll_readable(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>>;
+
+    /// Whether closing says so in the stream before the socket closes (TLS's
+    /// `close_notify`, sent by `shutdown`). A plain socket's close sends the FIN
+    /// itself: a `shutdown` first would be a system call for nothing.
+    const SHUTDOWN_BEFORE_CLOSE: bool = true;
 }
 
 impl Transport for tokio::net::TcpStream {
     fn poll_readable(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
         self.poll_read_ready(cx)
     }
+
+    const SHUTDOWN_BEFORE_CLOSE: bool = false;
 }
 
 impl<T: Transport> Transport for Box<T> {
     fn poll_readable(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
         (**self).poll_readable(cx)
     }
+
+    const SHUTDOWN_BEFORE_CLOSE: bool = T::SHUTDOWN_BEFORE_CLOSE;
 }
 
 impl<T: Transport> Transport for crate::security::proxy_protocol::Prefixed<T> {
+    const SHUTDOWN_BEFORE_CLOSE: bool = T::SHUTDOWN_BEFORE_CLOSE;
+
     fn poll_readable(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
         if self.has_prefix() {
             return std::task::Poll::Ready(Ok(()));
