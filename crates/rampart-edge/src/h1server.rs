@@ -13,10 +13,10 @@
 //! Everything else is hyper's: a head with `Transfer-Encoding`, `Upgrade`, `Expect`,
 //! `CONNECT`, more than one `Content-Length` or one that is not plain digits, a body
 //! larger than [`MAX_BODY`] or not all read yet, a head httparse refuses or that
-//! outgrows the head budget. The connection is *handed off*: hyper gets the socket with the bytes read
-//! so far in front of it, serves that request and the framing guard watches it
-//! (see `listener::serve_http1`), and the connection comes back here once hyper
-//! has been quiet long enough to park it.
+//! outgrows the head budget. The connection is *handed off*: hyper gets the socket
+//! with the bytes read so far in front of it, serves that request and the framing
+//! guard watches it (see `listener::serve_http1`), and the connection comes back
+//! here once hyper has been quiet long enough to park it.
 //!
 //! The response follows hyper's server rules, so the path a request takes does not
 //! show: `Content-Length` from the body or its header, else chunked (HTTP/1.1) or
