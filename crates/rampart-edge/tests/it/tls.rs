@@ -201,7 +201,7 @@ async fn upstream_tls_is_verified_against_the_configured_ca() {
 /// A TLS client connection to the edge's TLS listener, trusting `pem`, offering
 /// only `http/1.1` in ALPN.
 async fn tls_connect(t: &Tls, pem: &str, host: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    tls_connect_with(t, pem, host, rustls::crypto::ring::default_provider()).await
+    tls_connect_with(t, pem, host, rustls::crypto::ring::default_provider(), b"http/1.1").await
 }
 
 async fn tls_connect_with(
@@ -209,6 +209,7 @@ async fn tls_connect_with(
     pem: &str,
     host: &str,
     provider: rustls::crypto::CryptoProvider,
+    alpn: &[u8],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     use rustls_pki_types::pem::PemObject;
@@ -219,7 +220,7 @@ async fn tls_connect_with(
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     let tcp = tokio::net::TcpStream::connect(t.edge.edge().tls_addrs()[0])
         .await
         .unwrap();
@@ -253,11 +254,34 @@ async fn server_prefers_aes_128_gcm_and_keeps_the_other_suites() {
     ] {
         let mut p = rustls::crypto::ring::default_provider();
         p.cipher_suites.retain(|s| s.suite() == only);
-        let s = tls_connect_with(&t, &t.a_pem, "a.test", p).await;
+        let s = tls_connect_with(&t, &t.a_pem, "a.test", p, b"http/1.1").await;
         let conn = s.get_ref().1;
         assert_eq!(conn.negotiated_cipher_suite().unwrap().suite(), only);
         assert_eq!(conn.protocol_version(), Some(version.version));
     }
+}
+
+/// WebSocket over HTTP/2 (RFC 8441) on a TLS connection that chose `h2` by ALPN,
+/// which hyper's HTTP/2 connection serves alone.
+#[tokio::test]
+async fn websocket_over_http2_over_tls_is_tunnelled() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let origin = Origin::start("ws").await.unwrap();
+    let t = start(&origin.url(), "").await;
+    let s = tls_connect_with(&t, &t.a_pem, "a.test", rustls::crypto::ring::default_provider(), b"h2").await;
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (status, ws) = crate::websocket::h2_websocket_on(s, "https://a.test/ws").await;
+    assert_eq!(status, 200);
+    let mut ws = ws.unwrap();
+    ws.send(Message::text("over h2 and TLS")).await.unwrap();
+    let m = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(m, Message::text("over h2 and TLS"));
+    ws.close(None).await.unwrap();
 }
 
 /// `config` with an admin listener (for the parked gauge) and `server` fields.

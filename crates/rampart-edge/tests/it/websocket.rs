@@ -78,24 +78,28 @@ async fn shutdown_waits_for_open_tunnels_until_the_deadline() {
     assert!(t.elapsed() >= Duration::from_millis(300));
 }
 
+type H2WebSocket = tokio_tungstenite::WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
+
 /// Open a WebSocket over HTTP/2 (RFC 8441: extended CONNECT with `:protocol`) on
 /// an h2c connection to the edge; the status of the CONNECT and the stream.
-async fn h2_websocket(
-    addr: std::net::SocketAddr,
-    path: &str,
-) -> (
-    u16,
-    Option<tokio_tungstenite::WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>>,
-) {
+async fn h2_websocket(addr: std::net::SocketAddr, path: &str) -> (u16, Option<H2WebSocket>) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    h2_websocket_on(tcp, &format!("http://{addr}{path}")).await
+}
+
+/// [`h2_websocket`] on a connection already open (h2c, or TLS with ALPN `h2`), to `url`.
+pub(crate) async fn h2_websocket_on<I>(io: I, url: &str) -> (u16, Option<H2WebSocket>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut send, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(io))
             .await
             .unwrap();
     tokio::spawn(conn);
     let mut req = hyper::Request::builder()
         .method(hyper::Method::CONNECT)
-        .uri(format!("http://{addr}{path}"))
+        .uri(url)
         .version(hyper::Version::HTTP_2)
         .header("sec-websocket-version", "13")
         .body(http_body_util::Empty::<bytes::Bytes>::new())
