@@ -1,7 +1,7 @@
 //! Rampart's own HTTP/1.1 server path for the common request: a plain keep-alive
 //! request with no upgrade and no body (a GET, a HEAD, a DELETE without content), or
-//! a small body that came whole with its head (one `Content-Length`, up to
-//! [`MAX_BODY`]; a form post, an API call).
+//! a small body (one `Content-Length`, up to [`MAX_BODY`]; a form post, an API
+//! call), read whole before the pipeline runs.
 //!
 //! hyper's server runs a dispatcher per connection that parses every head into its
 //! own structures, polls the socket about nine times per request and encodes the
@@ -12,7 +12,7 @@
 //!
 //! Everything else is hyper's: a head with `Transfer-Encoding`, `Upgrade`, `Expect`,
 //! `CONNECT`, more than one `Content-Length` or one that is not plain digits, a body
-//! larger than [`MAX_BODY`] or not all read yet, a head httparse refuses or that
+//! larger than [`MAX_BODY`] or slower than [`BODY_WAIT`], a head httparse refuses or that
 //! outgrows the head budget. The connection is *handed off*: hyper gets the socket
 //! with the bytes read so far in front of it, serves that request and the framing
 //! guard watches it (see `listener::serve_http1`), and the connection comes back
@@ -50,10 +50,13 @@ const MAX_HEADERS: usize = 128;
 /// Room for the fields the pipeline adds to a request on its way upstream
 /// (`X-Forwarded-For`, `-Proto`, `-Host`, `Via`, `x-request-id`, a cookie's pin).
 const ADDED_FIELDS: usize = 6;
-/// The longest request body served here: one this size or smaller that arrived
-/// with its head (in the same reads) is taken whole; a larger one, or one still on
-/// its way, goes to hyper, which streams it.
+/// The longest request body served here: one this size or smaller is read whole
+/// (see [`BODY_WAIT`]); a larger one goes to hyper, which streams it.
 const MAX_BODY: usize = 16 * 1024;
+/// The longest wait for the rest of a small body after its head (or the client
+/// body timeout, if shorter); a body slower than that is streamed by hyper. Over a
+/// real network a body of a few KiB arrives in several reads.
+const BODY_WAIT: Duration = Duration::from_secs(1);
 /// The response buffer's first size.
 const OUT_CAPACITY: usize = 4 * 1024;
 /// How much room a read asks for.
@@ -88,6 +91,9 @@ struct Asked {
 enum Parsed {
     /// Not all of the head is here yet.
     Partial,
+    /// The head is, but not all of its small body: the head and body take this
+    /// many bytes. The buffer is as it was.
+    BodyPartial(usize),
     Request(Request<ClientIn>, Asked),
     /// For hyper (see the module notes); the buffer is as it was.
     Other,
@@ -104,12 +110,14 @@ pub(crate) async fn serve<T: Transport>(
     park_after: Duration,
     deadline: Instant,
 ) -> Ended<T> {
-    let (budget, max_headers, idle) = {
+    let (budget, max_headers, idle, body_wait) = {
         let snap = shared.snapshot.load();
+        let s = &snap.validated.config.server;
         (
             crate::listener::head_budget(&snap),
             snap.limits.max_headers,
-            snap.validated.config.server.header_read_timeout.get(),
+            s.header_read_timeout.get(),
+            s.client_body_timeout.get().min(BODY_WAIT),
         )
     };
     let mut buf = BytesMut::from(&read[..]);
@@ -136,6 +144,8 @@ pub(crate) async fn serve<T: Transport>(
     let mut served_at_tick: u64 = 0;
     // When the head being read began to arrive (for the header timeout).
     let mut head_began: Option<Instant> = None;
+    // When a small body's head was read, while the rest of the body is awaited.
+    let mut body_began: Option<Instant> = None;
     // Shutdown only ever turns the flag on. One `changed` future for the whole
     // serve (one waiter registration, not one per request), and a clone whose
     // `has_changed` is a single atomic load for the checks between requests.
@@ -160,6 +170,25 @@ pub(crate) async fn serve<T: Transport>(
         let (req, asked) = match parsed {
             Parsed::Request(req, asked) => (req, asked),
             Parsed::Other => return Ended::Handoff(io, buf.to_vec()),
+            Parsed::BodyPartial(whole) if whole > budget => return Ended::Handoff(io, buf.to_vec()),
+            Parsed::BodyPartial(_) => {
+                // The rest of a small body, for a short while (`BODY_WAIT`); one
+                // slower than that is handed to hyper, which streams it under the
+                // client body timeout.
+                let began = *body_began.get_or_insert_with(Instant::now);
+                tokio::select! {
+                    r = tokio::time::timeout_at(began + body_wait, poll_fn(|cx| io.poll_readable(cx))) => match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return Ended::Close,
+                        Err(_) => return Ended::Handoff(io, buf.to_vec()),
+                    },
+                    _ = stop.as_mut() => return Ended::Close,
+                }
+                if let Got::End = read_now(&mut io, &mut buf, budget) {
+                    return Ended::Close;
+                }
+                continue;
+            }
             Parsed::Partial if buf.len() >= budget => return Ended::Handoff(io, buf.to_vec()),
             Parsed::Partial if buf.is_empty() => {
                 // Between requests: wait for the next, park when quiet.
@@ -226,6 +255,7 @@ pub(crate) async fn serve<T: Transport>(
             }
         };
         head_began = None;
+        body_began = None;
         served += 1;
         info.verdicts.note_head();
         // The pipeline, while watching the client: a client that closes its end
@@ -372,9 +402,11 @@ fn parse(buf: &mut BytesMut, max_headers: usize) -> Parsed {
     let base = buf.as_ptr() as usize;
     let path_at = path.as_ptr() as usize - base;
     let path_range = path_at..path_at + path.len();
-    // A body must be here whole, behind the head; one still on its way is hyper's.
-    if body_len.is_some_and(|n| buf.len() - len < n) {
-        return Parsed::Other;
+    // A body must be here whole, behind the head: one still on its way is waited for.
+    if let Some(n) = body_len
+        && buf.len() - len < n
+    {
+        return Parsed::BodyPartial(len + n);
     }
     let head = buf.split_to(len).freeze();
     let built = http::Uri::from_maybe_shared(head.slice(path_range))
@@ -768,9 +800,13 @@ mod tests {
         }
 
         let big = format!("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n", MAX_BODY + 1);
+        // The body is not all here yet: wait for it, the buffer as it was.
+        let text = "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhell";
+        let (p, rest) = parse_text(text);
+        assert!(matches!(p, Parsed::BodyPartial(n) if n == text.len() + 1));
+        assert_eq!(&rest[..], text.as_bytes());
+
         for text in [
-            // The body is not all here yet.
-            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhell",
             // Larger than the lean path holds.
             big.as_str(),
             // Two fields, a list, a sign, no digits, or too many digits.

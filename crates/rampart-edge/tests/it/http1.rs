@@ -250,15 +250,19 @@ async fn small_bodies_with_their_head_are_sent_whole_and_the_rest_streamed() {
     // The own client carried them all on one upstream connection.
     assert_eq!(origin.connections(), 1);
 
-    // A head whose body follows later: hyper reads it as it comes.
-    s.write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\n")
+    // A head whose body follows in pieces, as over a real network: waited for,
+    // and sent whole by the own client on the same upstream connection.
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\n\r\n")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    s.write_all(b"later").await.unwrap();
+    for piece in [&b"lat"[..], b"er", b" piece"] {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        s.write_all(piece).await.unwrap();
+    }
     let (_, reply) = read_response(&mut s).await;
     let j: serde_json::Value = serde_json::from_slice(&reply).unwrap();
-    assert_eq!(j["body"], "later", "{j}");
+    assert_eq!(j["body"], "later piece", "{j}");
+    assert_eq!(origin.connections(), 1);
 
     // Larger than the lean path holds (16 KiB), and within the limit.
     let big = "x".repeat(20 * 1024);
@@ -271,6 +275,28 @@ async fn small_bodies_with_their_head_are_sent_whole_and_the_rest_streamed() {
     let j: serde_json::Value = serde_json::from_slice(&reply).unwrap();
     assert_eq!(j["body_length"], big.len(), "{j}");
     assert_eq!(j["body"], big.as_str());
+
+    // A body slower than the lean path waits for (the client body timeout, here
+    // 500 ms, when shorter than a second) is handed to hyper, which streams it.
+    let slow = TestEdge::start(&one_pool(
+        &[&origin.url()],
+        Parts {
+            server: "client_body_timeout = \"500ms\"",
+            pool: "timeouts = { response_header = \"60s\" }",
+            ..Parts::default()
+        },
+    ))
+    .await;
+    let mut s2 = TcpStream::connect(slow.http).await.unwrap();
+    s2.write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nsl")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(750)).await;
+    s2.write_all(b"ow").await.unwrap();
+    let (head, reply) = read_response(&mut s2).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    let j: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+    assert_eq!(j["body"], "slow", "{j}");
 
     // Over the limit: 413 before any upstream is asked, whole body or not.
     let before = origin.requests();
