@@ -92,11 +92,7 @@ impl ConnTracker {
     /// HTTP connection), so shutdown waits for it too.
     pub fn enter(shared: &Arc<Shared>, gauge: Gauge) -> ConnGuard {
         shared.conns.active.fetch_add(1, Ordering::SeqCst);
-        gauge.inc();
-        ConnGuard {
-            shared: shared.clone(),
-            gauge,
-        }
+        ConnGuard::new(shared, gauge)
     }
 
     pub fn active(&self) -> usize {
@@ -111,18 +107,8 @@ impl ConnTracker {
     async fn admit(shared: &Arc<Shared>, max: usize, gauge: Gauge) -> ConnGuard {
         let conns = &shared.conns;
         // Below the limit: one atomic step, no waiter registered.
-        let cur = conns.active.load(Ordering::SeqCst);
-        if cur < max
-            && conns
-                .active
-                .compare_exchange(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-        {
-            gauge.inc();
-            return ConnGuard {
-                shared: shared.clone(),
-                gauge,
-            };
+        if conns.try_take(max) {
+            return ConnGuard::new(shared, gauge);
         }
         // Counted before the count is read again below: a connection closing after
         // that read sees the waiter and notifies.
@@ -131,23 +117,19 @@ impl ConnTracker {
             let closed = conns.closed.notified();
             tokio::pin!(closed);
             closed.as_mut().enable();
-            let cur = conns.active.load(Ordering::SeqCst);
-            if cur >= max {
-                closed.await;
-                continue;
+            if conns.try_take(max) {
+                return ConnGuard::new(shared, gauge);
             }
-            if conns
-                .active
-                .compare_exchange(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-            {
-                gauge.inc();
-                return ConnGuard {
-                    shared: shared.clone(),
-                    gauge,
-                };
-            }
+            closed.await;
         }
+    }
+
+    /// Take a connection slot if fewer than `max` are taken (check and increment
+    /// in one atomic step, retried only when another listener raced in between).
+    fn try_take(&self, max: usize) -> bool {
+        self.active
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
+            .is_ok()
     }
 
     /// Wait until no connection is open.
@@ -159,6 +141,17 @@ impl ConnTracker {
                 return;
             }
             notified.await;
+        }
+    }
+}
+
+impl ConnGuard {
+    /// For a slot already counted in `active`.
+    fn new(shared: &Arc<Shared>, gauge: Gauge) -> ConnGuard {
+        gauge.inc();
+        ConnGuard {
+            shared: shared.clone(),
+            gauge,
         }
     }
 }

@@ -214,15 +214,7 @@ async fn requests_with_bodies_go_to_hyper_mid_connection_and_come_back() {
 #[tokio::test]
 async fn small_bodies_with_their_head_are_sent_whole_and_the_rest_streamed() {
     let origin = Origin::start("o").await.unwrap();
-    let e = TestEdge::start(&one_pool(
-        &[&origin.url()],
-        Parts {
-            server: "limits = { max_request_body = \"32KiB\" }",
-            pool: "timeouts = { response_header = \"60s\" }",
-            ..Parts::default()
-        },
-    ))
-    .await;
+    let e = edge(&origin, "limits = { max_request_body = \"32KiB\" }").await;
     let mut s = TcpStream::connect(e.http).await.unwrap();
     // Pipelined behind a GET: a POST with its body, an empty PUT, a GET.
     s.write_all(
@@ -278,15 +270,7 @@ async fn small_bodies_with_their_head_are_sent_whole_and_the_rest_streamed() {
 
     // A body slower than the lean path waits for (the client body timeout, here
     // 500 ms, when shorter than a second) is handed to hyper, which streams it.
-    let slow = TestEdge::start(&one_pool(
-        &[&origin.url()],
-        Parts {
-            server: "client_body_timeout = \"500ms\"",
-            pool: "timeouts = { response_header = \"60s\" }",
-            ..Parts::default()
-        },
-    ))
-    .await;
+    let slow = edge(&origin, "client_body_timeout = \"500ms\"").await;
     let mut s2 = TcpStream::connect(slow.http).await.unwrap();
     s2.write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nsl")
         .await
