@@ -1,4 +1,5 @@
-//! Body wrappers. Bodies stream: nothing here buffers a whole body.
+//! Body wrappers. Bodies stream, except a small one of known length
+//! ([`SMALL_BODY`]), which is read whole first.
 //!
 //! - [`UpstreamBody`]: the client's request body on its way upstream, counted and
 //!   cut off at the configured limit (the handler then answers 413).
@@ -19,6 +20,11 @@ use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body this size or smaller, of known length, is read whole before it
+/// goes upstream (by the lean HTTP/1 server, or by the pipeline for the rest);
+/// a larger one streams.
+pub const SMALL_BODY: usize = 16 * 1024;
 
 /// A client's request body as the pipeline receives it: hyper's, none at all (a
 /// body-less request read by the lean HTTP/1 server, [`crate::h1server`]), or a

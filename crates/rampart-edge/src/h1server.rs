@@ -52,7 +52,7 @@ const MAX_HEADERS: usize = 128;
 const ADDED_FIELDS: usize = 6;
 /// The longest request body served here: one this size or smaller is read whole
 /// (see [`BODY_WAIT`]); a larger one goes to hyper, which streams it.
-const MAX_BODY: usize = 16 * 1024;
+const MAX_BODY: usize = crate::body::SMALL_BODY;
 /// The longest wait for the rest of a small body after its head (or the client
 /// body timeout, if shorter); a body slower than that is streamed by hyper. Over a
 /// real network a body of a few KiB arrives in several reads.

@@ -911,10 +911,22 @@ pub(crate) async fn handle_request(
         ClientBody::Unread(body) => {
             let state = Arc::new(RequestBodyState::new());
             rec.body_state = Some(state.clone());
-            if may_retry {
+            // A small body of known length (an HTTP/2 request's, or an HTTP/1 one the
+            // lean server did not get whole in time) is read whole first, as nginx
+            // does: it then goes behind its head in one write through the own client.
+            let small = body
+                .size_hint()
+                .exact()
+                .is_some_and(|n| n <= crate::body::SMALL_BODY as u64);
+            if may_retry || small {
+                let keep = if may_retry {
+                    policy.replay_limit
+                } else {
+                    crate::body::SMALL_BODY
+                };
                 match Box::pin(crate::body::buffer_for_replay(
                     body,
-                    policy.replay_limit,
+                    keep,
                     snap.limits.max_body,
                     state,
                     client_body_timeout,

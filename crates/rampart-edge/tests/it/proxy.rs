@@ -438,6 +438,19 @@ async fn h2c_prior_knowledge_when_enabled() {
     let r = c.get(e.url("/")).send().await.unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(r.text().await.unwrap(), "hello from o\n");
+
+    // A small HTTP/2 body of known length is read whole and sent behind its head
+    // on the same pooled upstream connection; a large one streams (a new one).
+    let r = c.post(e.url("/echo")).body("x".repeat(1000)).send().await.unwrap();
+    let j: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(j["body_length"], 1000, "{j}");
+    assert_eq!(j["headers"]["content-length"][0], "1000", "{j}");
+    assert_eq!(origin.connections(), 1);
+    let big = "y".repeat(40 * 1024);
+    let r = c.post(e.url("/echo")).body(big.clone()).send().await.unwrap();
+    let j: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(j["body"], big.as_str());
+    assert_eq!(origin.connections(), 2);
 }
 
 #[tokio::test]
