@@ -123,6 +123,8 @@ pub struct Streaming {
     /// Bytes already read from `inner` (while deciding whether to keep the body
     /// for replay), sent first.
     prefix: Option<Bytes>,
+    /// Trailers already read from `inner` (which ended with them), sent after `prefix`.
+    trailers: Option<http::HeaderMap>,
     inner: ClientIn,
     limit: u64,
     state: Arc<RequestBodyState>,
@@ -134,12 +136,14 @@ pub struct Streaming {
 
 impl UpstreamBody {
     pub fn stream(inner: ClientIn, limit: u64, state: Arc<RequestBodyState>, idle: Duration) -> UpstreamBody {
-        Self::stream_after(None, inner, limit, state, idle)
+        Self::stream_after(None, None, inner, limit, state, idle)
     }
 
-    /// Stream `inner`, sending `prefix` (bytes already read from it) first.
+    /// Stream `inner`, sending `prefix` (bytes already read from it) first, then
+    /// `trailers` (already read too, when `inner` ended with them).
     fn stream_after(
         prefix: Option<Bytes>,
+        trailers: Option<http::HeaderMap>,
         inner: ClientIn,
         limit: u64,
         state: Arc<RequestBodyState>,
@@ -147,6 +151,7 @@ impl UpstreamBody {
     ) -> UpstreamBody {
         UpstreamBody::Stream(Box::new(Streaming {
             prefix,
+            trailers,
             inner,
             limit,
             state,
@@ -163,7 +168,8 @@ impl UpstreamBody {
         match self {
             UpstreamBody::Empty | UpstreamBody::Full(None) => (&[], false),
             UpstreamBody::Full(Some(b)) => (b, false),
-            UpstreamBody::Stream(s) => (s.prefix.as_deref().unwrap_or_default(), true),
+            // Trailers already read: they end the body, no data follows.
+            UpstreamBody::Stream(s) => (s.prefix.as_deref().unwrap_or_default(), s.trailers.is_none()),
         }
     }
 }
@@ -202,8 +208,23 @@ pub async fn buffer_for_replay(
             Ok(Some(Ok(f))) => f,
         };
         state.touch();
-        // Request trailers are not kept for replay (they are rare outside gRPC streams).
-        let Ok(data) = frame.into_data() else { continue };
+        let data = match frame.into_data() {
+            Ok(data) => data,
+            // Trailers end the body. A body held whole has none, so this one is sent
+            // as a stream: what was read, then the trailers (it is not replayed).
+            Err(frame) => {
+                let Ok(trailers) = frame.into_trailers() else { continue };
+                let read = Some(buf.freeze()).filter(|b| !b.is_empty());
+                return Ok(UpstreamBody::stream_after(
+                    read,
+                    Some(trailers),
+                    inner,
+                    limit,
+                    state,
+                    idle,
+                ));
+            }
+        };
         let n = state.bytes.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
         if n > limit {
             state.too_large.store(true, Ordering::Relaxed);
@@ -213,6 +234,7 @@ pub async fn buffer_for_replay(
         if buf.len() > keep {
             return Ok(UpstreamBody::stream_after(
                 Some(buf.freeze()),
+                None,
                 inner,
                 limit,
                 state,
@@ -250,6 +272,9 @@ impl Body for UpstreamBody {
             }
             UpstreamBody::Stream(s) if s.prefix.is_some() => {
                 return Poll::Ready(s.prefix.take().map(|b| Ok(Frame::data(b))));
+            }
+            UpstreamBody::Stream(s) if s.trailers.is_some() => {
+                return Poll::Ready(s.trailers.take().map(|t| Ok(Frame::trailers(t))));
             }
             UpstreamBody::Stream(s) => {
                 let Streaming {
@@ -309,7 +334,7 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Empty => true,
             UpstreamBody::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
-            UpstreamBody::Stream(s) => s.prefix.is_none() && s.inner.is_end_stream(),
+            UpstreamBody::Stream(s) => s.prefix.is_none() && s.trailers.is_none() && s.inner.is_end_stream(),
         }
     }
 

@@ -12,7 +12,7 @@
 //! | `/slow?chunks=5&interval=100ms` | a body sent in chunks with pauses between them |
 //! | `/stall?after=N` | send N body bytes, then stop sending (connection kept open) |
 //! | `/large?size=1048576` | a body of that many bytes, streamed |
-//! | `/echo`, `…/echo` | JSON with method, path, query, headers, body length and (up to 64 KiB) the body received |
+//! | `/echo`, `…/echo` | JSON with method, path, query, headers, body length, (up to 64 KiB) the body received, and its trailers |
 //! | `/ws` | WebSocket echo |
 //! | `/cache/…?cc=max-age%3D60&etag=v1&vary=accept-encoding&cookie=1&lm=…&tag=t1&status=200&pad=N` | a cacheable response with those headers; body `n=<origin hit count> ae=<accept-encoding>` and N dots; `If-None-Match` matching `etag` gets 304; `Range: bytes=A-B` gets 206 |
 //! | anything else | `200`, body `hello from {name}` |
@@ -607,8 +607,13 @@ async fn echo(req: Request<Incoming>, name: &str) -> Response<Body> {
             }
         }
     }
+    let mut trailers = serde_json::Map::new();
     let (body_len, body_text, body_error) = match body.collect().await {
         Ok(b) => {
+            for (k, v) in b.trailers().into_iter().flatten() {
+                let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                trailers.insert(k.as_str().to_string(), serde_json::Value::String(v));
+            }
             let b = b.to_bytes();
             // The body itself when it is short enough to compare.
             let text = (b.len() <= 64 * 1024).then(|| String::from_utf8_lossy(&b).into_owned());
@@ -626,6 +631,7 @@ async fn echo(req: Request<Incoming>, name: &str) -> Response<Body> {
         "body_length": body_len,
         "body": body_text,
         "body_error": body_error,
+        "trailers": trailers,
     });
     let mut r = text(StatusCode::OK, name, j.to_string());
     r.headers_mut()

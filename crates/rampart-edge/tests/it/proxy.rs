@@ -425,6 +425,40 @@ async fn http2_upstream() {
     assert_eq!(j["version"], "HTTP/2.0");
 }
 
+/// Trailers on an HTTP/2 request body reach an HTTP/2 upstream: on a body small
+/// enough to be read whole (it is sent on as a stream then) and on a streamed one.
+#[tokio::test]
+async fn request_trailers_reach_an_http2_upstream() {
+    use http_body_util::BodyExt;
+    let origin = Origin::start_h2("h2o").await.unwrap();
+    let cfg = simple(&origin.url(), "protocol = \"http2\"").replace("[server]\n", "[server]\nh2c = true\n");
+    let e = TestEdge::start(&cfg).await;
+    let tcp = tokio::net::TcpStream::connect(e.http).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for size in [5, 20_000] {
+        let mut trailers = hyper::HeaderMap::new();
+        trailers.insert("x-checksum", hyper::header::HeaderValue::from_static("5d41402a"));
+        let frames = [
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(vec![b'h'; size]))),
+            Ok(hyper::body::Frame::trailers(trailers)),
+        ];
+        let req = hyper::Request::post(e.url("/echo"))
+            .header("content-length", size.to_string())
+            .body(http_body_util::StreamBody::new(futures_util::stream::iter(frames)))
+            .unwrap();
+        let r = send.send_request(req).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(j["body_length"], size, "{size}");
+        assert_eq!(j["trailers"]["x-checksum"], "5d41402a", "{size}: {}", j["trailers"]);
+    }
+}
+
 #[tokio::test]
 async fn h2c_prior_knowledge_when_enabled() {
     let origin = Origin::start("o").await.unwrap();
