@@ -241,7 +241,15 @@ async fn accept_loop(
                     g = ConnTracker::admit(&shared, max, open.clone()) => g,
                     _ = stop.changed() => return,
                 };
-                tokio::spawn(serve_conn(shared.clone(), stream, peer, spec.clone(), kind, guard));
+                // Boxed first: see `Shared::spawn_conn`.
+                tokio::spawn(Box::pin(serve_conn(
+                    shared.clone(),
+                    stream,
+                    peer,
+                    spec.clone(),
+                    kind,
+                    guard,
+                )));
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -699,10 +707,10 @@ mod tests {
     }
 
     /// Every accepted connection's task holds a `serve_conn` future (and a resumed
-    /// parked one a `serve_http1` future), which tokio copies as it spawns it and
-    /// keeps for the connection's life: the large states (the lean server's with its
-    /// pipeline, about 6 KiB; TLS; hyper's) are boxed where they begin, so the task
-    /// stays under 1 KiB (824 bytes in a release build).
+    /// parked one a `serve_http1` future) for the connection's life, whatever the
+    /// connection turns out to speak: the large states (the lean server's with its
+    /// pipeline, about 6 KiB; TLS; hyper's) are boxed where they begin, so it stays
+    /// under 1 KiB (824 bytes in a release build).
     #[test]
     fn a_connection_task_is_small() {
         let size = future_size(serve_conn);
