@@ -1,5 +1,6 @@
-//! Body wrappers. Bodies stream, except a small one of known length
-//! ([`SMALL_BODY`]), which is read whole first.
+//! Body wrappers. Bodies stream, except a request body read whole first: a small
+//! one of known length ([`SMALL_BODY`]), or one kept for retries (up to the replay
+//! limit). One that ends with trailers streams after all, trailers included.
 //!
 //! - [`UpstreamBody`]: the client's request body on its way upstream, counted and
 //!   cut off at the configured limit (the handler then answers 413).
