@@ -17,7 +17,9 @@ use std::task::{Context, Poll};
 use tokio::time::{Instant, Sleep};
 
 pub struct LazyTimer {
-    sleep: Pin<Box<Sleep>>,
+    /// Made by the first poll: a timer never waited on (a connection closed after
+    /// one request that was answered at once) costs no allocation.
+    sleep: Option<Pin<Box<Sleep>>>,
     /// The deadline asked for; the sleep may be armed earlier, never later.
     want: Instant,
     /// The sleep holds this task's waker for its current deadline: polled
@@ -28,7 +30,7 @@ pub struct LazyTimer {
 impl LazyTimer {
     pub fn new(at: Instant) -> Self {
         LazyTimer {
-            sleep: Box::pin(tokio::time::sleep_until(at)),
+            sleep: None,
             want: at,
             registered: false,
         }
@@ -39,33 +41,38 @@ impl LazyTimer {
     /// or a sleep that fired already, is reset.
     pub fn set(&mut self, at: Instant) {
         self.want = at;
-        if self.sleep.deadline() > at || self.sleep.is_elapsed() {
-            self.sleep.as_mut().reset(at);
+        if let Some(sleep) = &mut self.sleep
+            && (sleep.deadline() > at || sleep.is_elapsed())
+        {
+            sleep.as_mut().reset(at);
             self.registered = false;
         }
     }
 
     /// `Ready` once the deadline asked for has passed.
     pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let want = self.want;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(want)));
         loop {
             // Registered and not fired: the waker stored by the last poll still
             // stands, and nothing has changed (one plain load).
-            if self.registered && !self.sleep.is_elapsed() {
+            if self.registered && !sleep.is_elapsed() {
                 return Poll::Pending;
             }
-            match self.sleep.as_mut().poll(cx) {
+            match sleep.as_mut().poll(cx) {
                 Poll::Pending => {
                     self.registered = true;
                     return Poll::Pending;
                 }
                 Poll::Ready(()) => {
                     self.registered = false;
-                    if self.sleep.deadline() >= self.want {
+                    if sleep.deadline() >= want {
                         return Poll::Ready(());
                     }
                     // Fired at an earlier deadline: move on to the one asked for.
-                    let want = self.want;
-                    self.sleep.as_mut().reset(want);
+                    sleep.as_mut().reset(want);
                 }
             }
         }
@@ -123,6 +130,17 @@ mod tests {
         t.expired().await;
         let took = start.elapsed();
         assert!((35 * MS..45 * MS).contains(&took), "fired after {took:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_set_before_the_first_poll_is_the_one_armed() {
+        let start = Instant::now();
+        let mut t = LazyTimer::new(start + 500 * MS);
+        t.set(start + 20 * MS);
+        t.set(start + 30 * MS);
+        t.expired().await;
+        let took = start.elapsed();
+        assert!((30 * MS..40 * MS).contains(&took), "fired after {took:?}");
     }
 
     #[tokio::test(start_paused = true)]
