@@ -977,11 +977,12 @@ pub(crate) async fn handle_request(
     // changed nothing (shared, not copied or parsed again), else the new text.
     let upstream_pq = match parts.uri.path_and_query() {
         Some(orig) if orig.as_str() == pq => Some(orig.clone()),
-        _ => http::uri::PathAndQuery::try_from(pq.as_str()).ok(),
+        _ => http::uri::PathAndQuery::try_from(&*pq).ok(),
     };
     let host_in_map = h.contains_key(header::HOST);
     let (pinned, repin) = pool.pinned(&h, rec.client_ip);
-    let mut tried: Vec<usize> = Vec::new();
+    // Backends tried, in order: inline (a heap allocation per request otherwise).
+    let mut tried: smallvec::SmallVec<[usize; 4]> = smallvec::SmallVec::new();
     let (backend, resp) = loop {
         let picked = match pinned.filter(|_| tried.is_empty()) {
             Some(i) => pool.backends.get(i).map(|b| (i, b)),
@@ -1674,15 +1675,27 @@ fn upstream_host(mode: &HostMode, client_host: &HeaderValue, backend: &Backend) 
 /// the replacement with exactly one `/` (`/api/` → `/v2`: `/api/users` becomes
 /// `/v2/users`). A prefix without a trailing `/` is replaced literally, as nginx
 /// does (`/x` → `/y`: `/xyz` becomes `/yyz`).
-fn rewrite_path(path: &str, query: Option<&str>, rewrite: &Rewrite, matched: Matched<'_>) -> String {
+/// The upstream's path and query: `path` itself (no copy) when nothing is
+/// rewritten and there is no query.
+fn rewrite_path<'a>(
+    path: &'a str,
+    query: Option<&str>,
+    rewrite: &Rewrite,
+    matched: Matched<'_>,
+) -> std::borrow::Cow<'a, str> {
     let new_path = match (rewrite, matched) {
         (Rewrite::Strip, Matched::Prefix(p)) => join("/", &path[p.len().min(path.len())..], p.ends_with('/')),
         (Rewrite::Replace(with), Matched::Prefix(p)) => join(with, &path[p.len().min(path.len())..], p.ends_with('/')),
-        _ => path.to_string(),
+        _ => {
+            return match query {
+                Some(q) => format!("{path}?{q}").into(),
+                None => path.into(),
+            };
+        }
     };
     match query {
-        Some(q) => format!("{new_path}?{q}"),
-        None => new_path,
+        Some(q) => format!("{new_path}?{q}").into(),
+        None => new_path.into(),
     }
 }
 
@@ -1826,7 +1839,8 @@ mod tests {
 
     #[test]
     fn rewrites() {
-        let r = |p: &str, q: Option<&str>, rw: &Rewrite, m: &str| rewrite_path(p, q, rw, Matched::Prefix(m));
+        let r =
+            |p: &str, q: Option<&str>, rw: &Rewrite, m: &str| rewrite_path(p, q, rw, Matched::Prefix(m)).into_owned();
         let strip = Rewrite::Strip;
         let v2 = Rewrite::Replace("/v2".into());
         let v2s = Rewrite::Replace("/v2/".into());
@@ -1847,6 +1861,13 @@ mod tests {
         );
         assert_eq!(r("/api/users", None, &v2, "/api"), "/v2/users");
         assert_eq!(r("/api/", None, &v2s, "/api/"), "/v2/");
+        // Nothing to rewrite: the path itself, not a copy, when there is no query.
+        let plain = rewrite_path("/a/b", None, &Rewrite::None, Matched::Prefix("/"));
+        assert!(matches!(plain, std::borrow::Cow::Borrowed("/a/b")));
+        assert_eq!(
+            rewrite_path("/a/b", Some("x=1"), &Rewrite::None, Matched::Prefix("/")),
+            "/a/b?x=1"
+        );
         assert_eq!(r("/xyz", None, &Rewrite::Replace("/y".into()), "/x"), "/yyz");
         assert_eq!(r("/api/users", Some("x=1"), &Rewrite::None, "/api"), "/api/users?x=1");
     }
