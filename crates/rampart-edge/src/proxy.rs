@@ -1674,9 +1674,8 @@ fn upstream_host(mode: &HostMode, client_host: &HeaderValue, backend: &Backend) 
 /// A prefix ending in `/` matched whole segments, so what follows it is joined to
 /// the replacement with exactly one `/` (`/api/` → `/v2`: `/api/users` becomes
 /// `/v2/users`). A prefix without a trailing `/` is replaced literally, as nginx
-/// does (`/x` → `/y`: `/xyz` becomes `/yyz`).
-/// The upstream's path and query: `path` itself (no copy) when nothing is
-/// rewritten and there is no query.
+/// does (`/x` → `/y`: `/xyz` becomes `/yyz`). With nothing to rewrite and no
+/// query, it is `path` itself, not a copy.
 fn rewrite_path<'a>(
     path: &'a str,
     query: Option<&str>,
