@@ -327,13 +327,7 @@ async fn serve_http(stream: TcpStream, state: State, h2: bool) {
             // `/drop`: read the head, then close the connection without an answer
             // (hyper closes a connection whose service fails).
             if req.uri().path() == "/drop" {
-                state.requests.fetch_add(1, Ordering::SeqCst);
-                if let Ok(mut p) = state.paths.lock() {
-                    if p.len() >= 1000 {
-                        p.pop_front();
-                    }
-                    p.push_back("/drop".to_string());
-                }
+                note_request(&state, "/drop");
                 return Err(std::io::Error::other("dropped without an answer"));
             }
             handle(req, state).await.map_err(|e| match e {})
@@ -384,16 +378,21 @@ fn text(status: StatusCode, name: &str, body: String) -> Response<Body> {
     r
 }
 
-async fn handle(req: Request<Incoming>, state: State) -> Result<Response<Body>, Infallible> {
+/// Count a request and remember its path (the last 1,000).
+fn note_request(state: &State, path: &str) {
     state.requests.fetch_add(1, Ordering::SeqCst);
-    let path = req.uri().path().to_string();
-    let query = req.uri().query().unwrap_or("").to_string();
     if let Ok(mut p) = state.paths.lock() {
         if p.len() >= 1000 {
             p.pop_front();
         }
-        p.push_back(path.clone());
+        p.push_back(path.to_string());
     }
+}
+
+async fn handle(req: Request<Incoming>, state: State) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    note_request(&state, &path);
     let overridden = state.overrides.lock().ok().and_then(|m| m.get(&path).copied());
     if overridden == Some(HANG) {
         std::future::pending::<()>().await;
