@@ -1682,19 +1682,16 @@ fn rewrite_path<'a>(
     rewrite: &Rewrite,
     matched: Matched<'_>,
 ) -> std::borrow::Cow<'a, str> {
-    let new_path = match (rewrite, matched) {
-        (Rewrite::Strip, Matched::Prefix(p)) => join("/", &path[p.len().min(path.len())..], p.ends_with('/')),
-        (Rewrite::Replace(with), Matched::Prefix(p)) => join(with, &path[p.len().min(path.len())..], p.ends_with('/')),
-        _ => {
-            return match query {
-                Some(q) => format!("{path}?{q}").into(),
-                None => path.into(),
-            };
+    let new_path: std::borrow::Cow<'a, str> = match (rewrite, matched) {
+        (Rewrite::Strip, Matched::Prefix(p)) => join("/", &path[p.len().min(path.len())..], p.ends_with('/')).into(),
+        (Rewrite::Replace(with), Matched::Prefix(p)) => {
+            join(with, &path[p.len().min(path.len())..], p.ends_with('/')).into()
         }
+        _ => path.into(),
     };
     match query {
         Some(q) => format!("{new_path}?{q}").into(),
-        None => new_path.into(),
+        None => new_path,
     }
 }
 
