@@ -278,7 +278,7 @@ pub fn via_after(prior: &[HeaderValue], ours: &'static str) -> HeaderValue {
 }
 
 /// Append one field line, `name: value` and CRLF, as the HTTP/1 encoders write it.
-#[inline]
+#[inline(always)]
 pub(crate) fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
     out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b": ");

@@ -552,7 +552,11 @@ pub(crate) async fn handle_request(
     // A head the lean HTTP/1 server read has no `Content-Length`, `Transfer-Encoding`,
     // `Upgrade` or `Expect` field (it hands those to hyper): none to look for.
     let lean_head = matches!(req.body(), ClientIn::Empty);
-    let host_value: Option<HeaderValue> = req.headers().get(header::HOST).cloned().or_else(|| {
+    // The Host fields, looked up once: for the framing check and the host.
+    let host_fields = crate::security::framing::HostFields::of(req.headers());
+    let several_hosts = host_fields.several;
+    let host_from_field = host_fields.first.is_some();
+    let host_value: Option<HeaderValue> = host_fields.first.cloned().or_else(|| {
         req.uri()
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
@@ -603,7 +607,13 @@ pub(crate) async fn handle_request(
             "content-length-with-transfer-encoding",
         ));
     }
-    if let Err(refusal) = crate::security::framing::check_request(req.uri(), req.version(), req.headers()) {
+    let host_fields = crate::security::framing::HostFields {
+        first: host_value.as_ref().filter(|_| host_from_field),
+        several: several_hosts,
+    };
+    if let Err(refusal) =
+        crate::security::framing::check_request(req.uri(), req.version(), req.headers(), host_fields, lean_head)
+    {
         let (reason, detail) = match refusal {
             crate::security::framing::Refusal::Framing(d) => (Reason::BadFraming, d),
             crate::security::framing::Refusal::Host(d) => (Reason::BadHost, d),

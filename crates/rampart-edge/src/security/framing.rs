@@ -33,27 +33,43 @@ pub enum Refusal {
     Host(&'static str),
 }
 
-/// Check a request head.
-pub fn check_request(uri: &Uri, version: Version, h: &HeaderMap) -> Result<(), Refusal> {
-    let te: Vec<_> = h.get_all(header::TRANSFER_ENCODING).iter().collect();
-    if !te.is_empty() {
-        if h.contains_key(header::CONTENT_LENGTH) {
-            return Err(Refusal::Framing("content-length-with-transfer-encoding"));
-        }
-        let only_chunked = te.len() == 1
-            && te[0]
-                .to_str()
-                .is_ok_and(|v| v.trim_matches([' ', '\t']).eq_ignore_ascii_case("chunked"));
-        if !only_chunked {
-            return Err(Refusal::Framing("transfer-encoding-not-chunked"));
+/// A request's `Host` fields, looked up once for the check and the pipeline.
+#[derive(Clone, Copy)]
+pub struct HostFields<'a> {
+    /// The first one.
+    pub first: Option<&'a http::HeaderValue>,
+    /// Whether there is more than one.
+    pub several: bool,
+}
+
+impl<'a> HostFields<'a> {
+    pub fn of(h: &'a HeaderMap) -> HostFields<'a> {
+        let mut all = h.get_all(header::HOST).iter();
+        let first = all.next();
+        HostFields {
+            first,
+            several: all.next().is_some(),
         }
     }
-    let mut hosts = h.get_all(header::HOST).iter();
-    let host = hosts.next();
-    if hosts.next().is_some() {
+}
+
+/// Check a request head whose `Host` fields are `host`. `no_framing_fields`: the head
+/// is known to carry no `Transfer-Encoding` (the lean HTTP/1 server hands such
+/// heads to hyper), so the map is not searched for it.
+pub fn check_request(
+    uri: &Uri,
+    version: Version,
+    h: &HeaderMap,
+    host: HostFields<'_>,
+    no_framing_fields: bool,
+) -> Result<(), Refusal> {
+    if !no_framing_fields {
+        check_transfer_encoding(h)?;
+    }
+    if host.several {
         return Err(Refusal::Host("several-host-fields"));
     }
-    if let (Some(authority), Some(host)) = (uri.authority(), host) {
+    if let (Some(authority), Some(host)) = (uri.authority(), host.first) {
         let same = host
             .to_str()
             .is_ok_and(|h| h.trim().eq_ignore_ascii_case(authority.as_str()));
@@ -62,8 +78,26 @@ pub fn check_request(uri: &Uri, version: Version, h: &HeaderMap) -> Result<(), R
         }
     }
     // HTTP/1.1 requires a Host (RFC 9112 §3.2); an absolute-form target stands in.
-    if version == Version::HTTP_11 && host.is_none() && uri.authority().is_none() {
+    if version == Version::HTTP_11 && host.first.is_none() && uri.authority().is_none() {
         return Err(Refusal::Host("missing-host"));
+    }
+    Ok(())
+}
+
+fn check_transfer_encoding(h: &HeaderMap) -> Result<(), Refusal> {
+    let mut te = h.get_all(header::TRANSFER_ENCODING).iter();
+    let Some(first) = te.next() else {
+        return Ok(());
+    };
+    if h.contains_key(header::CONTENT_LENGTH) {
+        return Err(Refusal::Framing("content-length-with-transfer-encoding"));
+    }
+    let only_chunked = te.next().is_none()
+        && first
+            .to_str()
+            .is_ok_and(|v| v.trim_matches([' ', '\t']).eq_ignore_ascii_case("chunked"));
+    if !only_chunked {
+        return Err(Refusal::Framing("transfer-encoding-not-chunked"));
     }
     Ok(())
 }
@@ -93,7 +127,14 @@ mod tests {
     }
 
     fn check(target: &str, fields: &[(&str, &str)]) -> Result<(), Refusal> {
-        check_request(&target.parse().unwrap(), Version::HTTP_11, &head(fields))
+        let h = head(fields);
+        check_request(
+            &target.parse().unwrap(),
+            Version::HTTP_11,
+            &h,
+            HostFields::of(&h),
+            false,
+        )
     }
 
     #[test]
@@ -124,6 +165,25 @@ mod tests {
         );
         assert_eq!(check("/", &[]), Err(Refusal::Host("missing-host")));
         assert!(check("http://a.test/", &[]).is_ok());
+    }
+
+    /// A head the lean server read (no framing fields) still has its Host checked.
+    #[test]
+    fn a_head_without_framing_fields_still_has_its_host_checked() {
+        let lean = |target: &str, fields: &[(&str, &str)]| {
+            let h = head(fields);
+            check_request(&target.parse().unwrap(), Version::HTTP_11, &h, HostFields::of(&h), true)
+        };
+        assert!(lean("/", &[("host", "a")]).is_ok());
+        assert_eq!(
+            lean("/", &[("host", "a"), ("host", "b")]),
+            Err(Refusal::Host("several-host-fields"))
+        );
+        assert_eq!(
+            lean("http://b.test/", &[("host", "a.test")]),
+            Err(Refusal::Host("host-differs-from-target"))
+        );
+        assert_eq!(lean("/", &[]), Err(Refusal::Host("missing-host")));
     }
 
     #[test]
