@@ -28,20 +28,20 @@ const DRAIN_EVERY: Duration = Duration::from_millis(20);
 /// more than the rest of the log path together (measured with callgrind).
 pub struct Entry<'a> {
     pub time: SystemTime,
-    pub request_id: &'a str,
+    pub request_id: Plain<'a>,
     pub client_ip: IpAddr,
     pub host: &'a str,
-    pub method: &'a str,
+    pub method: Plain<'a>,
     pub path: &'a str,
-    pub protocol: &'a str,
+    pub protocol: Plain<'a>,
     pub status: u16,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Microseconds; written as milliseconds with three decimals.
     pub duration_us: u64,
-    pub site: &'a str,
-    pub route: &'a str,
-    pub upstream: &'a str,
+    pub site: Text<'a>,
+    pub route: Text<'a>,
+    pub upstream: Text<'a>,
     pub attempts: u32,
     pub reason: &'a str,
     /// What a refusal objected to.
@@ -54,14 +54,14 @@ impl Entry<'_> {
         out.extend_from_slice(b"{\"time\":\"");
         write_rfc3339(out, self.time);
         out.push(b'"');
-        str_field(out, b",\"request_id\":", self.request_id);
+        plain_field(out, b",\"request_id\":\"", self.request_id);
         out.extend_from_slice(b",\"client_ip\":\"");
         write_ip(out, self.client_ip);
         out.push(b'"');
         str_field(out, b",\"host\":", self.host);
-        str_field(out, b",\"method\":", self.method);
+        plain_field(out, b",\"method\":\"", self.method);
         str_field(out, b",\"path\":", self.path);
-        str_field(out, b",\"protocol\":", self.protocol);
+        plain_field(out, b",\"protocol\":\"", self.protocol);
         int_field(out, b",\"status\":", u64::from(self.status));
         int_field(out, b",\"bytes_in\":", self.bytes_in);
         int_field(out, b",\"bytes_out\":", self.bytes_out);
@@ -73,9 +73,9 @@ impl Entry<'_> {
             b'0' + (frac / 10 % 10) as u8,
             b'0' + (frac % 10) as u8,
         ]);
-        str_field(out, b",\"site\":", self.site);
-        str_field(out, b",\"route\":", self.route);
-        str_field(out, b",\"upstream\":", self.upstream);
+        text_field(out, b",\"site\":", self.site);
+        text_field(out, b",\"route\":", self.route);
+        text_field(out, b",\"upstream\":", self.upstream);
         int_field(out, b",\"attempts\":", u64::from(self.attempts));
         str_field(out, b",\"reason\":", self.reason);
         if let Some(d) = self.detail {
@@ -86,13 +86,90 @@ impl Entry<'_> {
 }
 
 /// `key` is the whole `,"name":` literal: one copy, nothing to escape.
-#[inline]
+///
+/// Inlined, so each key is copied with a few stores of its known length rather
+/// than a `memcpy` call; the value's escaping stays out of line (one copy of it).
+#[inline(always)]
 fn str_field(out: &mut Vec<u8>, key: &[u8], value: &str) {
     out.extend_from_slice(key);
     json_str(out, value);
 }
 
-#[inline]
+/// `key` is the whole `,"name":"` literal, opening quote included; `value` needs no
+/// escaping.
+#[inline(always)]
+fn plain_field(out: &mut Vec<u8>, key: &[u8], value: Plain<'_>) {
+    out.extend_from_slice(key);
+    out.extend_from_slice(value.0.as_bytes());
+    out.push(b'"');
+}
+
+#[inline(always)]
+fn text_field(out: &mut Vec<u8>, key: &[u8], value: Text<'_>) {
+    out.extend_from_slice(key);
+    match value {
+        Text::Str(s) => json_str(out, s),
+        Text::Json(j) => out.extend_from_slice(&j.0),
+    }
+}
+
+/// A string field's value: text to escape as it is written, or a name from the
+/// configuration encoded once when it was loaded.
+#[derive(Clone, Copy)]
+pub enum Text<'a> {
+    Str(&'a str),
+    Json(&'a JsonStr),
+}
+
+impl<'a> From<&'a str> for Text<'a> {
+    fn from(s: &'a str) -> Text<'a> {
+        Text::Str(s)
+    }
+}
+
+/// A string as a JSON string literal, quotes included: for names logged on every
+/// request (a route's site and id, a backend's URL), encoded once.
+pub struct JsonStr(Box<[u8]>);
+
+impl JsonStr {
+    pub fn new(s: &str) -> JsonStr {
+        let mut out = Vec::with_capacity(s.len() + 2);
+        json_str(&mut out, s);
+        JsonStr(out.into_boxed_slice())
+    }
+}
+
+/// Text that needs no JSON escaping by how it was made (no `"`, `\\` or control
+/// character), so the log writes it without looking for one.
+#[derive(Clone, Copy)]
+pub struct Plain<'a>(&'a str);
+
+impl<'a> Plain<'a> {
+    /// `-`: not known.
+    pub const UNKNOWN: Plain<'static> = Plain("-");
+
+    /// A method is a token (RFC 9110 §5.6.2): `http` refuses any other.
+    pub fn method(m: &'a http::Method) -> Plain<'a> {
+        Plain(m.as_str())
+    }
+
+    /// Hex digits, or the characters [`crate::headers::acceptable_request_id`] allows.
+    pub fn request_id(id: &'a crate::headers::RequestId) -> Plain<'a> {
+        Plain(id.as_str())
+    }
+
+    pub fn version(v: http::Version) -> Plain<'static> {
+        Plain(match v {
+            http::Version::HTTP_09 => "HTTP/0.9",
+            http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_2 => "HTTP/2",
+            http::Version::HTTP_3 => "HTTP/3",
+            _ => "HTTP/1.1",
+        })
+    }
+}
+
+#[inline(always)]
 fn int_field(out: &mut Vec<u8>, key: &[u8], value: u64) {
     out.extend_from_slice(key);
     int(out, value);
@@ -103,6 +180,7 @@ fn int(out: &mut Vec<u8>, n: u64) {
 }
 
 /// A JSON string literal: `"`, `\\` and control characters escaped; other UTF-8 as is.
+#[inline(never)]
 fn json_str(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
@@ -410,23 +488,62 @@ mod tests {
         assert_eq!(out, b"2025-11-24T00:02:03.004Z");
     }
 
+    /// A name encoded once is written as the same text escaped on every line.
+    #[test]
+    fn encoded_names_match_escaped_text() {
+        for name in ["default", "/", "a\"b\\c", "tab\there", "é~/glob/*", ""] {
+            let (mut once, mut each) = (Vec::new(), Vec::new());
+            let encoded = JsonStr::new(name);
+            text_field(&mut once, b",\"site\":", Text::Json(&encoded));
+            text_field(&mut each, b",\"site\":", Text::Str(name));
+            assert_eq!(once, each, "{name:?}");
+        }
+    }
+
+    /// What is written without an escape check has nothing to escape.
+    #[test]
+    fn plain_values_need_no_escaping() {
+        let made = crate::headers::RequestId::generate();
+        let given = crate::headers::RequestId::given_or_new(Some(&http::HeaderValue::from_static("ab-_.:9Z")));
+        assert_eq!(Plain::request_id(&given).0, "ab-_.:9Z");
+        let methods = [http::Method::GET, http::Method::from_bytes(b"PURGE").unwrap()];
+        let versions = [
+            http::Version::HTTP_09,
+            http::Version::HTTP_10,
+            http::Version::HTTP_11,
+            http::Version::HTTP_2,
+            http::Version::HTTP_3,
+        ];
+        let mut plain: Vec<Plain<'_>> = vec![Plain::request_id(&made), Plain::request_id(&given), Plain::UNKNOWN];
+        plain.extend(methods.iter().map(Plain::method));
+        for v in versions {
+            plain.push(Plain::version(v));
+        }
+        for p in plain {
+            assert!(!p.0.is_empty() && !needs_escape(p.0.as_bytes()), "{:?}", p.0);
+        }
+        // A method with a quote or a backslash is not a method.
+        assert!(http::Method::from_bytes(b"GE\"T").is_err());
+        assert!(http::Method::from_bytes(b"GE\\T").is_err());
+    }
+
     /// A line for the writer tests, told apart by its status and bytes out.
     fn line(status: u16, bytes_out: u64) -> Entry<'static> {
         Entry {
             time: SystemTime::now(),
-            request_id: "r",
+            request_id: Plain("r"),
             client_ip: IpAddr::from([127, 0, 0, 1]),
             host: "h",
-            method: "GET",
+            method: Plain("GET"),
             path: "/",
-            protocol: "HTTP/1.1",
+            protocol: Plain::version(http::Version::HTTP_11),
             status,
             bytes_in: 0,
             bytes_out,
             duration_us: 1,
-            site: "s",
-            route: "r",
-            upstream: "-",
+            site: "s".into(),
+            route: "r".into(),
+            upstream: "-".into(),
             attempts: 1,
             reason: "proxied",
             detail: None,
@@ -533,19 +650,19 @@ mod tests {
     fn lines_are_json_with_every_field() {
         let entry = Entry {
             time: std::time::UNIX_EPOCH,
-            request_id: "r1",
+            request_id: Plain("r1"),
             client_ip: IpAddr::from([10, 0, 0, 254]),
             host: "h\"o\\st\u{1}\n",
-            method: "GET",
+            method: Plain("GET"),
             path: "/caf\u{e9}",
-            protocol: "HTTP/1.1",
+            protocol: Plain::version(http::Version::HTTP_11),
             status: 200,
             bytes_in: 0,
             bytes_out: 1234,
             duration_us: 12_045,
-            site: "s",
-            route: "r",
-            upstream: "-",
+            site: "s".into(),
+            route: "r".into(),
+            upstream: "-".into(),
             attempts: 1,
             reason: "proxied",
             detail: Some("waf:x=log"),

@@ -7,7 +7,7 @@
 //! when the body ends.
 
 use crate::Shared;
-use crate::access_log::Entry;
+use crate::access_log::{Entry, Text};
 use crate::body::{BodyOutcome, ClientBody, ClientIn, Completion, EdgeBody, RequestBodyState, UpstreamBody};
 use crate::headers::{
     self, RequestId, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_RAMPART_ATTEMPTS, X_RAMPART_REASON,
@@ -174,19 +174,19 @@ impl Completion for Record {
         if log.enabled() {
             log.log(&Entry {
                 time: crate::access_log::wall_clock(now.into_std()),
-                request_id: self.request_id.as_str(),
+                request_id: crate::access_log::Plain::request_id(&self.request_id),
                 client_ip: self.client_ip,
                 host: self.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-"),
-                method: self.method.as_str(),
+                method: crate::access_log::Plain::method(&self.method),
                 path: self.uri.path(),
-                protocol: version_str(self.version),
+                protocol: crate::access_log::Plain::version(self.version),
                 status: self.status,
                 bytes_in,
                 bytes_out,
                 duration_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-                site: self.route.as_ref().map_or("-", |r| &r.site),
-                route: self.route.as_ref().map_or("-", |r| &r.id),
-                upstream: self.upstream_label().unwrap_or("-"),
+                site: self.route.as_ref().map_or("-".into(), |r| Text::Json(&r.site_json)),
+                route: self.route.as_ref().map_or("-".into(), |r| Text::Json(&r.id_json)),
+                upstream: self.upstream_for_log(),
                 attempts: self.tries,
                 reason: match (self.reason_text, reason) {
                     (Some(text), Reason::Proxied) => text,
@@ -263,6 +263,19 @@ impl Record {
         }
     }
 
+    /// Who served, for the access log: a backend's URL as encoded when the
+    /// configuration was loaded.
+    fn upstream_for_log(&self) -> Text<'_> {
+        match &self.upstream {
+            Served::Nobody => "-".into(),
+            Served::Backend(i) => self
+                .pool()
+                .and_then(|p| p.backends.get(*i))
+                .map_or("-".into(), |b| Text::Json(&b.label_json)),
+            Served::Provider(p) => Text::Str(p),
+        }
+    }
+
     /// Note one attempt and its outcome; the text is written only when explaining.
     fn note_attempt(&mut self, pool: &str, backend: usize, outcome: Outcome, explain: bool) {
         use std::fmt::Write;
@@ -291,16 +304,6 @@ impl std::fmt::Display for Outcome {
             Outcome::Status(s) => write!(f, "{s}"),
             Outcome::Failed(r) => f.write_str(r.as_str()),
         }
-    }
-}
-
-fn version_str(v: Version) -> &'static str {
-    match v {
-        Version::HTTP_09 => "HTTP/0.9",
-        Version::HTTP_10 => "HTTP/1.0",
-        Version::HTTP_2 => "HTTP/2",
-        Version::HTTP_3 => "HTTP/3",
-        _ => "HTTP/1.1",
     }
 }
 
@@ -479,19 +482,19 @@ pub fn log_refusal(shared: &Shared, peer: std::net::SocketAddr, r: &crate::secur
     if log.enabled() {
         log.log(&Entry {
             time: std::time::SystemTime::now(),
-            request_id: r.request_id.as_str(),
+            request_id: crate::access_log::Plain::request_id(&r.request_id),
             client_ip: peer.ip(),
             host: "-",
-            method: "-",
+            method: crate::access_log::Plain::UNKNOWN,
             path: "-",
-            protocol: "HTTP/1.1",
+            protocol: crate::access_log::Plain::version(Version::HTTP_11),
             status: r.status,
             bytes_in: 0,
             bytes_out: r.bytes as u64,
             duration_us: 0,
-            site: "-",
-            route: "-",
-            upstream: "-",
+            site: "-".into(),
+            route: "-".into(),
+            upstream: "-".into(),
             attempts: 0,
             reason: r.reason,
             detail: None,

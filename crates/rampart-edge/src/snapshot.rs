@@ -30,6 +30,9 @@ pub struct RouteEntry {
     pub site: Arc<str>,
     /// Label for logs and metrics: `/prefix`, `=/exact` or `~/glob/*`.
     pub id: Arc<str>,
+    /// `site` and `id` as the access log writes them (encoded once).
+    pub site_json: crate::access_log::JsonStr,
+    pub id_json: crate::access_log::JsonStr,
     /// The pool serving this route (None for chain routes).
     pub pool: Option<Arc<Pool>>,
     /// The provider chain serving this route (None for pool routes).
@@ -271,6 +274,8 @@ impl Snapshot {
                     fallback,
                     chain,
                     site: name.clone(),
+                    site_json: crate::access_log::JsonStr::new(&name),
+                    id_json: crate::access_log::JsonStr::new(&id),
                     metrics: metrics.route(&name, &id),
                     id: Arc::from(id.as_str()),
                     pool,

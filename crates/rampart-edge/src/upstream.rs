@@ -40,6 +40,8 @@ pub struct Backend {
     pub host_value: HeaderValue,
     /// The URL as configured, for logs and the admin API.
     pub label: Arc<str>,
+    /// `label` as the access log writes it (encoded once).
+    pub label_json: crate::access_log::JsonStr,
     /// `scheme://authority/`: where the HTTP/1 pool connects.
     pub target: http::Uri,
 }
@@ -293,6 +295,7 @@ impl Pool {
                 authority,
                 host_value,
                 label: Arc::from(b.url.as_str()),
+                label_json: crate::access_log::JsonStr::new(&b.url),
                 target,
             });
         }
