@@ -247,12 +247,26 @@ fn needs_escape(bytes: &[u8]) -> bool {
 pub(crate) fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
+            // Into a fixed buffer, then one copy: at most 15 bytes.
+            let mut text = [0u8; 15];
+            let mut n = 0;
             for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push(b'.');
+                    text[n] = b'.';
+                    n += 1;
                 }
-                int(out, u64::from(octet));
+                if octet >= 100 {
+                    text[n] = b'0' + octet / 100;
+                    n += 1;
+                }
+                if octet >= 10 {
+                    text[n] = b'0' + octet / 10 % 10;
+                    n += 1;
+                }
+                text[n] = b'0' + octet % 10;
+                n += 1;
             }
+            out.extend_from_slice(&text[..n]);
         }
         IpAddr::V6(v6) => {
             let _ = write!(out, "{v6}");
@@ -486,6 +500,28 @@ mod tests {
         let mut out = Vec::new();
         write_rfc3339(&mut out, t);
         assert_eq!(out, b"2025-11-24T00:02:03.004Z");
+    }
+
+    /// Addresses are written as `Display` writes them.
+    #[test]
+    fn addresses_are_written_as_displayed() {
+        let v4 = [
+            [0, 0, 0, 0],
+            [255, 255, 255, 255],
+            [10, 0, 100, 9],
+            [1, 22, 133, 4],
+            [99, 100, 101, 199],
+        ];
+        let v6 = ["::1", "2001:db8::8a2e:370:7334", "::ffff:10.0.0.1"];
+        let all = v4
+            .into_iter()
+            .map(IpAddr::from)
+            .chain(v6.iter().map(|a| a.parse::<IpAddr>().unwrap()));
+        for ip in all {
+            let mut out = Vec::new();
+            write_ip(&mut out, ip);
+            assert_eq!(String::from_utf8(out).unwrap(), ip.to_string());
+        }
     }
 
     /// A name encoded once is written as the same text escaped on every line.
