@@ -82,6 +82,9 @@ impl<R> Router<R> {
 
     /// Find the site for a request host (any case, with or without port).
     pub fn site(&self, host: &str) -> Option<usize> {
+        if self.exact_hosts.is_empty() && self.wildcard_hosts.is_empty() {
+            return self.default_site;
+        }
         let name = strip_port(host).trim_end_matches('.');
         let lowered;
         let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -136,8 +139,15 @@ pub fn strip_port(host: &str) -> &str {
             None => host,
         };
     }
-    match host.rfind(':') {
-        Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
+    // A `:` with only digits after it, found from the end: a byte loop, since the
+    // generic reverse search cost more than the rest of the site lookup.
+    let bytes = host.as_bytes();
+    let mut i = bytes.len();
+    while i > 0 && bytes[i - 1].is_ascii_digit() {
+        i -= 1;
+    }
+    match i.checked_sub(1) {
+        Some(colon) if bytes[colon] == b':' => &host[..colon],
         _ => host,
     }
 }
@@ -264,6 +274,43 @@ mod tests {
         assert_eq!(r.site("other.test"), Some(2), "default site");
         assert_eq!(strip_port("[::1]:80"), "[::1]");
         assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+
+    /// The byte loop strips what the plain reading does: the last `:` when only
+    /// digits follow it.
+    #[test]
+    fn ports_are_stripped_as_rfind_would() {
+        let by_rfind = |h: &'static str| match h.rfind(':') {
+            Some(i) if h[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &h[..i],
+            _ => h,
+        };
+        let hosts = [
+            "127.0.0.1:19001",
+            "a.test:80",
+            "a.test:",
+            "a.test",
+            "1234",
+            "a:b1",
+            "a:1:2",
+            ":80",
+            ":",
+            "",
+            "é.test:443",
+            "a.test:8o",
+        ];
+        for h in hosts {
+            assert_eq!(strip_port(h), by_rfind(h), "{h:?}");
+        }
+    }
+
+    #[test]
+    fn a_router_with_only_a_default_site_gives_it_for_any_host() {
+        let mut r: Router<&'static str> = Router::new();
+        r.add_site(&[], true, vec![(PathMatch::Prefix("/".into()), "fallback")]);
+        for host in ["a.test", "A.TEST:80", "", "[::1]:8080"] {
+            assert_eq!(r.site(host), Some(0), "{host:?}");
+        }
+        assert_eq!(Router::<&'static str>::new().site("a.test"), None);
     }
 
     #[test]
