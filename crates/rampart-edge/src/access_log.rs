@@ -100,7 +100,7 @@ fn str_field(out: &mut Vec<u8>, key: &[u8], value: &str) {
 #[inline(always)]
 fn plain_field(out: &mut Vec<u8>, key: &[u8], value: Plain<'_>) {
     out.extend_from_slice(key);
-    out.extend_from_slice(value.0.as_bytes());
+    out.extend_from_slice(value.0);
     out.push(b'"');
 }
 
@@ -139,32 +139,33 @@ impl JsonStr {
     }
 }
 
-/// Text that needs no JSON escaping by how it was made (no `"`, `\\` or control
-/// character), so the log writes it without looking for one.
+/// ASCII text that needs no JSON escaping by how it was made (no `"`, `\\` or
+/// control character), so the log writes its bytes without looking at them.
 #[derive(Clone, Copy)]
-pub struct Plain<'a>(&'a str);
+pub struct Plain<'a>(&'a [u8]);
 
 impl<'a> Plain<'a> {
     /// `-`: not known.
-    pub const UNKNOWN: Plain<'static> = Plain("-");
+    pub const UNKNOWN: Plain<'static> = Plain(b"-");
 
     /// A method is a token (RFC 9110 §5.6.2): `http` refuses any other.
     pub fn method(m: &'a http::Method) -> Plain<'a> {
-        Plain(m.as_str())
+        Plain(m.as_str().as_bytes())
     }
 
     /// Hex digits, or the characters [`crate::headers::acceptable_request_id`] allows.
+    /// (ASCII, so its bytes need no UTF-8 check either.)
     pub fn request_id(id: &'a crate::headers::RequestId) -> Plain<'a> {
-        Plain(id.as_str())
+        Plain(id.as_bytes())
     }
 
     pub fn version(v: http::Version) -> Plain<'static> {
         Plain(match v {
-            http::Version::HTTP_09 => "HTTP/0.9",
-            http::Version::HTTP_10 => "HTTP/1.0",
-            http::Version::HTTP_2 => "HTTP/2",
-            http::Version::HTTP_3 => "HTTP/3",
-            _ => "HTTP/1.1",
+            http::Version::HTTP_09 => b"HTTP/0.9",
+            http::Version::HTTP_10 => b"HTTP/1.0",
+            http::Version::HTTP_2 => b"HTTP/2",
+            http::Version::HTTP_3 => b"HTTP/3",
+            _ => b"HTTP/1.1",
         })
     }
 }
@@ -389,13 +390,17 @@ thread_local! {
 /// clock taken at most a second before it on this thread (so a step of the system
 /// clock shows within a second), without a clock read per request.
 pub fn wall_clock(at: std::time::Instant) -> SystemTime {
-    ANCHOR.with(|anchor| match anchor.get() {
-        Some((base, wall)) if at >= base && at - base < Duration::from_secs(1) => wall + (at - base),
-        _ => {
-            let wall = SystemTime::now();
-            anchor.set(Some((at, wall)));
-            wall
+    ANCHOR.with(|anchor| {
+        // One subtraction of instants (each is a checked `timespec` difference).
+        if let Some((base, wall)) = anchor.get()
+            && let Some(since) = at.checked_duration_since(base)
+            && since < Duration::from_secs(1)
+        {
+            return wall + since;
         }
+        let wall = SystemTime::now();
+        anchor.set(Some((at, wall)));
+        wall
     })
 }
 
@@ -541,7 +546,7 @@ mod tests {
     fn plain_values_need_no_escaping() {
         let made = crate::headers::RequestId::generate();
         let given = crate::headers::RequestId::given_or_new(Some(&http::HeaderValue::from_static("ab-_.:9Z")));
-        assert_eq!(Plain::request_id(&given).0, "ab-_.:9Z");
+        assert_eq!(Plain::request_id(&given).0, b"ab-_.:9Z");
         let methods = [http::Method::GET, http::Method::from_bytes(b"PURGE").unwrap()];
         let versions = [
             http::Version::HTTP_09,
@@ -556,7 +561,7 @@ mod tests {
             plain.push(Plain::version(v));
         }
         for p in plain {
-            assert!(!p.0.is_empty() && !needs_escape(p.0.as_bytes()), "{:?}", p.0);
+            assert!(!p.0.is_empty() && p.0.is_ascii() && !needs_escape(p.0), "{:?}", p.0);
         }
         // A method with a quote or a backslash is not a method.
         assert!(http::Method::from_bytes(b"GE\"T").is_err());
@@ -567,10 +572,10 @@ mod tests {
     fn line(status: u16, bytes_out: u64) -> Entry<'static> {
         Entry {
             time: SystemTime::now(),
-            request_id: Plain("r"),
+            request_id: Plain(b"r"),
             client_ip: IpAddr::from([127, 0, 0, 1]),
             host: "h",
-            method: Plain("GET"),
+            method: Plain(b"GET"),
             path: "/",
             protocol: Plain::version(http::Version::HTTP_11),
             status,
@@ -686,10 +691,10 @@ mod tests {
     fn lines_are_json_with_every_field() {
         let entry = Entry {
             time: std::time::UNIX_EPOCH,
-            request_id: Plain("r1"),
+            request_id: Plain(b"r1"),
             client_ip: IpAddr::from([10, 0, 0, 254]),
             host: "h\"o\\st\u{1}\n",
-            method: Plain("GET"),
+            method: Plain(b"GET"),
             path: "/caf\u{e9}",
             protocol: Plain::version(http::Version::HTTP_11),
             status: 200,
