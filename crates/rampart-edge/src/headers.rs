@@ -265,6 +265,26 @@ pub fn via_entry(version: http::Version) -> &'static str {
     }
 }
 
+/// [`via_entry`] as a header value, built at compile time (`from_static` at run time
+/// checks every byte, on every request).
+pub fn via_value(version: http::Version) -> HeaderValue {
+    const V2: HeaderValue = HeaderValue::from_static("2 rampart");
+    const V10: HeaderValue = HeaderValue::from_static("1.0 rampart");
+    const V11: HeaderValue = HeaderValue::from_static("1.1 rampart");
+    match version {
+        http::Version::HTTP_2 => V2,
+        http::Version::HTTP_10 => V10,
+        _ => V11,
+    }
+}
+
+/// The `X-Forwarded-Proto` value, built at compile time.
+pub fn proto_value(tls: bool) -> HeaderValue {
+    const HTTP: HeaderValue = HeaderValue::from_static("http");
+    const HTTPS: HeaderValue = HeaderValue::from_static("https");
+    if tls { HTTPS } else { HTTP }
+}
+
 /// One `Via` value: the `prior` lines' entries, then `ours`.
 pub fn via_after(prior: &[HeaderValue], ours: &'static str) -> HeaderValue {
     let mut v = Vec::with_capacity(prior.iter().map(|p| p.len() + 2).sum::<usize>() + ours.len());
@@ -638,6 +658,11 @@ mod tests {
         append_via(&mut h, http::Version::HTTP_2);
         assert_eq!(h["via"], "2 rampart");
         assert_eq!(via_after(&[], via_entry(http::Version::HTTP_10)), "1.0 rampart");
+        for v in [http::Version::HTTP_10, http::Version::HTTP_11, http::Version::HTTP_2] {
+            assert_eq!(via_value(v), via_entry(v));
+        }
+        assert_eq!(proto_value(false), "http");
+        assert_eq!(proto_value(true), "https");
     }
 
     #[test]

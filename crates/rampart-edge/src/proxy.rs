@@ -1253,9 +1253,7 @@ pub(crate) async fn handle_request(
     };
     match lines {
         Some(lines) => {
-            let via = snap
-                .via
-                .then(|| HeaderValue::from_static(headers::via_entry(Version::HTTP_11)));
+            let via = snap.via.then(|| headers::via_value(Version::HTTP_11));
             lines.add_own(via, rec.request_id.clone());
         }
         None => finish_headers(&mut rparts.headers, &rec, snap.via, explain, route, backend),
@@ -1329,10 +1327,10 @@ fn upstream_headers<'a>(
             }
         }
         let via = via.map(|v| {
-            let ours = headers::via_entry(v);
             if present & headers::FIELD_VIA == 0 {
-                return HeaderValue::from_static(ours);
+                return headers::via_value(v);
             }
+            let ours = headers::via_entry(v);
             let prior: Vec<HeaderValue> = match h.entry(header::VIA) {
                 http::header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
                 http::header::Entry::Vacant(_) => Vec::new(),
@@ -1341,7 +1339,7 @@ fn upstream_headers<'a>(
         });
         let added = Added {
             forwarded_for: &conn.peer_value,
-            forwarded_proto: HeaderValue::from_static(proto),
+            forwarded_proto: headers::proto_value(conn.tls),
             forwarded_host: host,
             via,
             request_id: request_id.clone(),
