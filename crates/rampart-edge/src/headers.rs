@@ -196,13 +196,7 @@ pub fn client_ip(h: &HeaderMap, peer: IpAddr, trusted: &[Cidr]) -> IpAddr {
 /// kept and the peer appended to `X-Forwarded-For`; from anyone else they are replaced.
 ///
 /// `peer` is the socket peer's address as a header value, made once per connection.
-pub fn set_forwarded(
-    h: &mut HeaderMap,
-    peer: &HeaderValue,
-    trusted_peer: bool,
-    proto: &'static str,
-    host: Option<&HeaderValue>,
-) {
+pub fn set_forwarded(h: &mut HeaderMap, peer: &HeaderValue, trusted_peer: bool, tls: bool, host: Option<&HeaderValue>) {
     let prior: Vec<&str> = if trusted_peer {
         h.get_all(&X_FORWARDED_FOR)
             .iter()
@@ -221,10 +215,10 @@ pub fn set_forwarded(
     match h.entry(&X_FORWARDED_PROTO) {
         http::header::Entry::Occupied(_) if trusted_peer => {}
         http::header::Entry::Occupied(mut e) => {
-            e.insert(HeaderValue::from_static(proto));
+            e.insert(proto_value(tls));
         }
         http::header::Entry::Vacant(e) => {
-            e.insert(HeaderValue::from_static(proto));
+            e.insert(proto_value(tls));
         }
     }
     if let Some(host) = host {
@@ -251,7 +245,7 @@ pub fn append_via(h: &mut HeaderMap, version: http::Version) {
             h.insert(header::VIA, via_after(&prior, ours));
         }
         http::header::Entry::Vacant(e) => {
-            e.insert(HeaderValue::from_static(ours));
+            e.insert(via_value(version));
         }
     }
 }
@@ -259,18 +253,22 @@ pub fn append_via(h: &mut HeaderMap, version: http::Version) {
 /// Our `Via` entry for a message received as `version` (RFC 9110 §7.6.3).
 pub fn via_entry(version: http::Version) -> &'static str {
     match version {
-        http::Version::HTTP_2 => "2 rampart",
-        http::Version::HTTP_10 => "1.0 rampart",
-        _ => "1.1 rampart",
+        http::Version::HTTP_2 => VIA_2,
+        http::Version::HTTP_10 => VIA_10,
+        _ => VIA_11,
     }
 }
+
+const VIA_2: &str = "2 rampart";
+const VIA_10: &str = "1.0 rampart";
+const VIA_11: &str = "1.1 rampart";
 
 /// [`via_entry`] as a header value, built at compile time (`from_static` at run time
 /// checks every byte, on every request).
 pub fn via_value(version: http::Version) -> HeaderValue {
-    const V2: HeaderValue = HeaderValue::from_static("2 rampart");
-    const V10: HeaderValue = HeaderValue::from_static("1.0 rampart");
-    const V11: HeaderValue = HeaderValue::from_static("1.1 rampart");
+    const V2: HeaderValue = HeaderValue::from_static(VIA_2);
+    const V10: HeaderValue = HeaderValue::from_static(VIA_10);
+    const V11: HeaderValue = HeaderValue::from_static(VIA_11);
     match version {
         http::Version::HTTP_2 => V2,
         http::Version::HTTP_10 => V10,
@@ -278,7 +276,8 @@ pub fn via_value(version: http::Version) -> HeaderValue {
     }
 }
 
-/// The `X-Forwarded-Proto` value, built at compile time.
+/// The `X-Forwarded-Proto` value for a connection with or without TLS, built at
+/// compile time.
 pub fn proto_value(tls: bool) -> HeaderValue {
     const HTTP: HeaderValue = HeaderValue::from_static("http");
     const HTTPS: HeaderValue = HeaderValue::from_static("https");
@@ -639,11 +638,11 @@ mod tests {
     #[test]
     fn forwarded() {
         let mut h = map(&[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-proto", "https")]);
-        set_forwarded(&mut h, &HeaderValue::from_static("10.0.0.1"), true, "http", None);
+        set_forwarded(&mut h, &HeaderValue::from_static("10.0.0.1"), true, false, None);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 10.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
         let mut h = map(&[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-proto", "https")]);
-        set_forwarded(&mut h, &HeaderValue::from_static("9.9.9.9"), false, "http", None);
+        set_forwarded(&mut h, &HeaderValue::from_static("9.9.9.9"), false, false, None);
         assert_eq!(h["x-forwarded-for"], "9.9.9.9");
         assert_eq!(h["x-forwarded-proto"], "http");
     }

@@ -557,8 +557,6 @@ pub(crate) async fn handle_request(
     let lean_head = matches!(req.body(), ClientIn::Empty);
     // The Host fields, looked up once: for the framing check and the host.
     let host_fields = crate::security::framing::HostFields::of(req.headers());
-    let several_hosts = host_fields.several;
-    let host_from_field = host_fields.first.is_some();
     let host_value: Option<HeaderValue> = host_fields.first.cloned().or_else(|| {
         req.uri()
             .authority()
@@ -610,10 +608,6 @@ pub(crate) async fn handle_request(
             "content-length-with-transfer-encoding",
         ));
     }
-    let host_fields = crate::security::framing::HostFields {
-        first: host_value.as_ref().filter(|_| host_from_field),
-        several: several_hosts,
-    };
     if let Err(refusal) =
         crate::security::framing::check_request(req.uri(), req.version(), req.headers(), host_fields, lean_head)
     {
@@ -1309,7 +1303,6 @@ fn upstream_headers<'a>(
 ) -> (http::HeaderMap, Option<Added<'a>>) {
     let present = headers::fields_present(&h);
     headers::remove_hop_by_hop_present(&mut h, keep_te_trailers, present);
-    let proto = if conn.tls { "https" } else { "http" };
     if let Some(proto) = upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, proto.clone());
@@ -1354,7 +1347,7 @@ fn upstream_headers<'a>(
     // -Host, Via and x-request-id: room for all five at once, rather than the map
     // growing as they are added.
     h.reserve(5);
-    headers::set_forwarded(&mut h, &conn.peer_value, true, proto, Some(host));
+    headers::set_forwarded(&mut h, &conn.peer_value, true, conn.tls, Some(host));
     if let Some(v) = via {
         headers::append_via(&mut h, v);
     }
