@@ -193,7 +193,7 @@ def summary(run_dir: Path) -> int:
 def main(argv) -> int:
     if len(argv) == 3 and argv[1] == "line":
         r = run_numbers(json.loads(argv[2]))
-        print(f"  round {r['round']} {r['proxy']:<8} {r['rps']:>10,.0f} req/s  p99 {r['p99_ms']:7.2f} ms  "
+        print(f"  round {r['round']} {r['proxy']:<11} {r['rps']:>10,.0f} req/s  p99 {r['p99_ms']:7.2f} ms  "
               f"CPU {fmt(r['cpu_us_per_req'], '7.2f')} us/req ({r['cpu_cores']:.2f} cores)  errors {r['errors']}")
         return 0
     if len(argv) == 3 and argv[1] == "summary":

@@ -12,6 +12,8 @@ REPO_DIR=$(dirname "$BENCH_DIR")
 # --- Settings (all overridable from the environment) -------------------------
 DEFAULT_RAMPART_BIN=$REPO_DIR/target/release/rampart
 RAMPART_BIN=${RAMPART_BIN:-$DEFAULT_RAMPART_BIN}
+# The profile-guided build bench/pgo.sh makes; measured as `rampart-pgo` when it exists.
+RAMPART_PGO_BIN=${RAMPART_PGO_BIN:-$REPO_DIR/target/pgo/release/rampart}
 THREADS=${THREADS:-1}              # wrk threads
 CONNS=${CONNS:-50}                 # wrk connections
 DURATION=${DURATION:-10s}          # one measured wrk run
@@ -33,7 +35,9 @@ IDLE_CONNS=${IDLE_CONNS:-10000}    # idle keep-alive connections per proxy; 0 sk
 IDLE_CONCURRENCY=${IDLE_CONCURRENCY:-200}  # connections being opened at once by idle_conns.py
 IDLE_SETTLE=${IDLE_SETTLE:-3}      # seconds to wait after the last connection is open before reading RSS (Rampart parks idle connections after 250-500 ms)
 BASE_PORT=${BASE_PORT:-18080}      # origin = BASE_PORT, proxies = +1 +2 +3, rampart admin = +4
-PROXIES=${PROXIES:-nginx nginx-same haproxy rampart}  # run order within a round; nginx is the ratio baseline
+DEFAULT_PROXIES="nginx nginx-same haproxy rampart"
+if [[ -x $RAMPART_PGO_BIN ]]; then DEFAULT_PROXIES+=" rampart-pgo"; fi
+PROXIES=${PROXIES:-$DEFAULT_PROXIES}  # run order within a round; nginx is the ratio baseline
 # nginx-same: the same nginx doing the work Rampart does by default: the fields of
 # Rampart's access-log line as JSON (a line as long as Rampart's), X-Forwarded-*, Via
 # and x-request-id added to requests and responses; the report also gives the
@@ -50,7 +54,9 @@ install_cleanup
 
 # --- Checks -------------------------------------------------------------------
 for p in $PROXIES; do
-  case $p in nginx|nginx-same|haproxy|rampart) ;; *) die "unknown proxy '$p' in PROXIES" ;; esac
+  case $p in nginx|nginx-same|haproxy|rampart) ;; rampart-pgo)
+    [[ -x $RAMPART_PGO_BIN ]] || die "rampart-pgo: $RAMPART_PGO_BIN is missing (build it with bench/pgo.sh)" ;;
+    *) die "unknown proxy '$p' in PROXIES" ;; esac
 done
 need_tools nginx haproxy wrk python3 curl taskset ps getconf
 if [[ $TLS == 1 ]]; then need_tools openssl; fi
@@ -83,22 +89,31 @@ if (( NOFILE < 2 * HAPROXY_MAXCONN + 64 )); then
 fi
 CLK_TCK=$(getconf CLK_TCK)
 
-declare -A PORT=([nginx]=$((BASE_PORT + 1)) [haproxy]=$((BASE_PORT + 2)) [rampart]=$((BASE_PORT + 3)) [nginx-same]=$((BASE_PORT + 5)))
+declare -A PORT=([nginx]=$((BASE_PORT + 1)) [haproxy]=$((BASE_PORT + 2)) [rampart]=$((BASE_PORT + 3)) [nginx-same]=$((BASE_PORT + 5)) [rampart-pgo]=$((BASE_PORT + 6)))
 ORIGIN_PORT=$BASE_PORT
 ADMIN_PORT=$((BASE_PORT + 4))
-ports_free "$ORIGIN_PORT" "${PORT[@]}" "$ADMIN_PORT"
+PGO_ADMIN_PORT=$((BASE_PORT + 7))
+ports_free "$ORIGIN_PORT" "${PORT[@]}" "$ADMIN_PORT" "$PGO_ADMIN_PORT"
 
 new_run_dir "$(if [[ $H2 == 1 ]]; then echo -h2; elif [[ $TLS == 1 ]]; then echo -tls; fi)$(if ((POST > 0)); then echo "-post$POST"; fi)$(if [[ $CLOSE == 1 ]]; then echo -close; fi)"
 if [[ $TLS == 1 ]]; then make_tls_cert "$WORK/tls"; fi
 
 # --- Versions -----------------------------------------------------------------
 HAPROXY_VERSION=$(haproxy -v 2>&1 | head -n1 || true)
-peer_versions "$HAPROXY_VERSION"
+PGO_LINE=()
+if [[ " $PROXIES " == *" rampart-pgo "* ]]; then
+  PGO_FROM=$(cat "$(dirname "$(dirname "$RAMPART_PGO_BIN")")/built-from" 2>/dev/null || echo unknown)
+  PGO_LINE=("rampart-pgo: $RAMPART_PGO_BIN (bench/pgo.sh at $PGO_FROM)")
+fi
+peer_versions "$HAPROXY_VERSION" ${PGO_LINE[@]+"${PGO_LINE[@]}"}
+if [[ -n ${PGO_FROM:-} && $PGO_FROM != "$GIT_REV" ]]; then
+  echo "warning: rampart-pgo was built at $PGO_FROM, the checkout is at $GIT_REV (run bench/pgo.sh again)" >&2
+fi
 note "settings: wrk -t$THREADS -c$CONNS -d$DURATION (warm-up $WARMUP), $ROUNDS round(s), order: $PROXIES"
 note "pinning: proxies on CPU '${PROXY_CPU:-any}', wrk + origin + idle client on CPU '${LOAD_CPU:-any}'; access logs: $ACCESS_LOG; clients speak $SCHEME"
 note "output: $RUN_DIR"
 
-export NGINX_VERSION HAPROXY_VERSION WRK_VERSION RAMPART_VERSION GIT_REV RAMPART_BIN THREADS CONNS \
+export NGINX_VERSION HAPROXY_VERSION WRK_VERSION RAMPART_VERSION GIT_REV RAMPART_BIN RAMPART_PGO_BIN THREADS CONNS \
   DURATION WARMUP ROUNDS PROXY_CPU LOAD_CPU ACCESS_LOG NGINX_LOG_BUFFER ROTATE_LOGS TLS H2 IDLE_CONNS IDLE_CONNS_REQUESTED HAPROXY_MAXCONN PROXIES NOFILE CLK_TCK
 python3 - "$RUN_DIR/meta.json" <<'EOF'
 import json, os, sys, time
@@ -108,6 +123,7 @@ meta = {
     "proxies": e["PROXIES"].split(),
     "versions": {k: e[k.upper() + "_VERSION"] for k in ("nginx", "haproxy", "wrk", "rampart")},
     "rampart_git": e["GIT_REV"], "rampart_bin": e["RAMPART_BIN"],
+    "rampart_pgo_bin": e["RAMPART_PGO_BIN"] if "rampart-pgo" in e["PROXIES"].split() else None,
     "settings": {
         "threads": int(e["THREADS"]), "conns": int(e["CONNS"]), "duration": e["DURATION"],
         "warmup": e["WARMUP"], "rounds": int(e["ROUNDS"]), "proxy_cpu": e["PROXY_CPU"],
@@ -123,7 +139,7 @@ open(sys.argv[1], "w").write(json.dumps(meta, indent=2) + "\n")
 EOF
 
 # --- Configs ------------------------------------------------------------------
-mkdir -p "$WORK"/{origin,nginx,nginx-same,haproxy,rampart}
+mkdir -p "$WORK"/{origin,nginx,nginx-same,haproxy,rampart,rampart-pgo}
 for d in origin nginx nginx-same; do mkdir -p "$WORK/$d/tmp"; done
 
 # Origin: 1 KiB static file over keep-alive, cheap enough to stay out of the way.
@@ -168,12 +184,17 @@ EOF
 # Rampart: one worker thread; header_read_timeout also bounds idle keep-alive.
 rampart_plain_config "${PORT[rampart]}" "$ADMIN_PORT" "$(rampart_access rampart)" "$ORIGIN_PORT" \
   >"$WORK/rampart/rampart.toml"
+rampart_plain_config "${PORT[rampart-pgo]}" "$PGO_ADMIN_PORT" "$(rampart_access rampart-pgo)" "$ORIGIN_PORT" \
+  >"$WORK/rampart-pgo/rampart.toml"
 
 nginx -t -q -e "$WORK/origin/error.log" -p "$WORK/origin" -c "$WORK/origin/nginx.conf" || die "origin nginx config rejected"
 nginx -t -q -e "$WORK/nginx/error.log" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" || die "nginx config rejected"
 nginx -t -q -e "$WORK/nginx-same/error.log" -p "$WORK/nginx-same" -c "$WORK/nginx-same/nginx.conf" || die "nginx-same config rejected"
 haproxy -c -q -f "$WORK/haproxy/haproxy.cfg" || die "haproxy config rejected"
 "$RAMPART_BIN" check --config "$WORK/rampart/rampart.toml" >/dev/null || die "rampart config rejected"
+if [[ " $PROXIES " == *" rampart-pgo "* ]]; then
+  "$RAMPART_PGO_BIN" check --config "$WORK/rampart-pgo/rampart.toml" >/dev/null || die "rampart-pgo config rejected"
+fi
 
 # --- Start everything ---------------------------------------------------------
 start_bg origin /dev/null "$WORK/origin/stderr.log" ${PIN_LOAD[@]+"${PIN_LOAD[@]}"} \
@@ -189,6 +210,8 @@ for p in $PROXIES; do
                haproxy -db -f "$WORK/haproxy/haproxy.cfg" ;;
     rampart) start_bg rampart /dev/null "$WORK/rampart/stderr.log" ${PIN_PROXY[@]+"${PIN_PROXY[@]}"} \
                "$RAMPART_BIN" edge --config "$WORK/rampart/rampart.toml" ;;
+    rampart-pgo) start_bg rampart-pgo /dev/null "$WORK/rampart-pgo/stderr.log" ${PIN_PROXY[@]+"${PIN_PROXY[@]}"} \
+               "$RAMPART_PGO_BIN" edge --config "$WORK/rampart-pgo/rampart.toml" ;;
   esac
   wait_http "$p" "${PORT[$p]}"
 done
@@ -266,10 +289,12 @@ if [[ $ACCESS_LOG == file ]]; then
     echo "   $p access log: $(wc -l <"$f" 2>/dev/null || echo 0) lines$since"
   done
 fi
-if [[ " $PROXIES " == *" rampart "* ]]; then
-  dropped=$(curl -s --max-time 2 "http://127.0.0.1:$ADMIN_PORT/metrics" | awk '/^rampart_access_log_dropped_total/ {print $2}' || true)
-  echo "   rampart_access_log_dropped_total: ${dropped:-unknown}"
-fi
+for p in rampart rampart-pgo; do
+  [[ " $PROXIES " == *" $p "* ]] || continue
+  port=$ADMIN_PORT; [[ $p == rampart-pgo ]] && port=$PGO_ADMIN_PORT
+  dropped=$(curl -s --max-time 2 "http://127.0.0.1:$port/metrics" | awk '/^rampart_access_log_dropped_total/ {print $2}' || true)
+  echo "   $p rampart_access_log_dropped_total: ${dropped:-unknown}"
+done
 
 python3 "$BENCH_DIR/report.py" summary "$RUN_DIR" | tee "$RUN_DIR/report.txt"
 echo
