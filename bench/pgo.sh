@@ -163,7 +163,8 @@ phase() {  # WHAT DURATION ARGS...: one wrk run (its summary line is printed)
   local what=$1 duration=$2; shift 2
   local rps
   rps=$(wrk -t1 -c"$CONNS" -d"$duration" "$@" 2>&1 | awk '/^Requests\/sec/ {print $2}')
-  printf '   %-34s %s req/s\n' "$what" "${rps:-?}"
+  [[ -n $rps ]] || die "wrk failed in the training phase '$what'"
+  printf '   %-34s %s req/s\n' "$what" "$rps"
 }
 
 head -c 1024 /dev/zero | tr '\0' x >"$WORK/post-body"
