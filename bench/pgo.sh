@@ -64,45 +64,16 @@ make_tls_cert "$WORK/tls"   # sets TLS_CERT, TLS_KEY and SCHEME=https
 # runtime merges runs of the same binary into it).
 export LLVM_PROFILE_FILE=$PROFILES/rampart-%m.profraw
 
-server_section() {  # the plain and TLS listeners every training config has
-  cat <<EOF
-[server]
-listen = ["127.0.0.1:$PLAIN_PORT"]
-workers = 1
-header_read_timeout = "60s"
-
-[server.tls]
-listen = ["127.0.0.1:$TLS_PORT"]
-certificates = [{ cert = "$TLS_CERT", key = "$TLS_KEY" }]
-
-[admin]
-listen = "127.0.0.1:$ADMIN_PORT"
-
-[[pool]]
-name = "origin"
-backends = ["http://127.0.0.1:$ORIGIN_PORT"]
-EOF
-}
-
-# The plain proxy, as most traffic meets it (and as bench/run.sh measures it).
-{ server_section; cat <<EOF
-
-[log]
-access = "$WORK/plain/access.log"
-
-[[site]]
-default = true
-  [[site.route]]
-  path = "/"
-  pool = "origin"
-EOF
-} >"$WORK/plain/rampart.toml"
+# Both configs are bench/run.sh's plain proxy (rampart_plain_config: the TLS listener
+# and a plain one beside it); the second adds the features on a site of its own.
+PLAIN_LISTEN="listen = [\"127.0.0.1:$PLAIN_PORT\"]"
+rampart_plain_config "$TLS_PORT" "$ADMIN_PORT" "$WORK/plain/access.log" "$ORIGIN_PORT" "$PLAIN_LISTEN" \
+  >"$WORK/plain/rampart.toml"
 
 # The features: a cached route, WAF rules, a rate limit, a site that explains itself.
-{ server_section; cat <<EOF
-
-[log]
-access = "$WORK/features/access.log"
+FEATURES_HOST=features.test
+{ rampart_plain_config "$TLS_PORT" "$ADMIN_PORT" "$WORK/features/access.log" "$ORIGIN_PORT" "$PLAIN_LISTEN"
+  cat <<EOF
 
 [cache]
 memory_size = "64MiB"
@@ -124,7 +95,7 @@ rate = "100000/s"
 burst = 100000
 
 [[site]]
-default = true
+hosts = ["$FEATURES_HOST"]
 explain = true
   [[site.route]]
   path = "/"
@@ -191,10 +162,11 @@ stop_edge plain
 
 note "training: cache, WAF, rate limit, explanation headers"
 run_edge features
-phase "GET, cached" "$TRAIN_SHORT" "$P/cached/page"
-phase "GET, rate-limited route" "$TRAIN_SHORT" "$P/limited/"
-phase "GET, WAF rules evaluated" "$TRAIN_SHORT" "$P/?q=select"
-phase "GET, blocked by the WAF" "$TRAIN_SHORT" -H "User-Agent: sqlmap/1.0" "$P/"
+F=(-H "Host: $FEATURES_HOST")
+phase "GET, cached" "$TRAIN_SHORT" "${F[@]}" "$P/cached/page"
+phase "GET, rate-limited route" "$TRAIN_SHORT" "${F[@]}" "$P/limited/"
+phase "GET, WAF rules evaluated" "$TRAIN_SHORT" "${F[@]}" "$P/?q=select"
+phase "GET, blocked by the WAF" "$TRAIN_SHORT" "${F[@]}" -H "User-Agent: sqlmap/1.0" "$P/"
 stop_edge features
 
 shopt -s nullglob
